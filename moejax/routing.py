@@ -1,0 +1,246 @@
+"""Routers: router logits -> RoutingDecision (which expert, which slot, what weight), and aux losses.
+
+Axis legend (DESIGN.md): G routing groups, S tokens per group, E experts, K choices per token,
+C expert capacity per group, D model width.
+
+Every function here computes in float32: routing decisions are made in full precision whatever the
+activation dtype (Switch's "selective precision"). A decision is held in *token-side* form: for each
+token, K (expert, slot, weight) choices. Tokens-choose routing has K = num_selected_experts;
+experts-choose and dense routing have K = E (choice k of a token is "expert k").
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class RoutingDecision:
+  """Where each token goes. All arrays are [G, S, K].
+
+  expert_index: int32, the expert of each choice.
+  position: int32, the slot of each choice in its expert's buffer of the group; only meaningful
+    where `dispatched` is true.
+  weight: float32, the combine weight of each choice; exactly 0 where not dispatched.
+  chosen: bool, the router picked this choice (padding never is); capacity not yet applied.
+  dispatched: bool, chosen and within capacity: the token is copied into its expert's buffer.
+  capacity: static int C, the slots per expert per group.
+  num_experts: static int E.
+  """
+  expert_index: jax.Array
+  position: jax.Array
+  weight: jax.Array
+  chosen: jax.Array
+  dispatched: jax.Array
+  capacity: int = struct.field(pytree_node=False)
+  num_experts: int = struct.field(pytree_node=False)
+
+
+def expert_capacity(tokens_per_group: int, num_experts: int, num_selected_experts: int,
+                    capacity_factor: float, min_expert_capacity: int) -> int:
+  """C = ceil(capacity_factor * S * K / E), at least `min_expert_capacity`, at most S.
+
+  An expert never receives more than S tokens of a group (a token picks an expert at most once),
+  so slots beyond S would only ever hold padding.
+  """
+  capacity = math.ceil(capacity_factor * tokens_per_group * num_selected_experts / num_experts)
+  return min(max(capacity, min_expert_capacity), tokens_per_group)
+
+
+class RouterLogits(nn.Module):
+  """Linear router in float32: tokens [G, S, D] -> logits [G, S, E].
+
+  Attributes:
+    num_experts: E.
+    use_bias: add a learned bias [E].
+    init_scale: scale of the truncated-normal fan-in init of the kernel [D, E] (Switch used 0.1).
+    jitter_noise: multiply a float32 copy of the input by U(1 - eps, 1 + eps) (rng stream
+      `jitter`) when not deterministic; 0 disables it.
+  """
+  num_experts: int
+  use_bias: bool = False
+  init_scale: float = 1.0
+  jitter_noise: float = 0.0
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, deterministic: bool) -> jax.Array:
+    tokens = tokens.astype(jnp.float32)  # Shape: [G, S, D]
+    if self.jitter_noise > 0 and not deterministic:
+      noise = jax.random.uniform(self.make_rng('jitter'), tokens.shape, jnp.float32,
+                                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+      tokens = tokens * noise
+    kernel_init = nn.initializers.variance_scaling(self.init_scale, 'fan_in', 'truncated_normal')
+    dense = nn.Dense(self.num_experts, use_bias=self.use_bias, dtype=jnp.float32,
+                     param_dtype=jnp.float32, kernel_init=kernel_init, name='dense')
+    return dense(tokens)  # Shape: [G, S, E], float32
+
+
+def _slot_positions(choice_mask: jax.Array) -> jax.Array:
+  """Slot of each choice in its expert's buffer, choices taken in the order of axis 1.
+
+  choice_mask: [G, N, E] one-hot rows (all-zero rows for choices that are not made).
+  Returns [G, N] int32: how many earlier choices of the group went to the same expert.
+  """
+  earlier = jnp.cumsum(choice_mask, axis=1) - choice_mask  # Shape: [G, N, E]
+  return jnp.sum(earlier * choice_mask, axis=-1).astype(jnp.int32)
+
+
+def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: int,
+                  capacity: int, causal: bool, normalize_weights: bool = False,
+                  batch_prioritized: bool = False,
+                  random_routing_rng: jax.Array | None = None) -> RoutingDecision:
+  """Tokens choose their top-k experts (k=1 Switch, k=2 GShard), then capacity drops overflow.
+
+  probs: [G, S, E] float32 router probabilities; valid: [G, S] bool, false on padding.
+
+  Overflow order. With `causal=False` (GShard/Switch), all first choices of a group claim slots
+  before any second choice, each in sequence order. That lets a token's k-th choice (k >= 2) be
+  dropped because of a later token's first choice, so with `causal=True` choices claim slots
+  token by token (all K choices of token s before those of token s+1): a token's routing then
+  depends only on itself and earlier tokens. For k=1 the two orders are the same.
+
+  batch_prioritized: tokens claim slots in order of their top-1 probability instead of sequence
+    order (Riquelme et al.). It looks at later tokens: encoders only.
+  normalize_weights: rescale each token's k weights to sum to 1 (off in Switch).
+  random_routing_rng: GShard random routing: the j-th choice (j >= 2) is kept with probability
+    K * w_j, w the top-k weights normalized to sum 1 (so min(1, 2 * w_2) for K=2, and always at
+    uniform probabilities). None keeps every choice.
+  """
+  num_groups, group_size, num_experts = probs.shape
+  if batch_prioritized and causal:
+    raise ValueError('batch-prioritized routing orders tokens by confidence, looking at later '
+                     'tokens; it is for encoders only (causal=False).')
+  top_probs, expert_index = jax.lax.top_k(probs, num_selected_experts)  # Shape: [G, S, K]
+  normalized = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+  weight = normalized if normalize_weights else top_probs
+  chosen = jnp.broadcast_to(valid[..., None], expert_index.shape)  # Shape: [G, S, K]
+  if random_routing_rng is not None and num_selected_experts > 1:
+    keep_probability = jnp.minimum(1.0, num_selected_experts * normalized)
+    keep_probability = keep_probability.at[..., 0].set(1.0)
+    draw = jax.random.uniform(random_routing_rng, keep_probability.shape)
+    chosen = chosen & (draw < keep_probability)
+
+  choice_mask = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32) * chosen[..., None]
+  # Shape: [G, S, K, E]
+  if batch_prioritized:
+    order = jnp.argsort(-top_probs[..., 0], axis=-1)  # Shape: [G, S], most confident first
+    choice_mask = jnp.take_along_axis(choice_mask, order[..., None, None], axis=1)
+  if causal:  # token-major: s outer, k inner
+    position = _slot_positions(choice_mask.reshape(num_groups, -1, num_experts))
+    position = position.reshape(num_groups, group_size, num_selected_experts)
+  else:  # choice-major: k outer, s inner
+    position = _slot_positions(
+        choice_mask.transpose(0, 2, 1, 3).reshape(num_groups, -1, num_experts))
+    position = position.reshape(num_groups, num_selected_experts, group_size).transpose(0, 2, 1)
+  if batch_prioritized:
+    inverse = jnp.argsort(order, axis=-1)
+    position = jnp.take_along_axis(position, inverse[..., None], axis=1)
+
+  dispatched = chosen & (position < capacity)
+  return RoutingDecision(expert_index=expert_index.astype(jnp.int32), position=position,
+                         weight=jnp.where(dispatched, weight, 0.0), chosen=chosen,
+                         dispatched=dispatched, capacity=capacity, num_experts=num_experts)
+
+
+def experts_choose_routing(probs: jax.Array, valid: jax.Array, *, capacity: int,
+                           causal: bool) -> RoutingDecision:
+  """Each expert takes the C tokens of the group with the highest probability for it (Zhou et al.).
+
+  Every expert fills all C slots (unless the group has fewer than C real tokens); a token may be
+  taken by several experts or by none. An expert ranks every token of the group, later ones
+  included: encoders only.
+
+  probs: [G, S, E] float32; valid: [G, S] bool. The decision has K = E: choice e of a token is
+  expert e, ordered as the expert ranked its tokens.
+  """
+  if causal:
+    raise ValueError('experts-choose routing ranks all tokens of a group, later ones included; '
+                     'it is for encoders only (causal=False).')
+  num_groups, group_size, num_experts = probs.shape
+  ranked = jnp.where(valid[..., None], probs, -1.0).transpose(0, 2, 1)  # Shape: [G, E, S]
+  _, token_index = jax.lax.top_k(ranked, capacity)  # Shape: [G, E, C]
+  group = jnp.arange(num_groups)[:, None, None]
+  expert = jnp.arange(num_experts)[None, :, None]
+  slot = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), token_index.shape)
+  position = jnp.full(probs.shape, capacity, jnp.int32).at[group, token_index, expert].set(slot)
+  # Shape: [G, S, E]
+  chosen = (position < capacity) & valid[..., None]
+  expert_index = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), probs.shape)
+  return RoutingDecision(expert_index=expert_index, position=position,
+                         weight=jnp.where(chosen, probs, 0.0), chosen=chosen, dispatched=chosen,
+                         capacity=capacity, num_experts=num_experts)
+
+
+def dense_routing(probs: jax.Array, valid: jax.Array) -> RoutingDecision:
+  """Every token goes to every expert, weighted by its router probability; no capacity (C = S).
+
+  probs: [G, S, E] float32; valid: [G, S] bool. K = E, and token s sits in slot s of each expert.
+  """
+  _, group_size, num_experts = probs.shape
+  chosen = jnp.broadcast_to(valid[..., None], probs.shape)  # Shape: [G, S, E]
+  expert_index = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), probs.shape)
+  position = jnp.broadcast_to(jnp.arange(group_size, dtype=jnp.int32)[:, None], probs.shape)
+  return RoutingDecision(expert_index=expert_index, position=position,
+                         weight=jnp.where(chosen, probs, 0.0), chosen=chosen, dispatched=chosen,
+                         capacity=group_size, num_experts=num_experts)
+
+
+def expert_usage(decision: RoutingDecision) -> jax.Array:
+  """Fraction of the chosen token choices of each group that went to each expert: [G, E].
+
+  Counted before capacity drops any; a group with no choice (all padding) gives zeros.
+  """
+  counts = jnp.sum(jax.nn.one_hot(decision.expert_index, decision.num_experts)
+                   * decision.chosen[..., None], axis=(1, 2))  # Shape: [G, E]
+  return counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+
+
+def _token_weights(valid: jax.Array) -> jax.Array:
+  """Weight of each token in a layer-wide mean over valid tokens: [G, S] summing to 1."""
+  valid = valid.astype(jnp.float32)
+  return valid / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def load_balancing_loss(probs: jax.Array, decision: RoutingDecision,
+                        valid: jax.Array) -> jax.Array:
+  """Switch Transformer eq. 4 without its coefficient: E * sum_i f_i * P_i, per group.
+
+  f_i: fraction of the group's token choices that went to expert i (before capacity drops);
+  P_i: mean router probability of expert i over the group's valid tokens. Groups are weighted by
+  their number of valid tokens (equally when nothing is padded). Equals 1.0 under uniform routing
+  for every K. probs: [G, S, E] float32; valid: [G, S] bool. Returns a float32 scalar.
+  """
+  num_experts = probs.shape[-1]
+  valid_f = valid.astype(jnp.float32)
+  tokens_per_group = jnp.sum(valid_f, axis=1)  # Shape: [G]
+  mean_probs = (jnp.sum(probs * valid_f[..., None], axis=1)
+                / jnp.maximum(tokens_per_group, 1.0)[:, None])  # Shape: [G, E]
+  per_group = num_experts * jnp.sum(expert_usage(decision) * mean_probs, axis=-1)  # Shape: [G]
+  return jnp.sum(per_group * tokens_per_group) / jnp.maximum(jnp.sum(tokens_per_group), 1.0)
+
+
+def router_z_loss(logits: jax.Array, valid: jax.Array) -> jax.Array:
+  """ST-MoE router z-loss: mean over valid tokens of logsumexp(logits)^2. logits: [G, S, E]."""
+  log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # Shape: [G, S]
+  return jnp.sum(log_z**2 * _token_weights(valid))
+
+
+def fraction_dropped(decision: RoutingDecision) -> jax.Array:
+  """Fraction of the chosen token choices that capacity dropped (float32 scalar)."""
+  chosen = jnp.sum(decision.chosen)
+  return 1.0 - jnp.sum(decision.dispatched) / jnp.maximum(chosen, 1)
+
+
+def router_confidence(probs: jax.Array, decision: RoutingDecision, valid: jax.Array) -> jax.Array:
+  """Mean over valid tokens of the router probability given to the chosen experts.
+
+  For top-1 routing it is the mean top-1 probability. Uses the full router probabilities, not the
+  (possibly normalized) combine weights. probs: [G, S, E].
+  """
+  chosen_probs = jnp.take_along_axis(probs, decision.expert_index, axis=-1)  # Shape: [G, S, K]
+  per_token = jnp.sum(jnp.where(decision.chosen, chosen_probs, 0.0), axis=-1)  # Shape: [G, S]
+  return jnp.sum(per_token * _token_weights(valid))

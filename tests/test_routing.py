@@ -1,0 +1,189 @@
+"""Routers on hand-computed cases: positions, weights, dropped sets, aux losses."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import routing
+from moejax.dispatch import EinsumDispatcher, IndicesDispatcher
+
+# Top-1, 4 tokens, 2 experts, capacity 2: tokens 0, 1, 2 pick expert 0, so token 2 overflows.
+TOP1_PROBS = np.array([[[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.4, 0.6]]], np.float32)
+# Top-2, 3 tokens, 3 experts, capacity 2. Choices: t0 -> (e0, e1), t1 -> (e1, e2), t2 -> (e1, e0).
+TOP2_PROBS = np.array([[[0.6, 0.3, 0.1], [0.1, 0.6, 0.3], [0.3, 0.6, 0.1]]], np.float32)
+
+
+def _all_valid(probs):
+  return jnp.ones(probs.shape[:2], jnp.bool_)
+
+
+def test_top1_hand_case():
+  decision = routing.top_k_routing(TOP1_PROBS, _all_valid(TOP1_PROBS), num_selected_experts=1,
+                                   capacity=2, causal=True)
+  np.testing.assert_array_equal(decision.expert_index[0, :, 0], [0, 0, 0, 1])
+  np.testing.assert_array_equal(decision.position[0, :, 0], [0, 1, 2, 0])
+  np.testing.assert_array_equal(decision.dispatched[0, :, 0], [True, True, False, True])
+  np.testing.assert_allclose(decision.weight[0, :, 0], [0.9, 0.8, 0.0, 0.6], rtol=1e-6)
+  np.testing.assert_allclose(routing.fraction_dropped(decision), 0.25)
+  # f = [3/4, 1/4], P = [0.7, 0.3]: 2 * (0.75 * 0.7 + 0.25 * 0.3) = 1.2
+  np.testing.assert_allclose(
+      routing.load_balancing_loss(TOP1_PROBS, decision, _all_valid(TOP1_PROBS)), 1.2, rtol=1e-6)
+
+
+def test_top2_choice_major_drops_second_choices_first():
+  decision = routing.top_k_routing(TOP2_PROBS, _all_valid(TOP2_PROBS), num_selected_experts=2,
+                                   capacity=2, causal=False)
+  # First choices claim slots first: t0->e0@0, t1->e1@0, t2->e1@1; then t0->e1@2 (dropped),
+  # t1->e2@0, t2->e0@1.
+  np.testing.assert_array_equal(decision.expert_index[0], [[0, 1], [1, 2], [1, 0]])
+  np.testing.assert_array_equal(decision.position[0], [[0, 2], [0, 0], [1, 1]])
+  np.testing.assert_array_equal(decision.dispatched[0], [[True, False], [True, True], [True, True]])
+  np.testing.assert_allclose(decision.weight[0], [[0.6, 0.0], [0.6, 0.3], [0.6, 0.3]], rtol=1e-6)
+  np.testing.assert_allclose(routing.fraction_dropped(decision), 1 / 6, rtol=1e-6)
+  # f = [2, 3, 1] / 6, P = [1/3, 1/2, 1/6]: 3 * (2/18 + 3/12 + 1/36) = 7/6
+  np.testing.assert_allclose(
+      routing.load_balancing_loss(TOP2_PROBS, decision, _all_valid(TOP2_PROBS)), 7 / 6, rtol=1e-6)
+
+
+def test_top2_causal_order_is_token_by_token():
+  decision = routing.top_k_routing(TOP2_PROBS, _all_valid(TOP2_PROBS), num_selected_experts=2,
+                                   capacity=2, causal=True)
+  # t0->e0@0, e1@0; t1->e1@1, e2@0; t2->e1@2 (dropped), e0@1: no token loses a slot to a later one.
+  np.testing.assert_array_equal(decision.position[0], [[0, 0], [1, 0], [2, 1]])
+  np.testing.assert_array_equal(decision.dispatched[0], [[True, True], [True, True], [False, True]])
+
+
+def test_einsum_tensors_hand_case():
+  decision = routing.top_k_routing(TOP2_PROBS, _all_valid(TOP2_PROBS), num_selected_experts=2,
+                                   capacity=2, causal=False)
+  dispatcher = EinsumDispatcher.from_decision(decision, jnp.float32)
+  expected = np.zeros((1, 3, 3, 2), np.float32)  # [G, S, E, C]
+  for token, expert, slot in [(0, 0, 0), (1, 1, 0), (2, 1, 1), (1, 2, 0), (2, 0, 1)]:
+    expected[0, token, expert, slot] = 1.0
+  np.testing.assert_array_equal(dispatcher.dispatch_mask, expected)
+  expected_weights = expected * TOP2_PROBS[..., None]
+  np.testing.assert_allclose(dispatcher.combine_weights, expected_weights, rtol=1e-6)
+
+
+@pytest.mark.parametrize('dispatcher_cls', [EinsumDispatcher, IndicesDispatcher])
+def test_dispatch_and_combine_hand_case(dispatcher_cls):
+  decision = routing.top_k_routing(TOP2_PROBS, _all_valid(TOP2_PROBS), num_selected_experts=2,
+                                   capacity=2, causal=False)
+  dispatcher = dispatcher_cls.from_decision(decision, jnp.float32)
+  tokens = jnp.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])  # [G=1, S=3, D=2]
+  buffers = dispatcher.dispatch(tokens)  # [E, G, C, D]
+  np.testing.assert_array_equal(buffers[0, 0], [[1, 0], [1, 1]])  # e0: t0, t2
+  np.testing.assert_array_equal(buffers[1, 0], [[0, 1], [1, 1]])  # e1: t1, t2
+  np.testing.assert_array_equal(buffers[2, 0], [[0, 1], [0, 0]])  # e2: t1, one empty slot
+  # Identity experts: each token comes back scaled by the weights of its dispatched choices.
+  np.testing.assert_allclose(dispatcher.combine(buffers)[0],
+                             [[0.6, 0.0], [0.0, 0.9], [0.9, 0.9]], rtol=1e-6)
+
+
+def test_z_loss_formula():
+  logits = jnp.array([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])
+  expected = np.mean([np.log(np.exp([1, 2, 3]).sum())**2, np.log(3.0)**2])
+  np.testing.assert_allclose(routing.router_z_loss(logits, jnp.ones((1, 2), bool)), expected,
+                             rtol=1e-6)
+  # Padded tokens count in no statistic.
+  np.testing.assert_allclose(routing.router_z_loss(logits, jnp.array([[True, False]])),
+                             np.log(np.exp([1, 2, 3]).sum())**2, rtol=1e-6)
+
+
+@pytest.mark.parametrize('k', [1, 2, 3, 4])
+def test_load_balancing_loss_is_one_when_uniform(k):
+  num_experts, group_size = 4, 8
+  probs = jnp.full((2, group_size, num_experts), 1 / num_experts)
+  valid = jnp.ones((2, group_size), bool)
+  decision = routing.top_k_routing(probs, valid, num_selected_experts=k, capacity=group_size,
+                                   causal=True)
+  np.testing.assert_allclose(routing.load_balancing_loss(probs, decision, valid), 1.0, rtol=1e-6)
+  # Perfectly balanced one-hot-ish routing: token s prefers expert s % E.
+  peaked = jax.nn.softmax(5 * jax.nn.one_hot(jnp.arange(group_size) % num_experts, num_experts))
+  peaked = jnp.broadcast_to(peaked, probs.shape)
+  decision = routing.top_k_routing(peaked, valid, num_selected_experts=1, capacity=group_size,
+                                   causal=True)
+  np.testing.assert_allclose(routing.expert_usage(decision), 1 / num_experts)
+  np.testing.assert_allclose(routing.load_balancing_loss(peaked, decision, valid), 1.0, rtol=1e-6)
+
+
+def test_padding_is_never_dispatched_and_counts_in_no_statistic():
+  probs = jnp.asarray(TOP1_PROBS)
+  valid = jnp.array([[True, False, True, True]])
+  decision = routing.top_k_routing(probs, valid, num_selected_experts=1, capacity=2, causal=True)
+  np.testing.assert_array_equal(decision.dispatched[0, :, 0], [True, False, True, True])
+  np.testing.assert_array_equal(decision.position[0, :, 0], [0, 0, 1, 0])  # t1 takes no slot
+  np.testing.assert_allclose(routing.fraction_dropped(decision), 0.0)
+  # Tokens 0, 2, 3 alone: f = [2/3, 1/3], P = [2/3, 1/3].
+  np.testing.assert_allclose(routing.load_balancing_loss(probs, decision, valid),
+                             2 * (4 / 9 + 1 / 9), rtol=1e-6)
+  np.testing.assert_allclose(routing.router_confidence(probs, decision, valid),
+                             (0.9 + 0.7 + 0.6) / 3, rtol=1e-6)
+
+
+def test_experts_choose_fills_every_expert():
+  probs = jax.nn.softmax(jax.random.normal(jax.random.key(0), (3, 16, 4)))
+  valid = jnp.ones((3, 16), bool).at[:, -3:].set(False)
+  decision = routing.experts_choose_routing(probs, valid, capacity=5, causal=False)
+  per_expert = decision.dispatched.sum(axis=1)  # [G, E]
+  np.testing.assert_array_equal(per_expert, 5)
+  assert not decision.dispatched[:, -3:].any()
+  # Each expert took its 5 most probable real tokens.
+  for g in range(3):
+    for e in range(4):
+      best = set(np.argsort(-np.where(valid[g], probs[g, :, e], -1))[:5].tolist())
+      assert set(np.flatnonzero(decision.dispatched[g, :, e]).tolist()) == best
+  # Slots are 0..C-1, each used once per expert.
+  slots = np.where(decision.dispatched, decision.position, -1)
+  for g in range(3):
+    for e in range(4):
+      assert sorted(s for s in slots[g, :, e] if s >= 0) == list(range(5))
+
+
+def test_experts_choose_rejects_causal():
+  with pytest.raises(ValueError, match='encoders only'):
+    routing.experts_choose_routing(jnp.ones((1, 4, 2)) / 2, jnp.ones((1, 4), bool), capacity=2,
+                                   causal=True)
+
+
+def test_batch_prioritized_gives_slots_to_the_most_confident():
+  # All 4 tokens pick expert 0, capacity 2: the two most confident (t3, t1) keep their slot.
+  probs = jnp.array([[[0.6, 0.4], [0.8, 0.2], [0.55, 0.45], [0.9, 0.1]]])
+  decision = routing.top_k_routing(probs, _all_valid(probs), num_selected_experts=1, capacity=2,
+                                   causal=False, batch_prioritized=True)
+  np.testing.assert_array_equal(decision.dispatched[0, :, 0], [False, True, False, True])
+  np.testing.assert_array_equal(decision.position[0, [1, 3], 0], [1, 0])
+  with pytest.raises(ValueError, match='encoders only'):
+    routing.top_k_routing(probs, _all_valid(probs), num_selected_experts=1, capacity=2,
+                          causal=True, batch_prioritized=True)
+
+
+def test_normalized_weights_sum_to_one():
+  decision = routing.top_k_routing(TOP2_PROBS, _all_valid(TOP2_PROBS), num_selected_experts=2,
+                                   capacity=3, causal=True, normalize_weights=True)
+  np.testing.assert_allclose(decision.weight[0], [[2 / 3, 1 / 3], [2 / 3, 1 / 3], [2 / 3, 1 / 3]],
+                             rtol=1e-6)
+
+
+def test_random_routing_keeps_second_choice_with_probability_2_w2():
+  # Normalized top-2 weights (0.7, 0.3): the second choice survives with probability 0.6.
+  probs = jnp.broadcast_to(jnp.array([0.7, 0.3, 0.0]), (4, 1000, 3))
+  valid = jnp.ones((4, 1000), bool)
+  decision = routing.top_k_routing(probs, valid, num_selected_experts=2, capacity=1000,
+                                   causal=True, random_routing_rng=jax.random.key(0))
+  assert decision.chosen[..., 0].all()
+  np.testing.assert_allclose(decision.chosen[..., 1].mean(), 0.6, atol=0.02)
+  np.testing.assert_array_equal(decision.weight[..., 1] > 0, decision.chosen[..., 1])
+  # At uniform probabilities every choice is kept.
+  uniform = jnp.full((1, 50, 4), 0.25)
+  decision = routing.top_k_routing(uniform, jnp.ones((1, 50), bool), num_selected_experts=2,
+                                   capacity=50, causal=True, random_routing_rng=jax.random.key(1))
+  assert decision.chosen.all()
+
+
+def test_expert_capacity_formula():
+  assert routing.expert_capacity(512, 8, 1, 1.25, 4) == 80
+  assert routing.expert_capacity(512, 8, 2, 1.25, 4) == 160
+  assert routing.expert_capacity(10, 4, 1, 1.0, 1) == 3  # ceil(2.5)
+  assert routing.expert_capacity(16, 64, 1, 1.0, 4) == 4  # the minimum
+  assert routing.expert_capacity(8, 1, 1, 1.25, 4) == 8  # never more than S
