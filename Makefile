@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m moejax.demo
+	$(PY) experiments/route_demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
