@@ -17,6 +17,7 @@ results back, and each device combines its own tokens.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 
 import flax.linen as nn
@@ -146,3 +147,22 @@ def shard_map_layer(fn: Callable, mesh, weight_axes: dict[str, tuple]) -> Callab
                   for name, axes in weight_axes.items()}
   return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, batch, weight_specs, batch, P()),
                        out_specs=(batch, batch))
+
+
+_DTYPE_BYTES = {'f64': 8, 'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 's8': 1, 'pred': 1}
+
+
+def all_to_all_bytes(compiled_hlo: str) -> int:
+  """Bytes one device hands to its all-to-all ops, summed over ops, from compiled HLO text.
+
+  Each device keeps 1 / n of what it hands in (its own slice), so the bytes that leave a device
+  are this times (n - 1) / n for an all-to-all over n devices.
+  """
+  total = 0
+  for line in compiled_hlo.splitlines():
+    if ' all-to-all(' not in line:
+      continue
+    result_type = line.split('=', 1)[1].split('all-to-all(')[0]
+    for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', result_type):
+      total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(',') if d)
+  return total

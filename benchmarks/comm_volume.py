@@ -1,0 +1,56 @@
+"""All-to-all bytes per MoE layer, read from the compiled HLO, against the theoretical amount.
+
+Theory: each of the two all-to-alls hands over the expert buffers, G * E * C slots of D values
+(= tokens x K x capacity factor, rounded as capacity is), and all but 1/n of it leaves its device
+(n = size of the 'expert' axis). Runs on 8 simulated CPU devices; prints a markdown table.
+"""
+import os
+
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from moejax import MoeLayer, sharding  # noqa: E402
+
+BATCH, LENGTH, MODEL_DIM, HIDDEN_DIM = 8, 512, 512, 2048
+
+
+def measure(num_experts: int, k: int, data: int, expert: int) -> dict:
+  layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=HIDDEN_DIM, num_selected_experts=k,
+                   eval_capacity_factor=1.25)
+  mesh = sharding.make_mesh(data=data, expert=expert)
+  x = jax.ShapeDtypeStruct((BATCH, LENGTH, MODEL_DIM), jnp.float32,
+                           sharding=sharding.batch_sharding(mesh))
+  variables = jax.eval_shape(lambda key, x: layer.init(key, x, True), jax.random.key(0), x)
+  specs = sharding.param_specs(variables)
+  params = jax.tree.map(
+      lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec)),
+      nn.unbox(variables), specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(lambda p, x: layer.apply(p, x, True)).lower(params, x).compile().as_text()
+  leaving = (expert - 1) / expert
+  measured = sharding.all_to_all_bytes(hlo) * mesh.size * leaving
+  slots = BATCH * num_experts * layer.capacity(LENGTH, deterministic=True)
+  theory = 2 * slots * MODEL_DIM * 4 * leaving
+  return {'E': num_experts, 'k': k, 'mesh': f'{data}x{expert}', 'measured': measured,
+          'theory': theory}
+
+
+def main():
+  print(f'x [{BATCH}, {LENGTH}, {MODEL_DIM}] float32, one group per sequence (S={LENGTH}), '
+        f'capacity factor 1.25, 8 devices\n')
+  print('| E | k | mesh (data x expert) | all-to-all bytes / layer (HLO) | theory | ratio |')
+  print('|---|---|---|---|---|---|')
+  for num_experts, k in [(8, 1), (8, 2), (32, 1), (32, 2)]:
+    for data, expert in [(1, 8), (2, 4), (4, 2)]:
+      r = measure(num_experts, k, data, expert)
+      print(f'| {r["E"]} | {r["k"]} | {r["mesh"]} | {r["measured"] / 2**20:.2f} MiB | '
+            f'{r["theory"] / 2**20:.2f} MiB | {r["measured"] / r["theory"]:.3f} |')
+
+
+if __name__ == '__main__':
+  main()
