@@ -17,8 +17,8 @@ def _init(config, batch=2, length=16, seed=0):
   batch['targets'] = jax.random.randint(jax.random.key(seed), batch['targets'].shape, 3, 40)
   if 'inputs' in batch:
     batch['inputs'] = jax.random.randint(jax.random.key(seed + 1), batch['inputs'].shape, 3, 40)
-  params = model.init(jax.random.key(0), *model_inputs(config, batch), True)['params']
-  return model, params, batch
+  init = jax.jit(lambda b: model.init(jax.random.key(0), *model_inputs(config, b), True))
+  return model, init(batch)['params'], batch
 
 
 def _paths(params):
@@ -30,7 +30,7 @@ def _paths(params):
 def test_layout_puts_moe_in_every_nth_block(moe_every, sparse_blocks):
   config = ModelConfig(**TINY, moe_every=moe_every)
   assert [i for i in range(4) if config.is_sparse(i)] == sparse_blocks
-  _, params, _ = _init(config)
+  params = jax.eval_shape(lambda: _init(config)[1])
   routers = [p for p in _paths(params) if p.endswith('moe/router/dense/kernel')]
   assert len(routers) == len(sparse_blocks)
 
@@ -80,6 +80,7 @@ def _stack_units(params, num_units):
   return {k: convert(v) if k in ('encoder', 'decoder') else v for k, v in params.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['decoder', 'encoder_decoder'])
 def test_scan_and_remat_give_the_loop_numbers(kind):
   loop_cfg = ModelConfig(**TINY, kind=kind)
@@ -87,10 +88,10 @@ def test_scan_and_remat_give_the_loop_numbers(kind):
   model, params, batch = _init(loop_cfg)
   scan_model = make_model(scan_cfg)
   scan_params = _stack_units(params, 2)
-  assert (jax.tree.map(jnp.shape, scan_params) == jax.tree.map(jnp.shape, scan_model.init(
-      jax.random.key(0), *model_inputs(scan_cfg, batch), True)['params']))
-  grad = lambda m, cfg: jax.grad(lambda p: jnp.mean(m.apply(
-      {'params': p}, *model_inputs(cfg, batch), False) ** 2))
+  assert (jax.tree.map(jnp.shape, scan_params) == jax.tree.map(jnp.shape, jax.eval_shape(
+      lambda: scan_model.init(jax.random.key(0), *model_inputs(scan_cfg, batch), True))['params']))
+  grad = lambda m, cfg: jax.jit(jax.grad(lambda p: jnp.mean(m.apply(
+      {'params': p}, *model_inputs(cfg, batch), False) ** 2)))
   expected = grad(model, loop_cfg)(params)
   actual = grad(scan_model, scan_cfg)(scan_params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
