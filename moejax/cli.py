@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
                           s.num_tokens if values.num_tokens is None else values.num_tokens,
                           s.temperature if values.temperature is None else values.temperature,
                           values.seed)
-  print(f'--- sample (prompt {prompt!r}) ---\n{prompt}{text}')
+  if config.task == 'span_corruption':
+    print(f'--- sample (spans filled in for {loop.SENTINEL}) ---\n{prompt}\n{loop.SENTINEL} = {text}')
+  else:
+    print(f'--- sample (prompt {prompt!r}) ---\n{prompt}{text}')
   return 0
 
 

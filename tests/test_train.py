@@ -203,3 +203,21 @@ def test_bad_train_config_names_the_field():
   config.task = 'span_corruption'
   with pytest.raises(ValueError, match='model.kind'):
     loop.model_config(config, 300)
+
+
+@pytest.mark.slow
+def test_encoder_decoder_trains_on_span_corruption_and_fills_a_span(data_dir, tmp_path):
+  config = smoke_config(data_dir, num_steps=12, learning_rate=1e-2)
+  config.task, config.model.kind = 'span_corruption', 'encoder_decoder'
+  config.eval.every_steps = 6
+  summary = loop.train(config, str(tmp_path), quiet=True)
+  with open(tmp_path / 'metrics.jsonl') as f:
+    evals = [l['nll'] for l in map(json.loads, f) if l['split'] == 'eval']
+  assert len(evals) == 2 and evals[1] < evals[0]
+  assert 'expert_usage/encoder/unit_0/block_1' in summary['eval']  # both stacks route
+  assert 'expert_usage/decoder/unit_0/block_1' in summary['eval']
+  run = summary['run']
+  prompt = loop.encode_prompt(run, 'It was <X> night.')
+  assert run.model_config.vocab_size - 1 in prompt  # the first sentinel
+  text = loop.sample_text(run, summary['state'].params, 'It was <X> night.', 10, 0.0, 0)
+  assert isinstance(text, str) and '<X>' not in text

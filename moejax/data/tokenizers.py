@@ -24,8 +24,10 @@ class ByteTokenizer:
     return np.frombuffer(data, np.uint8).astype(np.int32) + 3
 
   def decode(self, ids: Iterable[int]) -> str:
+    """Text of the byte ids; reserved ids and ids past the bytes (sentinels) are skipped."""
     ids = np.asarray(list(ids), np.int64)
-    return bytes((ids[ids >= 3] - 3).astype(np.uint8)).decode('utf-8', errors='replace')
+    ids = ids[(ids >= 3) & (ids < self.vocab_size)] - 3
+    return bytes(ids.astype(np.uint8)).decode('utf-8', errors='replace')
 
 
 class SentencePieceTokenizer:
@@ -52,7 +54,7 @@ class SentencePieceTokenizer:
     return np.asarray(self._sp.encode(text), np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
-    return self._sp.decode([int(i) for i in ids if i > UNK_ID])
+    return self._sp.decode([int(i) for i in ids if UNK_ID < i < self.vocab_size])
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> SentencePieceTokenizer:

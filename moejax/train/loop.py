@@ -194,9 +194,26 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
   return run, state
 
 
+SENTINEL = '<X>'
+
+
+def encode_prompt(run: Run, prompt: str) -> np.ndarray:
+  """Token ids of a prompt; for span corruption, each '<X>' becomes the next sentinel id."""
+  if run.config.task != 'span_corruption':
+    return run.tokenizer.encode(prompt)
+  ids = []
+  for i, piece in enumerate(prompt.split(SENTINEL)):
+    if i:
+      ids.append(run.model_config.vocab_size - i)  # sentinel i - 1
+    ids.extend(run.tokenizer.encode(piece))
+  return np.asarray(ids, np.int32)
+
+
 def sample_text(run: Run, params, prompt: str, num_tokens: int, temperature: float,
                 seed: int) -> str:
-  ids = generate(run.model, params, run.tokenizer.encode(prompt), num_tokens,
+  """Continue `prompt` (decoder), or fill its '<X>' spans (encoder-decoder; the generated
+  sentinels are dropped from the text)."""
+  ids = generate(run.model, params, encode_prompt(run, prompt), num_tokens,
                  run.config.data.length, temperature, seed)
   return run.tokenizer.decode(ids)
 
