@@ -8,6 +8,7 @@ and the fraction, so another corpus or split never reuses a stale preparation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -57,9 +58,10 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
         yield os.path.basename(path), {'text': part}
 
 
+@functools.lru_cache(maxsize=16)
 def local_text_builder(path: str, validation_fraction: float,
                        data_dir: str | None) -> LocalText:
-  """The prepared builder for `path` (prepared on first use into `data_dir`)."""
+  """The prepared builder for `path` (prepared on first use into `data_dir`; one per process)."""
   if not 0 < validation_fraction < 1:
     raise ValueError(f'data.validation_fraction={validation_fraction!r} must be in (0, 1).')
   files = _files(path)
@@ -70,5 +72,6 @@ def local_text_builder(path: str, validation_fraction: float,
   builder = LocalText(config=LocalTextConfig(name=name, path=path,
                                              validation_fraction=validation_fraction),
                       data_dir=data_dir)
+  tfds.disable_progress_bar()
   builder.download_and_prepare()
   return builder

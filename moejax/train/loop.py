@@ -23,6 +23,7 @@ from moejax.models import make_model, per_token_flops
 from moejax.train import sharding
 from moejax.train.checkpoint import Checkpoints
 from moejax.train.config import model_config
+from moejax.train.metrics import MetricWriter
 from moejax.train.optim import make_optimizer
 from moejax.train.sampling import generate
 from moejax.train.step import (dummy_batch, has_moe, init_state, make_eval_step,
@@ -127,7 +128,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
   Stops early, after saving, on SIGTERM/SIGINT (summary['stopped_by'] names the signal);
   raises TrainingDiverged after `max_nonfinite_in_a_row` skipped updates in a row.
   """
-  from moejax.train.metrics import MetricWriter
   cfg, tcfg = config, config.train
   run = open_run(config, workdir)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
