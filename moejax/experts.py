@@ -1,8 +1,10 @@
 """E feed-forward experts with stacked weights, run as one batched matmul.
 
-Axis legend (DESIGN.md): E experts, N tokens per expert (G * C after dispatch), D model width,
+Axis legend (DESIGN.md): E experts, G groups, C capacity, N tokens per expert, D model width,
 F expert hidden width. Weights follow Flax's (in, out) layout with a leading expert axis:
 `wi [E, D, F]` (and `wi_gate [E, D, F]` for GLU), `wo [E, F, D]`; no biases, as in T5 and Switch.
+They carry Flax logical axis names ('expert', 'embed', 'mlp'), which `moejax.sharding` maps to the
+mesh axes ('expert', None, 'model'); `nn.unbox(variables)` gives plain arrays.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 ACTIVATIONS = {'relu': nn.relu, 'gelu': nn.gelu, 'silu': nn.silu}
+LOGICAL_AXES = {'wi': ('expert', 'embed', 'mlp'), 'wi_gate': ('expert', 'embed', 'mlp'),
+                'wo': ('expert', 'mlp', 'embed')}
 
 
 def expert_init(scale: float) -> nn.initializers.Initializer:
@@ -21,39 +25,51 @@ def expert_init(scale: float) -> nn.initializers.Initializer:
                                           out_axis=-1, batch_axis=(0,))
 
 
-class Experts(nn.Module):
-  """E independent FFNs: [E, N, D] -> [E, N, D].
+def expert_ffn(x: jax.Array, weights: dict[str, jax.Array], *, activation: str, dtype: Any,
+               dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
+  """The E FFNs on their tokens: x [E, N, D] -> [E, N, D].
+
+  weights: 'wi' [E, D, F], 'wo' [E, F, D] and, for GLU, 'wi_gate' [E, D, F]. With F sharded
+  (model parallelism) the result is this shard's partial sum. Dropout on the hidden activations
+  when `dropout_rng` is given.
+  """
+  x = x.astype(dtype)
+  hidden = ACTIVATIONS[activation](
+      jnp.einsum('end,edf->enf', x, weights['wi'].astype(dtype)))  # Shape: [E, N, F]
+  if 'wi_gate' in weights:
+    hidden = hidden * jnp.einsum('end,edf->enf', x, weights['wi_gate'].astype(dtype))
+  if dropout_rng is not None and dropout_rate > 0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, hidden.shape)
+    hidden = jnp.where(keep, hidden / (1.0 - dropout_rate), 0).astype(dtype)
+  return jnp.einsum('enf,efd->end', hidden, weights['wo'].astype(dtype))  # Shape: [E, N, D]
+
+
+class ExpertWeights(nn.Module):
+  """Declares the stacked expert weights; returns {'wi', 'wo'[, 'wi_gate']} for `expert_ffn`.
+
+  The layer runs `expert_ffn` itself, on one device or per device inside `jax.shard_map`, so the
+  weights are made here and passed in as arrays.
 
   Attributes:
     num_experts: E.
     hidden_dim: F.
-    activation: 'relu', 'gelu' or 'silu'.
-    glu: gated linear unit, activation(x wi) * (x wi_gate) (T5.1.1, ST-MoE).
-    dropout_rate: dropout on the hidden activations (rng stream `dropout`), Switch's expert dropout.
+    glu: add `wi_gate` for a gated linear unit (T5.1.1, ST-MoE).
     init_scale: scale of the fan-in truncated-normal init (Switch used 0.1).
-    dtype: compute dtype; param_dtype: storage dtype of the weights.
+    param_dtype: storage dtype.
   """
   num_experts: int
   hidden_dim: int
-  activation: str = 'relu'
   glu: bool = False
-  dropout_rate: float = 0.0
   init_scale: float = 1.0
-  dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    num_experts, _, model_dim = x.shape
-    init = expert_init(self.init_scale)
-    wi = self.param('wi', init, (num_experts, model_dim, self.hidden_dim), self.param_dtype)
-    wo = self.param('wo', init, (num_experts, self.hidden_dim, model_dim), self.param_dtype)
-    x = x.astype(self.dtype)
-    hidden = ACTIVATIONS[self.activation](
-        jnp.einsum('end,edf->enf', x, wi.astype(self.dtype)))  # Shape: [E, N, F]
+  def __call__(self, model_dim: int) -> dict[str, jax.Array]:
+    shapes = {'wi': (self.num_experts, model_dim, self.hidden_dim),
+              'wo': (self.num_experts, self.hidden_dim, model_dim)}
     if self.glu:
-      wi_gate = self.param('wi_gate', init, (num_experts, model_dim, self.hidden_dim),
-                           self.param_dtype)
-      hidden = hidden * jnp.einsum('end,edf->enf', x, wi_gate.astype(self.dtype))
-    hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-    return jnp.einsum('enf,efd->end', hidden, wo.astype(self.dtype))  # Shape: [E, N, D]
+      shapes['wi_gate'] = shapes['wi']
+    init = expert_init(self.init_scale)
+    return {name: self.param(name, nn.with_logical_partitioning(init, LOGICAL_AXES[name]), shape,
+                             self.param_dtype)
+            for name, shape in shapes.items()}

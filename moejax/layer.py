@@ -9,6 +9,7 @@ The layer sows its aux losses and routing metrics into the `intermediates` colle
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import routing
+from moejax import routing, sharding
 from moejax.dispatch import DISPATCH_METHODS, make_dispatcher
-from moejax.experts import ACTIVATIONS, Experts
+from moejax.experts import ACTIVATIONS, ExpertWeights, expert_ffn
+from moejax.experts import LOGICAL_AXES as EXPERT_AXES
 
 ROUTING_METHODS = ('tokens_choose', 'experts_choose', 'dense')
 AUX_LOSS_NAMES = ('load_balancing_loss', 'router_z_loss')
@@ -152,19 +154,42 @@ class MoeLayer(nn.Module):
     tokens = x.reshape(num_groups, group_size, model_dim)
     return tokens, padding_mask.reshape(num_groups, group_size).astype(jnp.bool_)
 
-  def _route(self, probs: jax.Array, valid: jax.Array,
+  def _route(self, probs: jax.Array, valid: jax.Array, draws: jax.Array | None,
              deterministic: bool) -> routing.RoutingDecision:
     capacity = self.capacity(probs.shape[1], deterministic)
     if self.routing == 'dense':
       return routing.dense_routing(probs, valid)
     if self.routing == 'experts_choose':
       return routing.experts_choose_routing(probs, valid, capacity=capacity, causal=self.causal)
-    use_random = self.random_routing and not deterministic
     return routing.top_k_routing(
         probs, valid, num_selected_experts=self.num_selected_experts, capacity=capacity,
         causal=self.causal, normalize_weights=self.normalize_weights,
-        batch_prioritized=self.batch_prioritized,
-        random_routing_rng=self.make_rng('gating') if use_random else None)
+        batch_prioritized=self.batch_prioritized, random_routing_draws=draws)
+
+  def _route_and_run(self, tokens: jax.Array, probs: jax.Array, valid: jax.Array,
+                     weights: dict[str, jax.Array], draws: jax.Array | None,
+                     dropout_rng: jax.Array | None, *, deterministic: bool,
+                     sharded: bool) -> tuple[jax.Array, routing.RoutingDecision]:
+    """Route, dispatch, run the experts, combine: tokens [G, S, D] -> [G, S, D], and the decision.
+
+    A pure function of its arrays. With `sharded`, it runs on each device inside `jax.shard_map`
+    on that device's groups, and the expert buffers travel to the devices that own their experts
+    and back with two all-to-alls.
+    """
+    decision = self._route(probs, valid, draws, deterministic)
+    dispatcher = make_dispatcher(decision, self.dispatch, self.dtype)
+    buffers = dispatcher.dispatch(tokens.astype(self.dtype))  # Shape: [E, G, C, D]
+    if sharded:
+      buffers = sharding.to_expert_devices(buffers)  # Shape: [E_local, n_expert * G, C, D]
+      dropout_rng = sharding.device_rng(dropout_rng)
+    num_experts, model_dim = buffers.shape[0], buffers.shape[-1]
+    expert_out = expert_ffn(buffers.reshape(num_experts, -1, model_dim), weights,
+                            activation=self.activation, dtype=self.dtype,
+                            dropout_rate=self.expert_dropout, dropout_rng=dropout_rng)
+    expert_out = expert_out.reshape(buffers.shape)  # Shape: [E(_local), G(*n_expert), C, D]
+    if sharded:
+      expert_out = sharding.from_expert_devices(expert_out)  # Shape: [E, G, C, D]
+    return dispatcher.combine(expert_out), decision  # Shape: [G, S, D]
 
   def _sow_metrics(self, logits: jax.Array, probs: jax.Array, decision: routing.RoutingDecision,
                    valid: jax.Array):
@@ -186,23 +211,28 @@ class MoeLayer(nn.Module):
     """x: [B, L, D]; padding_mask: [B, L], True for real tokens (padding is never dispatched and
     gets zeros). deterministic: evaluation mode (eval capacity, no noise, no dropout)."""
     tokens, valid = self._group(x, padding_mask)  # Shapes: [G, S, D], [G, S]
-    model_dim = x.shape[-1]
     logits = routing.RouterLogits(self.num_experts, use_bias=self.router_bias,
                                   init_scale=self.router_init_scale,
                                   jitter_noise=self.jitter_noise, name='router')(
                                       tokens, deterministic)  # Shape: [G, S, E], float32
     probs = jax.nn.softmax(logits, axis=-1)  # Shape: [G, S, E], float32
-    decision = self._route(probs, valid, deterministic)
-    dispatcher = make_dispatcher(decision, self.dispatch, self.dtype)
-    buffers = dispatcher.dispatch(tokens.astype(self.dtype))  # Shape: [E, G, C, D]
-    num_experts, num_groups, capacity, _ = buffers.shape
-    expert_out = Experts(self.num_experts, self.expert_hidden_dim, activation=self.activation,
-                         glu=self.glu, dropout_rate=self.expert_dropout,
-                         init_scale=self.init_scale, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name='experts')(
-                             buffers.reshape(num_experts, num_groups * capacity, model_dim),
-                             deterministic)  # Shape: [E, G * C, D]
-    out = dispatcher.combine(expert_out.reshape(buffers.shape))  # Shape: [G, S, D]
+    weights = ExpertWeights(self.num_experts, self.expert_hidden_dim, glu=self.glu,
+                            init_scale=self.init_scale, param_dtype=self.param_dtype,
+                            name='experts')(x.shape[-1])
+    draws = None  # GShard random routing: drawn here, over all groups, whatever the mesh
+    if self.random_routing and not deterministic:
+      draws = jax.random.uniform(self.make_rng('gating'),
+                                 (*valid.shape, self.num_selected_experts))  # Shape: [G, S, K]
+    use_dropout = self.expert_dropout > 0 and not deterministic
+    dropout_rng = self.make_rng('dropout') if use_dropout else None
+    mesh = sharding.active_mesh()
+    route_and_run = functools.partial(self._route_and_run, deterministic=deterministic,
+                                      sharded=mesh is not None)
+    if mesh is not None:
+      sharding.check_divisible(self.num_experts, tokens.shape[0], mesh)
+      route_and_run = sharding.shard_map_layer(route_and_run, mesh,
+                                                {k: EXPERT_AXES[k] for k in weights})
+    out, decision = route_and_run(tokens, probs, valid, weights, draws, dropout_rng)
     self._sow_metrics(logits, probs, decision, valid)
     return out.reshape(x.shape)
 

@@ -75,7 +75,9 @@ class RouterLogits(nn.Module):
       tokens = tokens * noise
     kernel_init = nn.initializers.variance_scaling(self.init_scale, 'fan_in', 'truncated_normal')
     dense = nn.Dense(self.num_experts, use_bias=self.use_bias, dtype=jnp.float32,
-                     param_dtype=jnp.float32, kernel_init=kernel_init, name='dense')
+                     param_dtype=jnp.float32, name='dense',
+                     kernel_init=nn.with_logical_partitioning(kernel_init, ('embed', None)),
+                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
     return dense(tokens)  # Shape: [G, S, E], float32
 
 
@@ -92,7 +94,7 @@ def _slot_positions(choice_mask: jax.Array) -> jax.Array:
 def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: int,
                   capacity: int, causal: bool, normalize_weights: bool = False,
                   batch_prioritized: bool = False,
-                  random_routing_rng: jax.Array | None = None) -> RoutingDecision:
+                  random_routing_draws: jax.Array | None = None) -> RoutingDecision:
   """Tokens choose their top-k experts (k=1 Switch, k=2 GShard), then capacity drops overflow.
 
   probs: [G, S, E] float32 router probabilities; valid: [G, S] bool, false on padding.
@@ -106,9 +108,10 @@ def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: i
   batch_prioritized: tokens claim slots in order of their top-1 probability instead of sequence
     order (Riquelme et al.). It looks at later tokens: encoders only.
   normalize_weights: rescale each token's k weights to sum to 1 (off in Switch).
-  random_routing_rng: GShard random routing: the j-th choice (j >= 2) is kept with probability
-    K * w_j, w the top-k weights normalized to sum 1 (so min(1, 2 * w_2) for K=2, and always at
-    uniform probabilities). None keeps every choice.
+  random_routing_draws: [G, S, K] uniform [0, 1) draws for GShard random routing: the j-th
+    choice (j >= 2) is kept when its draw is below K * w_j, w the top-k weights normalized to sum
+    1 (probability min(1, 2 * w_2) for K=2; always kept at uniform probabilities). None keeps
+    every choice.
   """
   num_groups, group_size, num_experts = probs.shape
   if batch_prioritized and causal:
@@ -118,11 +121,10 @@ def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: i
   normalized = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
   weight = normalized if normalize_weights else top_probs
   chosen = jnp.broadcast_to(valid[..., None], expert_index.shape)  # Shape: [G, S, K]
-  if random_routing_rng is not None and num_selected_experts > 1:
+  if random_routing_draws is not None and num_selected_experts > 1:
     keep_probability = jnp.minimum(1.0, num_selected_experts * normalized)
     keep_probability = keep_probability.at[..., 0].set(1.0)
-    draw = jax.random.uniform(random_routing_rng, keep_probability.shape)
-    chosen = chosen & (draw < keep_probability)
+    chosen = chosen & (random_routing_draws < keep_probability)
 
   choice_mask = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32) * chosen[..., None]
   # Shape: [G, S, K, E]

@@ -18,7 +18,7 @@ def _inputs(batch=2, length=16, seed=0):
 
 
 def _init(layer, x):
-  return layer.init(jax.random.key(42), x, True)
+  return nn.unbox(layer.init(jax.random.key(42), x, True))
 
 
 def _force_expert(variables, expert, num_experts):
@@ -236,7 +236,7 @@ def test_training_mode_uses_train_capacity_and_rng_streams():
 def test_experts_are_initialized_independently():
   layer = MoeLayer(num_experts=8, expert_hidden_dim=256, init_scale=0.1)
   x = jnp.zeros((1, 4, 128))
-  wi = layer.init(jax.random.key(0), x, True)['params']['experts']['wi']  # [E, D, F]
+  wi = nn.unbox(layer.init(jax.random.key(0), x, True))['params']['experts']['wi']  # [E, D, F]
   assert wi.shape == (8, 128, 256)
   flat = np.asarray(wi).reshape(8, -1)
   correlation = np.corrcoef(flat)
@@ -254,7 +254,8 @@ class _Stack(nn.Module):
     block_cls = nn.remat(_Block, static_argnums=(2,)) if self.remat else _Block
     if self.scan:
       scanned = nn.scan(block_cls, variable_axes={'params': 0, 'intermediates': 0},
-                        split_rngs={'params': True}, length=2, in_axes=nn.broadcast)
+                        split_rngs={'params': True}, length=2, in_axes=nn.broadcast,
+                        metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = scanned(name='blocks')(x, True)
       return x
     for i in range(2):
@@ -272,7 +273,7 @@ class _Block(nn.Module):
 def test_collectors_average_over_layers_plain_and_scanned(scan):
   model = _Stack(scan=scan)
   x = _inputs()
-  variables = model.init(jax.random.key(0), x)
+  variables = nn.unbox(model.init(jax.random.key(0), x))
   _, state = model.apply(variables, x, mutable=['intermediates'])
   lbl = [v for path, v in jax.tree_util.tree_leaves_with_path(state)
          if 'load_balancing_loss' in jax.tree_util.keystr(path)]
@@ -288,8 +289,7 @@ def test_collectors_average_over_layers_plain_and_scanned(scan):
 def test_scan_remat_jit_grad_give_the_plain_numbers():
   x = _inputs()
   plain, scanned = _Stack(), _Stack(scan=True, remat=True)
-  variables = plain.init(jax.random.key(0), x)
-  params = variables['params']
+  params = nn.unbox(plain.init(jax.random.key(0), x))['params']
   stacked = {'blocks': jax.tree.map(lambda a, b: jnp.stack([a, b]), params['block_0'],
                                     params['block_1'])}
 

@@ -1,4 +1,5 @@
 """Models: MoE layouts, FLOP-matched dense twins, scan == loop, causality, padding, config errors."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ def _init(config, batch=2, length=16, seed=0):
   if 'inputs' in batch:
     batch['inputs'] = jax.random.randint(jax.random.key(seed + 1), batch['inputs'].shape, 3, 40)
   init = jax.jit(lambda b: model.init(jax.random.key(0), *model_inputs(config, b), True))
-  return model, init(batch)['params'], batch
+  return model, nn.unbox(init(batch)['params']), batch
 
 
 def _paths(params):
@@ -88,8 +89,8 @@ def test_scan_and_remat_give_the_loop_numbers(kind):
   model, params, batch = _init(loop_cfg)
   scan_model = make_model(scan_cfg)
   scan_params = _stack_units(params, 2)
-  assert (jax.tree.map(jnp.shape, scan_params) == jax.tree.map(jnp.shape, jax.eval_shape(
-      lambda: scan_model.init(jax.random.key(0), *model_inputs(scan_cfg, batch), True))['params']))
+  assert (jax.tree.map(jnp.shape, scan_params) == jax.tree.map(jnp.shape, nn.unbox(jax.eval_shape(
+      lambda: scan_model.init(jax.random.key(0), *model_inputs(scan_cfg, batch), True))['params'])))
   grad = lambda m, cfg: jax.jit(jax.grad(lambda p: jnp.mean(m.apply(
       {'params': p}, *model_inputs(cfg, batch), False) ** 2)))
   expected = grad(model, loop_cfg)(params)

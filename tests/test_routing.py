@@ -170,14 +170,18 @@ def test_random_routing_keeps_second_choice_with_probability_2_w2():
   probs = jnp.broadcast_to(jnp.array([0.7, 0.3, 0.0]), (4, 1000, 3))
   valid = jnp.ones((4, 1000), bool)
   decision = routing.top_k_routing(probs, valid, num_selected_experts=2, capacity=1000,
-                                   causal=True, random_routing_rng=jax.random.key(0))
+                                   causal=True,
+                                   random_routing_draws=jax.random.uniform(jax.random.key(0),
+                                                                           (4, 1000, 2)))
   assert decision.chosen[..., 0].all()
   np.testing.assert_allclose(decision.chosen[..., 1].mean(), 0.6, atol=0.02)
   np.testing.assert_array_equal(decision.weight[..., 1] > 0, decision.chosen[..., 1])
   # At uniform probabilities every choice is kept.
   uniform = jnp.full((1, 50, 4), 0.25)
   decision = routing.top_k_routing(uniform, jnp.ones((1, 50), bool), num_selected_experts=2,
-                                   capacity=50, causal=True, random_routing_rng=jax.random.key(1))
+                                   capacity=50, causal=True,
+                                   random_routing_draws=jax.random.uniform(jax.random.key(1),
+                                                                           (1, 50, 2)))
   assert decision.chosen.all()
 
 

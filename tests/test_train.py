@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 from helpers import smoke_config
 from moejax.models import ModelConfig, make_model
 from moejax.train import (ShapeMismatchError, default_config, init_state, learning_rate_schedule,
-                          make_optimizer, make_train_step, train_step)
+                          make_mesh, make_optimizer, make_train_step, param_specs,
+                          state_shardings, train_step)
 from moejax.train import loop
 from moejax.train.step import dummy_batch
 
@@ -84,7 +85,7 @@ def test_checkpoint_from_one_device_restores_on_data2_expert4_mesh(run20):
   config.mesh.update(data=2, expert=4)
   run, state = loop.load(config, workdir)
   wi = state.params['decoder']['unit_0']['block_1']['moe']['experts']['wi']  # [E, D, F]
-  assert wi.sharding.spec == P('expert', None, None) and wi.sharding.mesh.shape['data'] == 2
+  assert wi.sharding.spec == P('expert', None, 'model') and wi.sharding.mesh.shape['data'] == 2
   assert {s.data.shape for s in wi.addressable_shards} == {(1, 32, 64)}
   jax.tree.map(np.testing.assert_array_equal, _params(state), _params(summary['state']))
   on_mesh = loop.evaluate(run, state.params)
@@ -162,16 +163,18 @@ def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged(tiny_step):
 
 
 def test_train_step_on_a_data2_expert4_mesh_matches_one_device(tiny_step):
-  from moejax.train import make_mesh
   model, tx, batch = tiny_step
   init = lambda: init_state(model, tx, batch, 0)
   one, one_metrics = make_train_step(model, tx, 1e-2, 1e-3)(jax.jit(init)(), batch)
   mesh = make_mesh(data=2, expert=4)
   state = jax.jit(init)()
-  state = jax.device_put(state, loop.sharding.state_shardings(state, mesh))
-  eight, eight_metrics = make_train_step(model, tx, 1e-2, 1e-3, mesh, state)(state, batch)
-  wi = eight.params['decoder']['unit_0']['block_1']['moe']['experts']['wi']
-  assert wi.sharding.spec == P('expert', None, None)
+  shardings = state_shardings(state, param_specs(model, batch), mesh)
+  state = jax.device_put(state, shardings)
+  eight, eight_metrics = make_train_step(model, tx, 1e-2, 1e-3, mesh, shardings)(state, batch)
+  for tree in (eight.params, eight.opt_state[1][0].mu):  # AdamW's first moment follows its param
+    wi = tree['decoder']['unit_0']['block_1']['moe']['experts']['wi']  # [E, D, F]
+    assert wi.sharding.spec == P('expert', None, 'model')
+    assert {s.data.shape for s in wi.addressable_shards} == {(1, 32, 64)}
   np.testing.assert_allclose(eight_metrics['loss'], one_metrics['loss'], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                jax.device_get(eight.params), jax.device_get(one.params))

@@ -198,7 +198,8 @@ class Stack(nn.Module):
       scanned = nn.scan(unit, variable_axes={'params': 0, 'intermediates': 0},
                         split_rngs={'params': True, 'dropout': True, 'jitter': True,
                                     'gating': True},
-                        in_axes=(nn.broadcast,) * len(args), length=num_units)
+                        in_axes=(nn.broadcast,) * len(args), length=num_units,
+                        metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = scanned(cfg, self.causal, self.cross_attention, deterministic, name='units')(x, *args)
     else:
       unit = nn.remat(Unit) if cfg.remat else Unit

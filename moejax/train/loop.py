@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -54,14 +53,21 @@ class Run:
       return dummy_batch(self.model_config, batch_size, targets_len, inputs_len)
     return dummy_batch(self.model_config, batch_size, length)
 
+  def shardings(self, state):
+    """NamedShardings of a state (or params) tree on the run's mesh; None without a mesh."""
+    if self.mesh is None:
+      return None
+    specs = sharding.param_specs(self.model, self.example_batch(1))
+    return sharding.state_shardings(state, specs, self.mesh)
+
   def fresh_state(self):
     """The initial state, placed on the mesh's shardings when there is a mesh."""
     batch = self.example_batch(1)
     init = lambda: init_state(self.model, self.tx, batch, self.config.seed)
-    if self.mesh is None:
-      return jax.jit(init)()
-    shardings = sharding.state_shardings(jax.eval_shape(init), self.mesh)
-    return jax.jit(init, out_shardings=shardings)()
+    return jax.jit(init, out_shardings=self.shardings(jax.eval_shape(init)))()
+
+  def eval_step(self, params):
+    return make_eval_step(self.model, self.mesh, self.shardings(params))
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -99,7 +105,7 @@ def stop_requests():
 def evaluate(run: Run, params, eval_step=None) -> dict:
   """Validation metrics over the eval split (eval capacity factor); nats per token and per char."""
   cfg = run.config
-  eval_step = eval_step or make_eval_step(run.model, run.mesh, params)
+  eval_step = eval_step or run.eval_step(params)
   totals = {}
   for batch in data_lib.eval_batches(cfg.data, run.tokenizer, cfg.task, cfg.eval.batch_size,
                                      cfg.eval.max_batches):
@@ -135,8 +141,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
   state, position = restore_or_init(run)
   start = int(jax.device_get(state.step))
   train_step = make_train_step(run.model, run.tx, tcfg.load_balancing_loss_coef,
-                               tcfg.router_z_loss_coef, run.mesh, state)
-  eval_step = make_eval_step(run.model, run.mesh, state.params)
+                               tcfg.router_z_loss_coef, run.mesh, run.shardings(state))
+  eval_step = run.eval_step(state.params)
   batches = data_lib.train_batches(cfg.data, run.tokenizer, cfg.task, tcfg.batch_size, cfg.seed,
                                    start=position)
   writer = MetricWriter(workdir)

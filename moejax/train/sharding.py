@@ -1,41 +1,56 @@
 """Where the train state and the batches live on a ('data', 'expert', 'model') mesh.
 
-One small rule set, to be replaced by `moejax.sharding`'s partition rules once they exist:
-expert weights [..., E, D, F] / [..., E, F, D] are split over 'expert' along E (a leading scan
-axis, if any, stays whole), every other array is replicated, and batches are split along B over
-('data', 'expert').
+The params follow `moejax.sharding`'s partition rules (from the logical axis names on the
+weights: expert weights [E, D, F] split along E over 'expert' and F over 'model', the rest
+replicated). Any other array of the state that mirrors a param (an optimizer moment of the same
+shape at the same path) gets that param's sharding; everything else (step, rng, Adafactor's
+factored moments) is replicated. Batches split along B over ('data', 'expert').
 """
 from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ('data', 'expert', 'model')
-EXPERT_WEIGHTS = ('wi', 'wi_gate', 'wo')
+from moejax import sharding as moe_sharding
+from moejax.train.step import model_inputs
+
+batch_sharding = moe_sharding.batch_sharding
 
 
 def make_mesh(data: int = 1, expert: int = 1, model: int = 1) -> Mesh:
-  """A mesh over the first data * expert * model devices, axes in auto (GSPMD) mode."""
-  return jax.make_mesh((data, expert, model), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=jax.devices()[:data * expert * model])
+  """A moejax mesh over the first data * expert * model devices."""
+  return moe_sharding.make_mesh(data, expert, model,
+                                devices=jax.devices()[:data * expert * model])
 
 
-def _spec(path: tuple, leaf: Any) -> P:
-  names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
-  if 'experts' in names and names[-1] in EXPERT_WEIGHTS:
-    return P(*([None] * (leaf.ndim - 3)), 'expert', None, None)
-  return P()
+def param_specs(model: nn.Module, batch: dict) -> Any:
+  """PartitionSpecs of the model's params (abstract init: nothing is computed)."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                            *model_inputs(model.config, batch), True))
+  return moe_sharding.param_specs(boxed)['params']
 
 
-def state_shardings(tree: Any, mesh: Mesh) -> Any:
-  """NamedShardings for any tree holding params (the train state, its optimizer moments too)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: NamedSharding(mesh, _spec(path, leaf)), tree)
+def _names(path) -> tuple:
+  return tuple(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', None))) for k in path)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches [B, ...] split along B over ('data', 'expert')."""
-  return NamedSharding(mesh, P(('data', 'expert')))
+def state_shardings(state: Any, specs: Any, mesh: Mesh) -> Any:
+  """NamedShardings for `state` (a TrainState, or a params tree) given the params' `specs`."""
+  flat_specs = jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=lambda x: isinstance(x, P))[0]
+  by_path = {_names(path): spec for path, spec in flat_specs}
+  shapes = {_names(path): leaf.shape
+            for path, leaf in jax.tree_util.tree_flatten_with_path(
+                getattr(state, 'params', state))[0]}
+
+  def sharding(path, leaf):
+    names = _names(path)
+    for start in range(len(names)):
+      suffix = names[start:]
+      if suffix in by_path and shapes.get(suffix) == leaf.shape:
+        return NamedSharding(mesh, by_path[suffix])
+    return NamedSharding(mesh, P())
+  return jax.tree_util.tree_map_with_path(sharding, state)

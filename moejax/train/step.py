@@ -16,9 +16,9 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from moejax import sharding
 from moejax.layer import collect_aux_losses, collect_routing_metrics
 from moejax.models import ModelConfig
-from moejax.train import sharding
 from moejax.train.metrics import per_layer_metrics
 
 Batch = dict[str, jax.Array]
@@ -65,7 +65,8 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, batch: Batch,
                seed: int) -> TrainState:
   """Fresh state: params from `seed` (rng stream 'params'), step 0. Jit it for placement."""
   params_rng, rng = jax.random.split(jax.random.key(seed))
-  params = model.init({'params': params_rng}, *model_inputs(model.config, batch), True)['params']
+  params = nn.unbox(model.init({'params': params_rng}, *model_inputs(model.config, batch),
+                               True)['params'])
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(rng), nonfinite_in_a_row=zero, nonfinite_total=zero)
@@ -145,20 +146,20 @@ def _on_mesh(fn, mesh: Mesh | None):
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, alpha: float,
-                    beta: float, mesh: Mesh | None = None, state: TrainState | None = None):
-  """jit(train_step); with a mesh, the state keeps `sharding.state_shardings` and batches are
-  split over ('data', 'expert'). The input state is donated."""
+                    beta: float, mesh: Mesh | None = None, shardings: Any = None):
+  """jit(train_step); with a mesh, the state keeps `shardings` (see
+  `moejax.train.sharding.state_shardings`) and batches are split over ('data', 'expert'). The
+  input state is donated."""
   step = functools.partial(train_step, model=model, tx=tx, alpha=alpha, beta=beta)
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
-  shardings = sharding.state_shardings(state, mesh)
   return _on_mesh(jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
                           out_shardings=(shardings, None), donate_argnums=0), mesh)
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh | None = None, params=None):
+def make_eval_step(model: nn.Module, mesh: Mesh | None = None, param_shardings: Any = None):
   step = functools.partial(eval_step, model=model)
   if mesh is None:
     return jax.jit(step)
-  return _on_mesh(jax.jit(step, in_shardings=(sharding.state_shardings(params, mesh),
-                                              sharding.batch_sharding(mesh))), mesh)
+  return _on_mesh(jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh))),
+                  mesh)
