@@ -134,7 +134,7 @@ def span_corruption(examples: tf.data.Dataset, data: Any, vocab_size: int,
 def examples(data: Any, split: str, tokenizer) -> tf.data.Dataset:
   """Packed [length] examples of this process's shard of the split."""
   packed = pack(tokenize(documents(data, split), tokenizer), data.length)
-  return packed.shard(jax.process_count(), jax.process_index()).cache()
+  return packed.shard(jax.process_count(), jax.process_index())
 
 
 def _local_batch_size(batch_size: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -69,6 +70,16 @@ class Run:
   def eval_step(self, params):
     return make_eval_step(self.model, self.mesh, self.shardings(params))
 
+  @functools.cached_property
+  def eval_batches(self) -> list:
+    cfg = self.config
+    return data_lib.eval_batches(cfg.data, self.tokenizer, cfg.task, cfg.eval.batch_size,
+                                 cfg.eval.max_batches)
+
+  @functools.cached_property
+  def chars_per_token(self) -> float:
+    return data_lib.chars_per_token(self.config.data, self.tokenizer, self.config.data.eval_split)
+
 
 def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   os.makedirs(workdir, exist_ok=True)
@@ -107,16 +118,14 @@ def evaluate(run: Run, params, eval_step=None) -> dict:
   cfg = run.config
   eval_step = eval_step or run.eval_step(params)
   totals = {}
-  for batch in data_lib.eval_batches(cfg.data, run.tokenizer, cfg.task, cfg.eval.batch_size,
-                                     cfg.eval.max_batches):
+  for batch in run.eval_batches:
     for name, value in jax.device_get(eval_step(params, batch)).items():
       totals[name] = totals.get(name, 0.0) + np.asarray(value, np.float64)
   tokens = max(float(totals.pop('tokens')), 1.0)
   metrics = {name: value / tokens for name, value in totals.items()}
   metrics['nll'] = metrics.pop('nll_sum')
   if cfg.task == 'lm':
-    chars_per_token = data_lib.chars_per_token(cfg.data, run.tokenizer, cfg.data.eval_split)
-    metrics['nats_per_char'] = metrics['nll'] / chars_per_token
+    metrics['nats_per_char'] = metrics['nll'] / run.chars_per_token
   return metrics
 
 
