@@ -156,7 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
                                    start=position)
   writer = MetricWriter(workdir)
   tokens_per_step = tcfg.batch_size * cfg.data.length
-  step_seconds, stopped_by, eval_metrics = [], None, {}
+  step_seconds, train_dropped, stopped_by, eval_metrics = [], [], None, {}
   progress = tqdm(range(start, tcfg.num_steps), initial=start, total=tcfg.num_steps,
                   desc='train', disable=quiet, dynamic_ncols=True)
   with stop_requests() as stop:
@@ -167,6 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
       metrics = jax.device_get(metrics)
       step_seconds.append(time.perf_counter() - tic)
       metrics['tokens_per_sec'] = tokens_per_step / step_seconds[-1]
+      train_dropped.append(float(metrics.get('fraction_dropped', 0.0)))
       if (step + 1) % tcfg.log_every == 0 or metrics['skipped']:
         writer.write(step + 1, 'train', metrics)
       progress.set_postfix(loss=f'{metrics["loss"]:.3f}', skipped=int(metrics['nonfinite_total']))
@@ -197,6 +198,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
           'tokens_per_sec': tokens_per_step / float(np.median(timed)) if timed else None,
           'nonfinite_total': int(jax.device_get(state.nonfinite_total)),
           'per_token_flops': per_token_flops(run.model_config, cfg.data.length),
+          'train_fraction_dropped': float(np.mean(train_dropped[-50:])) if train_dropped else None,
           'has_moe': has_moe(run.model_config), 'state': state, 'run': run}
 
 
@@ -248,9 +250,14 @@ def format_summary(summary: dict) -> str:
                  f'({summary["per_token_flops"] / 1e6:.2f} MFLOP/token forward)')
   lines.append(f'non-finite steps skipped: {summary["nonfinite_total"]}')
   if ev and summary['has_moe']:
-    lines.append(f'fraction of choices dropped (eval capacity): {ev["fraction_dropped"]:.4f}; '
-                 f'load-balancing loss {ev["load_balancing_loss"]:.3f}, router z-loss '
-                 f'{ev["router_z_loss"]:.3f}')
+    cfg = summary['run'].model_config
+    dropped = f'eval (capacity factor {cfg.eval_capacity_factor}) {ev["fraction_dropped"]:.4f}'
+    if summary['train_fraction_dropped'] is not None:
+      dropped = (f'train (capacity factor {cfg.train_capacity_factor}, last 50 steps) '
+                 f'{summary["train_fraction_dropped"]:.4f}, ' + dropped)
+    lines.append(f'fraction of token choices dropped: {dropped}')
+    lines.append(f'eval load-balancing loss {ev["load_balancing_loss"]:.3f} (1 = uniform), '
+                 f'router z-loss {ev["router_z_loss"]:.3f}; expert usage per layer:')
     for name, usage in ev.items():
       if name.startswith('expert_usage/'):
         lines.append(f'  usage {name[len("expert_usage/"):]:<24} '
