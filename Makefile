@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Trains the default Switch decoder on tiny shakespeare (resumes runs/switch_tiny if it exists).
 run: $(STAMP)
-	$(PY) experiments/route_demo.py
+	$(VENV)/bin/moejax train --config experiments/configs/switch_tiny.py --workdir runs/switch_tiny
 
 test: $(STAMP)
 	$(PY) -m pytest -q

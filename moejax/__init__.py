@@ -3,13 +3,15 @@ from moejax.dispatch import EinsumDispatcher, IndicesDispatcher, make_dispatcher
 from moejax.experts import ExpertWeights, expert_ffn
 from moejax.layer import MoeLayer, collect_aux_losses, collect_routing_metrics
 from moejax import sharding
+from moejax.models import DecoderLM, EncoderDecoder, ModelConfig, make_model, per_token_flops
 from moejax.routing import (RouterLogits, RoutingDecision, dense_routing, expert_capacity,
                             experts_choose_routing, load_balancing_loss, router_z_loss,
                             top_k_routing)
 
 __all__ = [
-    'EinsumDispatcher', 'ExpertWeights', 'IndicesDispatcher', 'MoeLayer', 'RouterLogits',
-    'RoutingDecision', 'collect_aux_losses', 'collect_routing_metrics', 'dense_routing',
-    'expert_capacity', 'expert_ffn', 'experts_choose_routing', 'load_balancing_loss', 'make_dispatcher',
-    'router_z_loss', 'top_k_routing',
+    'DecoderLM', 'EinsumDispatcher', 'EncoderDecoder', 'ExpertWeights', 'IndicesDispatcher',
+    'ModelConfig', 'MoeLayer', 'RouterLogits', 'RoutingDecision', 'collect_aux_losses',
+    'collect_routing_metrics', 'dense_routing', 'expert_capacity', 'expert_ffn',
+    'experts_choose_routing', 'load_balancing_loss', 'make_dispatcher', 'make_model',
+    'per_token_flops', 'router_z_loss', 'top_k_routing',
 ]

@@ -1,0 +1,256 @@
+"""Pre-norm Transformer blocks with dense or MoE FFNs: a decoder-only LM and a T5 encoder-decoder.
+
+Axis legend (DESIGN.md): B batch, L (query) length, M key length, D model width, H heads,
+A head width, V vocabulary, F FFN width. Masks are bool, True on real tokens; they are passed
+explicitly (never guessed from token ids here) and reach every MoE layer as its padding mask.
+
+A stack of blocks is a repeat of one *unit* of `config.period` blocks (the MoE layout repeats with
+that period), so `nn.scan` (config.scan_layers) scans over units and still mixes dense and sparse
+blocks; `nn.remat` (config.remat) rematerializes each unit.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.experts import ACTIVATIONS
+from moejax.layer import MoeLayer
+from moejax.models.config import ModelConfig
+
+
+def rotary(x: jax.Array) -> jax.Array:
+  """Rotary position embedding of x [B, L, H, A] (A even), position = index along L."""
+  length, half = x.shape[1], x.shape[-1] // 2
+  inv_freq = 1.0 / (10_000 ** (jnp.arange(half, dtype=jnp.float32) / half))  # Shape: [A/2]
+  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq  # Shape: [L, A/2]
+  sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]  # Shape: [L, 1, A/2]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def relative_bucket(relative: jax.Array, bidirectional: bool, num_buckets: int,
+                    max_distance: int) -> jax.Array:
+  """T5's bucket of each key-minus-query offset: exact for small offsets, log-spaced beyond."""
+  bucket = jnp.zeros_like(relative)
+  if bidirectional:
+    num_buckets //= 2
+    bucket += (relative > 0) * num_buckets
+    distance = jnp.abs(relative)
+  else:
+    distance = jnp.maximum(-relative, 0)
+  exact = num_buckets // 2
+  log_bucket = exact + (jnp.log(jnp.maximum(distance, 1) / exact) / math.log(max_distance / exact)
+                        * (num_buckets - exact)).astype(jnp.int32)
+  log_bucket = jnp.minimum(log_bucket, num_buckets - 1)
+  return bucket + jnp.where(distance < exact, distance, log_bucket)
+
+
+class RelativePositionBias(nn.Module):
+  """T5 relative position bias [1, H, L, M], shared by all blocks of a stack."""
+  config: ModelConfig
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, query_length: int, key_length: int) -> jax.Array:
+    cfg = self.config
+    relative = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None]  # [L, M]
+    buckets = relative_bucket(relative, self.bidirectional, cfg.relative_buckets,
+                              cfg.relative_max_distance)
+    table = self.param('rel_embedding', nn.initializers.normal(0.1),
+                       (cfg.relative_buckets, cfg.num_heads), jnp.float32)  # Shape: [buckets, H]
+    return jnp.transpose(table[buckets], (2, 0, 1))[None]  # Shape: [1, H, L, M]
+
+
+class Attention(nn.Module):
+  """Multi-head attention; rotary positions on q and k when `use_rotary`."""
+  config: ModelConfig
+  use_rotary: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, kv: jax.Array, mask: jax.Array,
+               bias: jax.Array | None) -> jax.Array:
+    """x [B, L, D], kv [B, M, D], mask [B, 1, L, M] (True: attend), bias [1, H, L, M] or None."""
+    cfg = self.config
+    dense = lambda name: nn.DenseGeneral((cfg.num_heads, cfg.heads_dim), use_bias=False,
+                                         dtype=cfg.compute_dtype, name=name)
+    q, k, v = dense('query')(x), dense('key')(kv), dense('value')(kv)  # Shapes: [B, L|M, H, A]
+    if self.use_rotary:
+      q, k = rotary(q), rotary(k)
+    logits = jnp.einsum('blha,bmha->bhlm', q, k).astype(jnp.float32) / math.sqrt(cfg.heads_dim)
+    if bias is not None:
+      logits = logits + bias
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)  # Shape: [B, H, L, M]
+    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
+    out = jnp.einsum('bhlm,bmha->blha', probs, v)  # Shape: [B, L, H, A]
+    return nn.DenseGeneral(cfg.model_dim, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
+                           name='out')(out)  # Shape: [B, L, D]
+
+
+class Mlp(nn.Module):
+  """Dense FFN [B, L, D] -> [B, L, D] of width `hidden_dim` (no biases, like the experts)."""
+  config: ModelConfig
+  hidden_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    dense = lambda features, name: nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype,
+                                            name=name)
+    hidden = ACTIVATIONS[cfg.activation](dense(self.hidden_dim, 'wi')(x))  # Shape: [B, L, F]
+    if cfg.glu:
+      hidden = hidden * dense(self.hidden_dim, 'wi_gate')(x)
+    return dense(cfg.model_dim, 'wo')(hidden)
+
+
+def causal_mask(mask: jax.Array) -> jax.Array:
+  """Self-attention mask [B, 1, L, L] from the padding mask [B, L]: real keys not in the future."""
+  length = mask.shape[1]
+  return mask[:, None, None, :] & jnp.tril(jnp.ones((length, length), jnp.bool_))
+
+
+def full_mask(query_mask: jax.Array, key_mask: jax.Array) -> jax.Array:
+  """[B, 1, L, M]: every real query attends to every real key."""
+  return query_mask[:, None, :, None] & key_mask[:, None, None, :]
+
+
+class Block(nn.Module):
+  """Pre-norm block: x + SelfAttention(norm x) [+ CrossAttention] + Ffn(norm x).
+
+  `sparse` puts a MoeLayer (or, in the dense baseline, an FFN of width K * F) in the FFN slot;
+  its routing is causal when the stack is (decoders), and it gets the padding mask.
+  """
+  config: ModelConfig
+  sparse: bool
+  causal: bool
+  cross_attention: bool
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, padding_mask, self_bias, encoded=None, encoded_mask=None):
+    """x [B, L, D], padding_mask [B, L]; encoded [B, M, D], encoded_mask [B, M] when cross."""
+    cfg = self.config
+    norm = lambda name: nn.RMSNorm(dtype=cfg.compute_dtype, name=name)
+    drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+    use_rotary = cfg.position_kind == 'rotary'
+    mask = (causal_mask(padding_mask) if self.causal
+            else full_mask(padding_mask, padding_mask))  # Shape: [B, 1, L, L]
+    h = norm('pre_attention_norm')(x)
+    x = x + drop(Attention(cfg, use_rotary, name='attention')(h, h, mask, self_bias))
+    if self.cross_attention:
+      h = norm('pre_cross_attention_norm')(x)
+      x = x + drop(Attention(cfg, name='cross_attention')(
+          h, encoded, full_mask(padding_mask, encoded_mask), None))
+    h = norm('pre_ffn_norm')(x)
+    if self.sparse and not cfg.dense_baseline:
+      y = MoeLayer(causal=self.causal, **cfg.moe_kwargs(), name='moe')(
+          h, self.deterministic, padding_mask=padding_mask)
+    else:
+      width = cfg.num_selected_experts * cfg.ffn_dim if self.sparse else cfg.ffn_dim
+      y = Mlp(cfg, width, name='mlp')(h)
+    return x + drop(y)
+
+
+class Unit(nn.Module):
+  """`config.period` consecutive blocks: one period of the MoE layout (what scan repeats)."""
+  config: ModelConfig
+  causal: bool
+  cross_attention: bool
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, padding_mask, self_bias, encoded, encoded_mask):
+    for i in range(self.config.period):
+      x = Block(self.config, self.config.is_sparse(i), self.causal, self.cross_attention,
+                self.deterministic, name=f'block_{i}')(
+                    x, padding_mask, self_bias, encoded, encoded_mask)
+    return x
+
+
+class _ScannedUnit(Unit):
+  """Unit with nn.scan's (carry, inputs) -> (carry, outputs) signature."""
+
+  def __call__(self, x, padding_mask, self_bias, encoded, encoded_mask):
+    return super().__call__(x, padding_mask, self_bias, encoded, encoded_mask), None
+
+
+class Stack(nn.Module):
+  """num_layers blocks (units of `period`), then a final norm. Plain loop or nn.scan."""
+  config: ModelConfig
+  causal: bool
+  cross_attention: bool = False
+
+  @nn.compact
+  def __call__(self, x, padding_mask, deterministic: bool, encoded=None, encoded_mask=None):
+    cfg = self.config
+    bias = None
+    if cfg.position_kind == 'relative':
+      bias = RelativePositionBias(cfg, bidirectional=not self.causal, name='relative_bias')(
+          x.shape[1], x.shape[1])  # Shape: [1, H, L, L]
+    num_units = cfg.num_layers // cfg.period
+    args = (padding_mask, bias, encoded, encoded_mask)
+    if cfg.scan_layers:
+      unit = _ScannedUnit
+      if cfg.remat:
+        unit = nn.remat(unit, prevent_cse=False)
+      scanned = nn.scan(unit, variable_axes={'params': 0, 'intermediates': 0},
+                        split_rngs={'params': True, 'dropout': True, 'jitter': True,
+                                    'gating': True},
+                        in_axes=(nn.broadcast,) * len(args), length=num_units,
+                        metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = scanned(cfg, self.causal, self.cross_attention, deterministic, name='units')(x, *args)
+    else:
+      unit = nn.remat(Unit) if cfg.remat else Unit
+      for i in range(num_units):
+        x = unit(cfg, self.causal, self.cross_attention, deterministic, name=f'unit_{i}')(x, *args)
+      # Blocks past the last full unit (num_layers not a multiple of period) are dense.
+      for i in range(num_units * cfg.period, cfg.num_layers):
+        x = Block(cfg, False, self.causal, self.cross_attention, deterministic,
+                  name=f'block_{i}')(x, *args)
+    return nn.RMSNorm(dtype=cfg.compute_dtype, name='final_norm')(x)
+
+
+class DecoderLM(nn.Module):
+  """Decoder-only language model: tokens [B, L] -> logits [B, L, V] (float32).
+
+  Causal self-attention with rotary positions (or T5 relative bias), causal MoE routing.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, padding_mask: jax.Array,
+               deterministic: bool) -> jax.Array:
+    cfg = self.config
+    x = nn.Embed(cfg.vocab_size, cfg.model_dim, embedding_init=nn.initializers.normal(1.0),
+                 dtype=cfg.compute_dtype, name='embed')(inputs)  # Shape: [B, L, D]
+    x = Stack(cfg, causal=True, name='decoder')(x, padding_mask, deterministic)
+    return nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32,
+                    name='logits')(x.astype(jnp.float32))  # Shape: [B, L, V]
+
+
+class EncoderDecoder(nn.Module):
+  """T5-style encoder-decoder: (inputs [B, M], decoder inputs [B, L]) -> logits [B, L, V].
+
+  The encoder is bidirectional and routes its MoE layers non-causally (GShard order); the decoder
+  is causal, cross-attends to the encoder and routes causally. Embeddings are shared.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, inputs, inputs_mask, decoder_inputs, decoder_mask,
+               deterministic: bool) -> jax.Array:
+    cfg = self.config
+    embed = nn.Embed(cfg.vocab_size, cfg.model_dim, embedding_init=nn.initializers.normal(1.0),
+                     dtype=cfg.compute_dtype, name='embed')
+    encoded = Stack(cfg, causal=False, name='encoder')(
+        embed(inputs), inputs_mask, deterministic)  # Shape: [B, M, D]
+    x = Stack(cfg, causal=True, cross_attention=True, name='decoder')(
+        embed(decoder_inputs), decoder_mask, deterministic, encoded, inputs_mask)  # [B, L, D]
+    return nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32,
+                    name='logits')(x.astype(jnp.float32))  # Shape: [B, L, V]
+
+
+def make_model(config: ModelConfig) -> nn.Module:
+  return DecoderLM(config) if config.kind == 'decoder' else EncoderDecoder(config)

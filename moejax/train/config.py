@@ -1,0 +1,68 @@
+"""Experiment configs: defaults for every field, and the ModelConfig a run builds from them.
+
+An experiment is a Python file whose `get_config()` returns `default_config()` with its own values
+(see experiments/configs/); every field can be overridden on the command line
+(`--config.model.num_experts=16`).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from moejax.models import ModelConfig
+
+
+def default_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0                    # params init, dropout/jitter/gating rngs, data order
+  config.task = 'lm'                 # 'lm' (decoder) or 'span_corruption' (encoder-decoder)
+
+  config.model = ml_collections.ConfigDict(
+      {k: v for k, v in ModelConfig(vocab_size=1).to_dict().items() if k != 'vocab_size'})
+
+  config.data = ml_collections.ConfigDict(dict(
+      source='data/tinyshakespeare.txt',  # a local file/directory, or a TFDS name ('lm1b')
+      data_dir=ml_collections.config_dict.placeholder(str),  # TFDS data_dir (None: TFDS default)
+      text_key='text', train_split='train', eval_split='validation',
+      validation_fraction=0.1,           # local text: the last 10% of each file is validation
+      tokenizer='bytes',                 # or 'sentencepiece'
+      spm_model=ml_collections.config_dict.placeholder(str),  # a .model file; None: train one
+      spm_vocab_size=1024,
+      length=128,                        # L: packed example length
+      shuffle_buffer=10_000,
+      noise_density=0.15, mean_span_length=3.0, num_sentinels=100,  # span corruption (T5)
+  ))
+
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=32, num_steps=600,
+      optimizer='adamw',                 # or 'adafactor'
+      learning_rate=3e-3, schedule='cosine',  # 'cosine', 'rsqrt' (T5) or 'constant'
+      warmup_steps=50, weight_decay=0.1, b1=0.9, b2=0.99, grad_clip_norm=1.0,
+      load_balancing_loss_coef=1e-2,     # alpha (Switch)
+      router_z_loss_coef=1e-3,           # beta (ST-MoE)
+      max_nonfinite_in_a_row=10,         # skipped updates in a row before the run stops
+      log_every=1,
+  ))
+
+  config.eval = ml_collections.ConfigDict(dict(
+      batch_size=32, every_steps=200,
+      max_batches=ml_collections.config_dict.placeholder(int),  # None: the whole split
+  ))
+
+  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=3))
+
+  config.mesh = ml_collections.ConfigDict(dict(data=1, expert=1, model=1))
+
+  config.sample = ml_collections.ConfigDict(dict(
+      prompt='\n', num_tokens=300, temperature=0.8))
+  return config
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  """The run's ModelConfig: config.model plus the vocabulary size of the data."""
+  expected_kind = {'lm': 'decoder', 'span_corruption': 'encoder_decoder'}
+  if config.task not in expected_kind:
+    raise ValueError(f'task={config.task!r} is invalid: it must be one of {tuple(expected_kind)}.')
+  if config.model.kind != expected_kind[config.task]:
+    raise ValueError(f'task={config.task!r} needs model.kind={expected_kind[config.task]!r}; '
+                     f'got {config.model.kind!r}.')
+  return ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': vocab_size})

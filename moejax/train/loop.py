@@ -1,0 +1,265 @@
+"""The training loop, evaluation and sampling of a run, read top to bottom (nanoGPT-style).
+
+A run lives in its work directory: checkpoints/ (Orbax), metrics.jsonl, tensorboard/, config.json
+(and spm.model when it trains a SentencePiece vocabulary). Running `train` again on the same
+work directory resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from moejax import data as data_lib
+from moejax.models import make_model, per_token_flops
+from moejax.train import sharding
+from moejax.train.checkpoint import Checkpoints
+from moejax.train.config import model_config
+from moejax.train.metrics import MetricWriter
+from moejax.train.optim import make_optimizer
+from moejax.train.sampling import generate
+from moejax.train.step import (dummy_batch, has_moe, init_state, make_eval_step,
+                               make_train_step)
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many non-finite steps in a row."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a command needs: config, tokenizer, model, optimizer, mesh, checkpoints."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  tokenizer: object
+  model_config: object
+  model: object
+  tx: object
+  mesh: object
+  checkpoints: Checkpoints
+
+  def example_batch(self, batch_size):
+    length = self.config.data.length
+    if self.config.task == 'span_corruption':
+      inputs_len, targets_len = data_lib.span_corruption_lengths(
+          length, self.config.data.noise_density, self.config.data.mean_span_length)
+      return dummy_batch(self.model_config, batch_size, targets_len, inputs_len)
+    return dummy_batch(self.model_config, batch_size, length)
+
+  def shardings(self, state):
+    """NamedShardings of a state (or params) tree on the run's mesh; None without a mesh."""
+    if self.mesh is None:
+      return None
+    specs = sharding.param_specs(self.model, self.example_batch(1))
+    return sharding.state_shardings(state, specs, self.mesh)
+
+  def fresh_state(self):
+    """The initial state, placed on the mesh's shardings when there is a mesh."""
+    batch = self.example_batch(1)
+    init = lambda: init_state(self.model, self.tx, batch, self.config.seed)
+    return jax.jit(init, out_shardings=self.shardings(jax.eval_shape(init)))()
+
+  def eval_step(self, params):
+    return make_eval_step(self.model, self.mesh, self.shardings(params))
+
+  @functools.cached_property
+  def eval_batches(self) -> list:
+    cfg = self.config
+    return data_lib.eval_batches(cfg.data, self.tokenizer, cfg.task, cfg.eval.batch_size,
+                                 cfg.eval.max_batches)
+
+  @functools.cached_property
+  def chars_per_token(self) -> float:
+    return data_lib.chars_per_token(self.config.data, self.tokenizer, self.config.data.eval_split)
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer = data_lib.tokenizer_for(config.data, workdir)
+  vocab_size = data_lib.model_vocab_size(tokenizer, config.data, config.task)
+  model_cfg = model_config(config, vocab_size)
+  mesh_shape = (config.mesh.data, config.mesh.expert, config.mesh.model)
+  mesh = sharding.make_mesh(*mesh_shape) if np.prod(mesh_shape) > 1 else None
+  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint.every_steps,
+                            config.checkpoint.keep)
+  return Run(config, workdir, tokenizer, model_cfg, make_model(model_cfg),
+             make_optimizer(config.train), mesh, checkpoints)
+
+
+@contextlib.contextmanager
+def stop_requests():
+  """While active, SIGTERM / SIGINT set `requested[0]` instead of killing the process, so the loop
+  can finish its step and save; a second SIGINT interrupts at once."""
+  requested = [None]
+
+  def handler(signum, frame):
+    if requested[0] is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    requested[0] = signal.Signals(signum).name
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield requested
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def evaluate(run: Run, params, eval_step=None) -> dict:
+  """Validation metrics over the eval split (eval capacity factor); nats per token and per char."""
+  cfg = run.config
+  eval_step = eval_step or run.eval_step(params)
+  totals = {}
+  for batch in run.eval_batches:
+    for name, value in jax.device_get(eval_step(params, batch)).items():
+      totals[name] = totals.get(name, 0.0) + np.asarray(value, np.float64)
+  tokens = max(float(totals.pop('tokens')), 1.0)
+  metrics = {name: value / tokens for name, value in totals.items()}
+  metrics['nll'] = metrics.pop('nll_sum')
+  if cfg.task == 'lm':
+    metrics['nats_per_char'] = metrics['nll'] / run.chars_per_token
+  return metrics
+
+
+def restore_or_init(run: Run):
+  """(state, data position): the latest checkpoint's, or a fresh state at position 0."""
+  state = run.fresh_state()
+  if run.checkpoints.latest_step() is None:
+    return state, 0
+  return run.checkpoints.restore(state, run.model_config)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> dict:
+  """Train (or resume) to config.train.num_steps; returns a summary of the run.
+
+  Stops early, after saving, on SIGTERM/SIGINT (summary['stopped_by'] names the signal);
+  raises TrainingDiverged after `max_nonfinite_in_a_row` skipped updates in a row.
+  """
+  cfg, tcfg = config, config.train
+  run = open_run(config, workdir)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json(indent=2))
+  state, position = restore_or_init(run)
+  start = int(jax.device_get(state.step))
+  train_step = make_train_step(run.model, run.tx, tcfg.load_balancing_loss_coef,
+                               tcfg.router_z_loss_coef, run.mesh, run.shardings(state))
+  eval_step = run.eval_step(state.params)
+  batches = data_lib.train_batches(cfg.data, run.tokenizer, cfg.task, tcfg.batch_size, cfg.seed,
+                                   start=position)
+  writer = MetricWriter(workdir)
+  tokens_per_step = tcfg.batch_size * cfg.data.length
+  step_seconds, train_dropped, stopped_by, eval_metrics = [], [], None, {}
+  progress = tqdm(range(start, tcfg.num_steps), initial=start, total=tcfg.num_steps,
+                  desc='train', disable=quiet, dynamic_ncols=True)
+  with stop_requests() as stop:
+    for step in progress:
+      batch = next(batches)
+      tic = time.perf_counter()
+      state, metrics = train_step(state, batch)
+      metrics = jax.device_get(metrics)
+      step_seconds.append(time.perf_counter() - tic)
+      metrics['tokens_per_sec'] = tokens_per_step / step_seconds[-1]
+      train_dropped.append(float(metrics.get('fraction_dropped', 0.0)))
+      if (step + 1) % tcfg.log_every == 0 or metrics['skipped']:
+        writer.write(step + 1, 'train', metrics)
+      progress.set_postfix(loss=f'{metrics["loss"]:.3f}', skipped=int(metrics['nonfinite_total']))
+      in_a_row = int(jax.device_get(state.nonfinite_in_a_row))
+      if in_a_row >= tcfg.max_nonfinite_in_a_row:
+        run.checkpoints.wait()
+        raise TrainingDiverged(
+            f'loss or gradient non-finite {in_a_row} steps in a row, up to step {step + 1}; '
+            f'stopping. The last good checkpoint (step {run.checkpoints.latest_step()}) is in '
+            f'{run.checkpoints.manager.directory}.')
+      if (step + 1) % cfg.eval.every_steps == 0 and step + 1 < tcfg.num_steps:
+        eval_metrics = evaluate(run, state.params, eval_step)
+        writer.write(step + 1, 'eval', eval_metrics)
+        progress.write(f'step {step + 1}: validation loss {eval_metrics["nll"]:.4f} nats/token')
+      run.checkpoints.save(state, step + 1, run.model_config)
+      if stop[0]:
+        stopped_by = stop[0]
+        break
+  end = int(jax.device_get(state.step))
+  if stopped_by is None and end == tcfg.num_steps:
+    eval_metrics = evaluate(run, state.params, eval_step)
+    writer.write(end, 'eval', eval_metrics)
+  run.checkpoints.save(state, end, run.model_config, force=True)
+  run.checkpoints.wait()
+  writer.close()
+  timed = step_seconds[1:] or step_seconds  # the first step compiles
+  return {'step': end, 'stopped_by': stopped_by, 'eval': eval_metrics,
+          'tokens_per_sec': tokens_per_step / float(np.median(timed)) if timed else None,
+          'nonfinite_total': int(jax.device_get(state.nonfinite_total)),
+          'per_token_flops': per_token_flops(run.model_config, cfg.data.length),
+          'train_fraction_dropped': float(np.mean(train_dropped[-50:])) if train_dropped else None,
+          'has_moe': has_moe(run.model_config), 'state': state, 'run': run}
+
+
+def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+  """(run, state) from the latest (or a given) checkpoint of `workdir`."""
+  run = open_run(config, workdir)
+  if run.checkpoints.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first.')
+  state, _ = run.checkpoints.restore(run.fresh_state(), run.model_config, step)
+  return run, state
+
+
+SENTINEL = '<X>'
+
+
+def encode_prompt(run: Run, prompt: str) -> np.ndarray:
+  """Token ids of a prompt; for span corruption, each '<X>' becomes the next sentinel id."""
+  if run.config.task != 'span_corruption':
+    return run.tokenizer.encode(prompt)
+  ids = []
+  for i, piece in enumerate(prompt.split(SENTINEL)):
+    if i:
+      ids.append(run.model_config.vocab_size - i)  # sentinel i - 1
+    ids.extend(run.tokenizer.encode(piece))
+  return np.asarray(ids, np.int32)
+
+
+def sample_text(run: Run, params, prompt: str, num_tokens: int, temperature: float,
+                seed: int) -> str:
+  """Continue `prompt` (decoder), or fill its '<X>' spans (encoder-decoder; the generated
+  sentinels are dropped from the text)."""
+  ids = generate(run.model, params, encode_prompt(run, prompt), num_tokens,
+                 run.config.data.length, temperature, seed)
+  return run.tokenizer.decode(ids)
+
+
+def format_summary(summary: dict) -> str:
+  """The end-of-run report: validation loss, speed, expert usage, fraction dropped."""
+  ev = summary['eval']
+  lines = [f'step {summary["step"]}' + (f' (stopped by {summary["stopped_by"]})'
+                                        if summary['stopped_by'] else '')]
+  if ev:
+    loss = f'validation loss {ev["nll"]:.4f} nats/token'
+    if 'nats_per_char' in ev:
+      loss += f', {ev["nats_per_char"]:.4f} nats/char'
+    lines.append(loss)
+  if summary['tokens_per_sec']:
+    lines.append(f'train speed {summary["tokens_per_sec"]:,.0f} tokens/s '
+                 f'({summary["per_token_flops"] / 1e6:.2f} MFLOP/token forward)')
+  lines.append(f'non-finite steps skipped: {summary["nonfinite_total"]}')
+  if ev and summary['has_moe']:
+    cfg = summary['run'].model_config
+    dropped = f'eval (capacity factor {cfg.eval_capacity_factor}) {ev["fraction_dropped"]:.4f}'
+    if summary['train_fraction_dropped'] is not None:
+      dropped = (f'train (capacity factor {cfg.train_capacity_factor}, last 50 steps) '
+                 f'{summary["train_fraction_dropped"]:.4f}, ' + dropped)
+    lines.append(f'fraction of token choices dropped: {dropped}')
+    lines.append(f'eval load-balancing loss {ev["load_balancing_loss"]:.3f} (1 = uniform), '
+                 f'router z-loss {ev["router_z_loss"]:.3f}; expert usage per layer:')
+    for name, usage in ev.items():
+      if name.startswith('expert_usage/'):
+        lines.append(f'  usage {name[len("expert_usage/"):]:<24} '
+                     + ' '.join(f'{u:.2f}' for u in np.ravel(usage)))
+  return '\n'.join(lines)

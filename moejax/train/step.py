@@ -1,0 +1,165 @@
+"""The train state, the loss, and the jit-compiled train and eval steps.
+
+loss = NLL + alpha * load_balancing_loss + beta * router_z_loss (alpha, beta: train config).
+A step whose loss or gradient is not finite leaves params and optimizer state unchanged and is
+counted (`nonfinite_in_a_row`, `nonfinite_total`); the loop decides when to give up.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from moejax import sharding
+from moejax.layer import collect_aux_losses, collect_routing_metrics
+from moejax.models import ModelConfig
+from moejax.train.metrics import per_layer_metrics
+
+Batch = dict[str, jax.Array]
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array                # int32 [], batches consumed (skipped updates included)
+  params: Any                    # float32
+  opt_state: Any
+  rng: jax.Array                 # uint32 [2], base key; step s uses fold_in(rng, s)
+  nonfinite_in_a_row: jax.Array  # int32 []
+  nonfinite_total: jax.Array     # int32 []
+
+
+def has_moe(config: ModelConfig) -> bool:
+  return config.moe_every > 0 and not config.dense_baseline
+
+
+def shift_right(targets: jax.Array) -> jax.Array:
+  """Decoder inputs [B, L]: the targets shifted one to the right, starting with PAD (id 0)."""
+  return jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+
+
+def model_inputs(config: ModelConfig, batch: Batch) -> tuple:
+  """The model's positional inputs (before `deterministic`) from a batch."""
+  decoder = (shift_right(batch['targets']), batch['weights'] > 0)
+  if config.kind == 'decoder':
+    return decoder
+  return (batch['inputs'], batch['input_mask'] > 0, *decoder)
+
+
+def dummy_batch(config: ModelConfig, batch_size: int, length: int,
+                input_length: int | None = None) -> Batch:
+  batch = {'targets': jnp.zeros((batch_size, length), jnp.int32),
+           'weights': jnp.ones((batch_size, length), jnp.float32)}
+  if config.kind == 'encoder_decoder':
+    batch['inputs'] = jnp.zeros((batch_size, input_length or length), jnp.int32)
+    batch['input_mask'] = jnp.ones((batch_size, input_length or length), jnp.float32)
+  return batch
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, batch: Batch,
+               seed: int) -> TrainState:
+  """Fresh state: params from `seed` (rng stream 'params'), step 0. Jit it for placement."""
+  params_rng, rng = jax.random.split(jax.random.key(seed))
+  params = nn.unbox(model.init({'params': params_rng}, *model_inputs(model.config, batch),
+                               True)['params'])
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(rng), nonfinite_in_a_row=zero, nonfinite_total=zero)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+  """Mean NLL over real tokens: logits [B, L, V] float32, targets, weights [B, L]."""
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # Shape: [B, L]
+  return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _forward(model: nn.Module, params, batch: Batch, deterministic: bool, rng=None):
+  """(logits [B, L, V], MoE metrics: the aux losses, routing metrics and per-layer ones)."""
+  rngs = {}
+  if rng is not None:
+    rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(('dropout', 'jitter',
+                                                                       'gating'))}
+  logits, state = model.apply({'params': params}, *model_inputs(model.config, batch),
+                              deterministic, rngs=rngs, mutable=['intermediates'])
+  if not has_moe(model.config):
+    zero = jnp.zeros((), jnp.float32)
+    return logits, {'load_balancing_loss': zero, 'router_z_loss': zero}
+  routing = collect_routing_metrics(state)
+  return logits, {**collect_aux_losses(state), 'fraction_dropped': routing['fraction_dropped'],
+                  **per_layer_metrics(state['intermediates'])}
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+               tx: optax.GradientTransformation, alpha: float, beta: float):
+  """One update. Returns (new state, metrics)."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_fn(params):
+    logits, moe = _forward(model, params, batch, False, rng)
+    nll = cross_entropy(logits, batch['targets'], batch['weights'])
+    loss = nll + alpha * moe['load_balancing_loss'] + beta * moe['router_z_loss']
+    return loss, {'nll': nll, **moe}
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep_if_finite = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  nonfinite = (~finite).astype(jnp.int32)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep_if_finite(params, state.params),
+      opt_state=keep_if_finite(opt_state, state.opt_state),
+      nonfinite_in_a_row=(state.nonfinite_in_a_row + 1) * nonfinite,
+      nonfinite_total=state.nonfinite_total + nonfinite)
+  metrics = {'loss': loss, 'grad_norm': grad_norm, 'skipped': nonfinite,
+             'nonfinite_total': new_state.nonfinite_total, **metrics}
+  return new_state, metrics
+
+
+def eval_step(params, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
+  """Sums over the batch's real tokens (eval capacity factor: deterministic=True)."""
+  logits, moe = _forward(model, params, batch, True)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  tokens = jnp.sum(batch['weights'])
+  return {'nll_sum': jnp.sum(nll * batch['weights']), 'tokens': tokens,
+          **{name: value * tokens for name, value in moe.items()}}
+
+
+def _on_mesh(fn, mesh: Mesh | None):
+  """Run `fn` under `jax.set_mesh(mesh)` (MoeLayer's expert-parallel path reads it)."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.set_mesh(mesh):
+      return fn(*args)
+  return wrapped
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, alpha: float,
+                    beta: float, mesh: Mesh | None = None, shardings: Any = None):
+  """jit(train_step); with a mesh, the state keeps `shardings` (see
+  `moejax.train.sharding.state_shardings`) and batches are split over ('data', 'expert'). The
+  input state is donated."""
+  step = functools.partial(train_step, model=model, tx=tx, alpha=alpha, beta=beta)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  return _on_mesh(jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                          out_shardings=(shardings, None), donate_argnums=0), mesh)
+
+
+def make_eval_step(model: nn.Module, mesh: Mesh | None = None, param_shardings: Any = None):
+  step = functools.partial(eval_step, model=model)
+  if mesh is None:
+    return jax.jit(step)
+  return _on_mesh(jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh))),
+                  mesh)

@@ -1,0 +1,97 @@
+"""The command line, end to end in subprocesses: train / eval / sample, and SIGTERM then resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import REPO, SMOKE_CONFIG, smoke_config
+from moejax.train import loop
+
+ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+       'JAX_PLATFORMS': 'cpu'}
+
+
+def _moejax(*args, timeout=240):
+  return subprocess.run([sys.executable, '-m', 'moejax.cli', *args], cwd=REPO, env=ENV,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _train_args(workdir, data_dir, *overrides):
+  return ['train', '--config', SMOKE_CONFIG, '--workdir', str(workdir),
+          f'--config.data.data_dir={data_dir}', *overrides]
+
+
+@pytest.mark.slow
+def test_train_eval_sample_from_the_command_line(tmp_path):
+  workdir = tmp_path / 'run'
+  train = _moejax(*_train_args(workdir, tmp_path / 'tfds', '--config.model.num_experts=2'))
+  assert train.returncode == 0, train.stderr[-3000:]
+  assert 'validation loss' in train.stdout and 'nats/char' in train.stdout
+  assert '--- sample' in train.stdout
+  saved = json.loads((workdir / 'config.json').read_text())
+  assert saved['model']['num_experts'] == 2  # the override reached the run
+  assert '5' in os.listdir(workdir / 'checkpoints')
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+  assert sum(json.loads(l)['split'] == 'train' for l in lines) == 5
+
+  evaluated = _moejax('eval', '--workdir', str(workdir))
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  metrics = json.loads(evaluated.stdout[evaluated.stdout.index('{'):])
+  last_eval = [json.loads(l) for l in lines if json.loads(l)['split'] == 'eval'][-1]
+  np.testing.assert_allclose(metrics['nll'], last_eval['nll'], rtol=1e-5)
+
+  sample = _moejax('sample', '--workdir', str(workdir), '--prompt', 'The Time',
+                   '--num_tokens', '25', '--temperature', '0')
+  assert sample.returncode == 0, sample.stderr[-3000:]
+  text = sample.stdout.split('---\n', 1)[1]
+  assert text.startswith('The Time') and len(text) > len('The Time')
+
+
+def test_bad_override_is_rejected_before_training(tmp_path):
+  result = _moejax(*_train_args(tmp_path / 'run', tmp_path / 'tfds',
+                                '--config.model.num_expert=16'), timeout=60)
+  assert result.returncode != 0 and 'num_expert' in result.stderr
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
+  steps, workdir, data_dir = 150, tmp_path / 'run', tmp_path / 'tfds'
+  args = _train_args(workdir, data_dir, f'--config.train.num_steps={steps}',
+                     '--config.checkpoint.every_steps=1000')
+  proc = subprocess.Popen([sys.executable, '-m', 'moejax.cli', *args], cwd=REPO, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    metrics = workdir / 'metrics.jsonl'
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+      if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+        break
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  assert proc.returncode == 0, err[-3000:]
+  assert 'stopped by SIGTERM' in out
+  # Orbax saves the first step; the next periodic save would be at 1000: the SIGTERM made this one.
+  stopped_at = max(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+  assert 3 <= stopped_at < steps
+  assert f'checkpoint saved at step {stopped_at}' in out
+
+  resumed = _moejax(*args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  config = smoke_config(data_dir, num_steps=steps)
+  _, interrupted = loop.load(config, str(workdir))
+  uninterrupted = loop.train(config, str(tmp_path / 'straight'), quiet=True)
+  assert int(interrupted.step) == steps
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(interrupted.params),
+               jax.device_get(uninterrupted['state'].params))

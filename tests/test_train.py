@@ -1,0 +1,226 @@
+"""Training: loss goes down, exact resume, checkpoints on another mesh, non-finite steps, metrics."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from helpers import smoke_config
+from moejax.models import ModelConfig, make_model
+from moejax.train import (ShapeMismatchError, default_config, init_state, learning_rate_schedule,
+                          make_mesh, make_optimizer, make_train_step, param_specs,
+                          state_shardings, train_step)
+from moejax.train import loop
+from moejax.train.step import dummy_batch
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('tfds')
+
+
+@pytest.fixture(scope='module')
+def run20(data_dir, tmp_path_factory):
+  """A 20-step run of the smoke config on one device (shared by several tests)."""
+  workdir = str(tmp_path_factory.mktemp('run20'))
+  config = smoke_config(data_dir, num_steps=20)
+  summary = loop.train(config, workdir, quiet=True)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  return config, workdir, summary, lines
+
+
+def _params(state):
+  return jax.device_get(state.params)
+
+
+def test_20_steps_reduce_the_loss(run20):
+  _, _, summary, lines = run20
+  losses = [l['loss'] for l in lines if l['split'] == 'train']
+  assert len(losses) == 20 and summary['step'] == 20
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, losses
+
+
+def test_metrics_have_loss_parts_and_per_layer_routing(run20):
+  config, workdir, _, lines = run20
+  train = [l for l in lines if l['split'] == 'train'][-1]
+  alpha, beta = config.train.load_balancing_loss_coef, config.train.router_z_loss_coef
+  np.testing.assert_allclose(train['loss'], train['nll'] + alpha * train['load_balancing_loss']
+                             + beta * train['router_z_loss'], rtol=1e-5)
+  usage = train['expert_usage/decoder/unit_0/block_1']  # the one sparse block of 2
+  assert len(usage) == 4 and abs(sum(usage) - 1) < 1e-5
+  for name in ('tokens_per_sec', 'fraction_dropped', 'router_z_loss', 'skipped', 'grad_norm',
+               'fraction_dropped/decoder/unit_0/block_1'):
+    assert name in train
+  evals = [l for l in lines if l['split'] == 'eval']
+  assert evals and evals[-1]['step'] == 20 and 'nats_per_char' in evals[-1]
+  events = os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert any(name.startswith('events.out.tfevents') for name in events)
+
+
+def test_keeps_the_last_k_checkpoints(run20):
+  config, workdir, _, _ = run20
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+  assert steps == [16, 18, 20]  # every 2 steps, keep 3
+
+
+def test_stop_and_resume_gives_bit_identical_params(run20, data_dir, tmp_path):
+  config, _, summary, _ = run20
+  first = loop.train(smoke_config(data_dir, num_steps=10), str(tmp_path), quiet=True)
+  assert first['step'] == 10
+  resumed = loop.train(smoke_config(data_dir, num_steps=20), str(tmp_path), quiet=True)
+  assert resumed['step'] == 20
+  jax.tree.map(np.testing.assert_array_equal, _params(resumed['state']),
+               _params(summary['state']))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed['state'].opt_state),
+               jax.device_get(summary['state'].opt_state))
+
+
+def test_checkpoint_from_one_device_restores_on_data2_expert4_mesh(run20):
+  config, workdir, summary, _ = run20
+  config = config.copy_and_resolve_references()
+  config.mesh.update(data=2, expert=4)
+  run, state = loop.load(config, workdir)
+  wi = state.params['decoder']['unit_0']['block_1']['moe']['experts']['wi']  # [E, D, F]
+  assert wi.sharding.spec == P('expert', None, 'model') and wi.sharding.mesh.shape['data'] == 2
+  assert {s.data.shape for s in wi.addressable_shards} == {(1, 32, 64)}
+  jax.tree.map(np.testing.assert_array_equal, _params(state), _params(summary['state']))
+  on_mesh = loop.evaluate(run, state.params)
+  np.testing.assert_allclose(on_mesh['nll'], summary['eval']['nll'], rtol=1e-5)
+  np.testing.assert_allclose(on_mesh['expert_usage/decoder/unit_0/block_1'],
+                             summary['eval']['expert_usage/decoder/unit_0/block_1'], atol=1e-6)
+
+
+def test_resuming_with_other_shapes_names_the_fields(run20, data_dir):
+  _, workdir, _, _ = run20
+  config = smoke_config(data_dir, num_steps=30)
+  config.model.num_experts = 8
+  with pytest.raises(ShapeMismatchError, match=r'model\.num_experts: 4 -> 8'):
+    loop.train(config, workdir, quiet=True)
+
+
+def _nan_batches_from(first_nan, last_nan=None):
+  """Wrap the data pipeline: batches number first_nan..last_nan get NaN loss weights."""
+  real = loop.data_lib.train_batches
+
+  def batches(*args, start=0, **kwargs):
+    for i, batch in enumerate(real(*args, start=start, **kwargs), start):
+      if first_nan <= i and (last_nan is None or i <= last_nan):
+        batch = dict(batch, weights=np.full_like(batch['weights'], np.nan))
+      yield batch
+  return batches
+
+
+def test_nan_batch_is_skipped_and_counted(data_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(loop.data_lib, 'train_batches', _nan_batches_from(2, 2))
+  summary = loop.train(smoke_config(data_dir, num_steps=5), str(tmp_path), quiet=True)
+  assert summary['step'] == 5 and summary['nonfinite_total'] == 1
+  with open(tmp_path / 'metrics.jsonl') as f:
+    skipped = {l['step']: l['skipped'] for l in map(json.loads, f) if l['split'] == 'train'}
+  assert skipped == {1: 0, 2: 0, 3: 1, 4: 0, 5: 0}  # batch number 2 is step 3
+  assert np.isfinite(summary['eval']['nll'])
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(
+    data_dir, tmp_path, monkeypatch):
+  monkeypatch.setattr(loop.data_lib, 'train_batches', _nan_batches_from(4))
+  config = smoke_config(data_dir, num_steps=12, max_nonfinite_in_a_row=3)
+  with pytest.raises(loop.TrainingDiverged, match='up to step 7'):
+    loop.train(config, str(tmp_path), quiet=True)
+  # Checkpoints every 2 steps: 2 and 4 are good; 6 holds step-4 params (5 and 6 were skipped).
+  steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
+  assert steps == [2, 4, 6]
+
+
+@pytest.fixture(scope='module')
+def tiny_step():
+  config = ModelConfig(vocab_size=40, num_layers=2, model_dim=32, num_heads=2, ffn_dim=64,
+                       num_experts=4)
+  model, tx = make_model(config), make_optimizer(default_config().train)
+  batch = dummy_batch(config, 8, 16)
+  batch['targets'] = jax.random.randint(jax.random.key(1), (8, 16), 3, 40)
+  return model, tx, batch
+
+
+def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged(tiny_step):
+  model, tx, batch = tiny_step
+  step = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, alpha=1e-2, beta=1e-3))
+  state = jax.jit(lambda: init_state(model, tx, batch, 0))()
+  state, _ = step(state, batch)
+  nan_batch = dict(batch, weights=batch['weights'].at[0, 0].set(jnp.nan))
+  after, metrics = step(state, nan_batch)
+  assert int(metrics['skipped']) == 1 and int(after.nonfinite_total) == 1
+  assert int(after.nonfinite_in_a_row) == 1 and int(after.step) == int(state.step) + 1
+  jax.tree.map(np.testing.assert_array_equal, (after.params, after.opt_state),
+               (state.params, state.opt_state))
+  good, metrics = step(after, batch)
+  assert int(metrics['skipped']) == 0 and int(good.nonfinite_in_a_row) == 0
+  assert int(good.nonfinite_total) == 1
+  assert not np.array_equal(good.params['logits']['kernel'], after.params['logits']['kernel'])
+
+
+def test_train_step_on_a_data2_expert4_mesh_matches_one_device(tiny_step):
+  model, tx, batch = tiny_step
+  init = lambda: init_state(model, tx, batch, 0)
+  one, one_metrics = make_train_step(model, tx, 1e-2, 1e-3)(jax.jit(init)(), batch)
+  mesh = make_mesh(data=2, expert=4)
+  state = jax.jit(init)()
+  shardings = state_shardings(state, param_specs(model, batch), mesh)
+  state = jax.device_put(state, shardings)
+  eight, eight_metrics = make_train_step(model, tx, 1e-2, 1e-3, mesh, shardings)(state, batch)
+  for tree in (eight.params, eight.opt_state[1][0].mu):  # AdamW's first moment follows its param
+    wi = tree['decoder']['unit_0']['block_1']['moe']['experts']['wi']  # [E, D, F]
+    assert wi.sharding.spec == P('expert', None, 'model')
+    assert {s.data.shape for s in wi.addressable_shards} == {(1, 32, 64)}
+  np.testing.assert_allclose(eight_metrics['loss'], one_metrics['loss'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.device_get(eight.params), jax.device_get(one.params))
+
+
+def test_adafactor_with_t5_rsqrt_schedule_trains(tiny_step):
+  model, _, batch = tiny_step
+  train = default_config().train
+  train.update(optimizer='adafactor', schedule='rsqrt', learning_rate=1e-2, warmup_steps=4)
+  schedule = learning_rate_schedule(train)
+  np.testing.assert_allclose([schedule(s) for s in (0, 4, 16, 64)], [1e-2, 1e-2, 5e-3, 2.5e-3],
+                             rtol=1e-6)
+  tx = make_optimizer(train)
+  step = make_train_step(model, tx, 1e-2, 1e-3)
+  state = jax.jit(lambda: init_state(model, tx, batch, 0))()
+  losses = []
+  for _ in range(10):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['nll']))
+  assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_bad_train_config_names_the_field():
+  train = default_config().train
+  train.optimizer = 'sgdd'
+  with pytest.raises(ValueError, match='train.optimizer'):
+    make_optimizer(train)
+  config = default_config()
+  config.task = 'span_corruption'
+  with pytest.raises(ValueError, match='model.kind'):
+    loop.model_config(config, 300)
+
+
+@pytest.mark.slow
+def test_encoder_decoder_trains_on_span_corruption_and_fills_a_span(data_dir, tmp_path):
+  config = smoke_config(data_dir, num_steps=12, learning_rate=1e-2)
+  config.task, config.model.kind = 'span_corruption', 'encoder_decoder'
+  config.eval.every_steps = 6
+  summary = loop.train(config, str(tmp_path), quiet=True)
+  with open(tmp_path / 'metrics.jsonl') as f:
+    evals = [l['nll'] for l in map(json.loads, f) if l['split'] == 'eval']
+  assert len(evals) == 2 and evals[1] < evals[0]
+  assert 'expert_usage/encoder/unit_0/block_1' in summary['eval']  # both stacks route
+  assert 'expert_usage/decoder/unit_0/block_1' in summary['eval']
+  run = summary['run']
+  prompt = loop.encode_prompt(run, 'It was <X> night.')
+  assert run.model_config.vocab_size - 1 in prompt  # the first sentinel
+  text = loop.sample_text(run, summary['state'].params, 'It was <X> night.', 10, 0.0, 0)
+  assert isinstance(text, str) and '<X>' not in text
