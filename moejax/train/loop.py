@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moejax import data as data_lib
+from moejax import sharding as moe_sharding
 from moejax.models import make_model, per_token_flops
 from moejax.train import sharding
 from moejax.train.checkpoint import Checkpoints
@@ -60,6 +61,16 @@ class Run:
       return None
     specs = sharding.param_specs(self.model, self.example_batch(1))
     return sharding.state_shardings(state, specs, self.mesh)
+
+  def to_global(self, batch: dict, full: bool = False) -> dict:
+    """A batch as the steps take it: on a mesh, global arrays assembled from every process's
+    rows. `full`: the batch holds all rows (evaluation), and this process keeps its own."""
+    if self.mesh is None:
+      return batch
+    if full:
+      rows = moe_sharding.process_rows(self.mesh, len(next(iter(batch.values()))))
+      batch = {name: value[rows] for name, value in batch.items()}
+    return moe_sharding.shard_batch(batch, self.mesh)
 
   def fresh_state(self):
     """The initial state, placed on the mesh's shardings when there is a mesh."""
@@ -119,7 +130,7 @@ def evaluate(run: Run, params, eval_step=None) -> dict:
   eval_step = eval_step or run.eval_step(params)
   totals = {}
   for batch in run.eval_batches:
-    for name, value in jax.device_get(eval_step(params, batch)).items():
+    for name, value in jax.device_get(eval_step(params, run.to_global(batch, full=True))).items():
       totals[name] = totals.get(name, 0.0) + np.asarray(value, np.float64)
   tokens = max(float(totals.pop('tokens')), 1.0)
   metrics = {name: value / tokens for name, value in totals.items()}
@@ -163,7 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
     for step in progress:
       batch = next(batches)
       tic = time.perf_counter()
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, run.to_global(batch))
       metrics = jax.device_get(metrics)
       step_seconds.append(time.perf_counter() - tic)
       metrics['tokens_per_sec'] = tokens_per_step / step_seconds[-1]
