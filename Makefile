@@ -21,7 +21,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Layer vs FLOP-matched dense FFN (writes benchmarks/results/layer.json and its table into
+# benchmarks/RESULTS.md), train step vs dense twin, expert-parallel all-to-all volume and overhead.
 bench: $(STAMP)
+	$(PY) benchmarks/layer.py
+	$(PY) benchmarks/train_step.py --dispatch einsum
+	$(PY) benchmarks/train_step.py --dispatch auto --out benchmarks/results/train_step_auto.json
 	$(PY) benchmarks/comm_volume.py
 
 clean:

@@ -6,7 +6,7 @@ estimates the share of the Switch step spent routing, dispatching and combining:
 layers, at the shapes the model feeds it, (full layer fwd+bwd) - (its experts alone, fwd+bwd on the
 same [E, G*C, D] buffers), times the number of MoE layers, over the step time.
 
-  python benchmarks/train_step.py [--steps 10] [--dispatch einsum]
+  python benchmarks/train_step.py [--steps 10] [--dispatch auto]
 """
 import argparse
 import importlib.util
@@ -101,8 +101,11 @@ def main():
   parser.add_argument('--config', default=str(ROOT / 'experiments/configs/switch_tiny.py'))
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--out', default=str(ROOT / 'benchmarks/results/train_step.json'))
+  parser.add_argument('--dispatch', default=None, help="MoeLayer.dispatch (default: the config's)")
   args = parser.parse_args()
   config = load_config(Path(args.config))
+  if args.dispatch:
+    config.model.dispatch = args.dispatch
   tokens = config.train.batch_size * config.data.length
   moe_ms = step_ms(config, args.steps)
   dense_config = load_config(Path(args.config))

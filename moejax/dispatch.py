@@ -1,11 +1,21 @@
 """RoutingDecision -> tokens in expert buffers, and expert outputs back to tokens.
 
 Axis legend (DESIGN.md): G groups, S tokens per group, E experts, K choices per token, C capacity,
-D model width. Expert buffers are [E, G, C, D]: slot c of expert e in group g holds one token or
-zeros. Every dispatcher has `dispatch(tokens [G,S,D]) -> [E,G,C,D]` and
-`combine(outputs [E,G,C,D]) -> [G,S,D]`, and all of them give the same numbers.
+D model width, N = G * S * K token choices, R rows of a row buffer, b rows per block.
+
+Three dispatchers, all giving the same numbers:
+- `EinsumDispatcher` (GShard): one-hot [G, S, E, C] dispatch and combine tensors in einsums.
+- `IndicesDispatcher`: the same [E, G, C, D] buffers filled and read by gathers.
+- `SortedDispatcher`: only the dispatched choices, sorted by expert into blocks of b rows (each
+  block one expert's); the experts run block by block (`experts.block_expert_ffn`), so empty
+  capacity slots cost nothing. Fastest off TPU.
+The first two have `dispatch(tokens [G,S,D]) -> [E,G,C,D]` and `combine([E,G,C,D]) -> [G,S,D]`
+(what the expert-parallel all-to-all exchanges); `SortedDispatcher` has `dispatch -> [R, D]` and
+`combine([R, D])`.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +23,68 @@ from flax import struct
 
 from moejax.routing import RoutingDecision
 
-DISPATCH_METHODS = ('einsum', 'indices')
+DISPATCH_METHODS = ('auto', 'einsum', 'indices', 'sorted')
+
+
+@jax.custom_vjp
+def gather_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """out[m] = x[index[m]], zeros where index[m] == len(x); x: [N, D], index: [M] -> [M, D].
+
+  `index` must name each row of x at most once, and inverse[n] be the m with index[m] == n
+  (M where there is none). The gradient is then the gather by `inverse`: no scatter-add, which is
+  slow on CPUs and GPUs, in the forward or the backward pass.
+  """
+  return jnp.take(x, index, axis=0, mode='fill', fill_value=0)
+
+
+def _gather_rows_fwd(x, index, inverse):
+  return gather_rows(x, index, inverse), (index, inverse)
+
+
+def _gather_rows_bwd(residuals, grad):
+  index, inverse = residuals
+  return gather_rows(grad, inverse, index), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def _choice_tokens(tokens: jax.Array, num_selected: int) -> jax.Array:
+  """tokens [G, S, D] -> [N, D], each token repeated for its K choices."""
+  model_dim = tokens.shape[-1]
+  return jnp.broadcast_to(tokens[:, :, None, :], (*tokens.shape[:2], num_selected, model_dim)
+                          ).reshape(-1, model_dim)
+
+
+@struct.dataclass
+class RowDispatcher:
+  """Dispatch by gathering token choices into the rows of a buffer, combine by gathering back.
+
+  choice_row: [N] int32, the row of each token choice, R where it is not dispatched.
+  row_choice: [R] int32, the token choice in each row, N where the row is empty.
+  weight: [G, S, K] compute dtype, the combine weights (0 where not dispatched).
+  """
+  choice_row: jax.Array
+  row_choice: jax.Array
+  weight: jax.Array
+
+  def dispatch_rows(self, tokens: jax.Array) -> jax.Array:
+    """tokens [G, S, D] -> rows [R, D]."""
+    return gather_rows(_choice_tokens(tokens, self.weight.shape[-1]), self.row_choice,
+                       self.choice_row)
+
+  def combine_rows(self, rows: jax.Array) -> jax.Array:
+    """rows [R, D] -> [G, S, D], each token the weighted sum of its choices' rows."""
+    per_choice = gather_rows(rows, self.choice_row, self.row_choice)  # Shape: [N, D]
+    per_choice = per_choice.reshape(*self.weight.shape, rows.shape[-1])  # Shape: [G, S, K, D]
+    return jnp.einsum('gskd,gsk->gsd', per_choice, self.weight)
+
+
+def _inverse_rows(choice_row: jax.Array, num_rows: int) -> jax.Array:
+  """[N] rows of the choices (num_rows: none) -> [R] choice of each row (N: none)."""
+  num_choices = choice_row.shape[0]
+  return jnp.full((num_rows,), num_choices, jnp.int32).at[choice_row].set(
+      jnp.arange(num_choices, dtype=jnp.int32), mode='drop')
 
 
 @struct.dataclass
@@ -44,42 +115,77 @@ class EinsumDispatcher:
 
 
 @struct.dataclass
-class IndicesDispatcher:
-  """Scatter tokens into buffer slots and gather them back; never builds a [G, S, E, C] tensor.
-
-  Memory O(G * S * K) for the indices; dropped choices point one past the last slot and are
-  ignored by the scatter (mode='drop') and zeroed in the combine.
-  """
-  expert_index: jax.Array  # Shape: [G, S, K] int32
-  slot: jax.Array  # Shape: [G, S, K] int32, == C where the choice is not dispatched
-  weight: jax.Array  # Shape: [G, S, K] compute dtype, 0 where not dispatched
-  capacity: int = struct.field(pytree_node=False)
-  num_experts: int = struct.field(pytree_node=False)
+class IndicesDispatcher(RowDispatcher):
+  """The [E, G, C, D] buffers of the einsum method, filled and read by gathers (`gather_rows`):
+  never builds a [G, S, E, C] tensor. Row (e * G + g) * C + c is slot c of expert e in group g."""
+  capacity: int = struct.field(pytree_node=False, default=0)
+  num_experts: int = struct.field(pytree_node=False, default=0)
 
   @classmethod
   def from_decision(cls, decision: RoutingDecision, dtype) -> 'IndicesDispatcher':
-    slot = jnp.where(decision.dispatched, decision.position, decision.capacity)
-    return cls(expert_index=decision.expert_index, slot=slot, weight=decision.weight.astype(dtype),
-               capacity=decision.capacity, num_experts=decision.num_experts)
-
-  def _group_index(self) -> jax.Array:
-    return jnp.arange(self.slot.shape[0])[:, None, None]  # Shape: [G, 1, 1]
+    num_groups = decision.expert_index.shape[0]
+    num_rows = decision.num_experts * num_groups * decision.capacity
+    group = jnp.arange(num_groups, dtype=jnp.int32)[:, None, None]  # Shape: [G, 1, 1]
+    row = (decision.expert_index * num_groups + group) * decision.capacity + decision.position
+    choice_row = jnp.where(decision.dispatched, row, num_rows).reshape(-1)  # Shape: [N]
+    return cls(choice_row=choice_row, row_choice=_inverse_rows(choice_row, num_rows),
+               weight=decision.weight.astype(dtype), capacity=decision.capacity,
+               num_experts=decision.num_experts)
 
   def dispatch(self, tokens: jax.Array) -> jax.Array:
-    num_groups, _, model_dim = tokens.shape
-    updates = jnp.broadcast_to(tokens[:, :, None, :], (*self.slot.shape, model_dim))
-    # Shape: [G, S, K, D]
-    buffers = jnp.zeros((self.num_experts, num_groups, self.capacity, model_dim), tokens.dtype)
-    return buffers.at[self.expert_index, self._group_index(), self.slot].add(updates, mode='drop')
+    buffer_shape = (self.num_experts, tokens.shape[0], self.capacity, tokens.shape[-1])
+    return self.dispatch_rows(tokens).reshape(buffer_shape)
 
   def combine(self, outputs: jax.Array) -> jax.Array:
-    gathered = outputs.at[self.expert_index, self._group_index(), self.slot].get(
-        mode='fill', fill_value=0)  # Shape: [G, S, K, D]
-    return jnp.einsum('gskd,gsk->gsd', gathered, self.weight)
+    return self.combine_rows(outputs.reshape(-1, outputs.shape[-1]))
+
+
+def num_blocks(num_choices: int, num_experts: int, block_size: int) -> int:
+  """Blocks enough for any routing of `num_choices` dispatched choices: each expert's rows are
+  padded to whole blocks, so at most num_experts - 1 blocks are partly empty."""
+  return math.ceil(num_choices / block_size) + num_experts - 1
+
+
+@struct.dataclass
+class SortedDispatcher(RowDispatcher):
+  """The dispatched choices sorted by expert into rows [R = num_blocks * b, D], each expert's
+  rows padded to whole blocks of b, so every block belongs to one expert (as in MegaBlocks).
+  Expert e owns blocks first_block[e] .. first_block[e] + block_count[e] - 1; blocks past the
+  last expert's are empty.
+
+  first_block, block_count: [E] int32.
+  """
+  first_block: jax.Array
+  block_count: jax.Array
+  block_size: int = struct.field(pytree_node=False, default=1)
+
+  @classmethod
+  def from_decision(cls, decision: RoutingDecision, dtype, block_size: int) -> 'SortedDispatcher':
+    num_experts = decision.num_experts
+    expert = jnp.where(decision.dispatched, decision.expert_index, num_experts).reshape(-1)
+    # Shape: [N], E for the choices not dispatched: they sort last and get no row
+    most_dispatched = min(expert.shape[0],
+                          num_experts * decision.expert_index.shape[0] * decision.capacity)
+    num_rows = num_blocks(most_dispatched, num_experts, block_size) * block_size
+    counts = jnp.bincount(expert, length=num_experts + 1)  # Shape: [E + 1]
+    block_count = -(-counts[:num_experts] // block_size)  # Shape: [E]
+    first_block = jnp.cumsum(block_count) - block_count  # Shape: [E]
+    # Row of the j-th choice of expert e (in choice order): first_block[e] * b + j.
+    row_offset = jnp.append(first_block * block_size, num_rows)  # Shape: [E + 1]
+    first_choice = jnp.cumsum(counts) - counts  # Shape: [E + 1]
+    order = jnp.argsort(expert, stable=True)  # Shape: [N], choices grouped by expert
+    sorted_expert = expert[order]  # Shape: [N]
+    sorted_row = row_offset[sorted_expert] + jnp.arange(order.shape[0]) - first_choice[
+        sorted_expert]
+    sorted_row = jnp.where(sorted_expert < num_experts, sorted_row, num_rows)  # Shape: [N]
+    choice_row = jnp.zeros_like(sorted_row).at[order].set(sorted_row).astype(jnp.int32)
+    return cls(choice_row=choice_row, row_choice=_inverse_rows(choice_row, num_rows),
+               weight=decision.weight.astype(dtype), first_block=first_block.astype(jnp.int32),
+               block_count=block_count.astype(jnp.int32), block_size=block_size)
 
 
 def make_dispatcher(decision: RoutingDecision, method: str, dtype):
-  """The dispatcher named `method` ('einsum' or 'indices') for `decision`, in compute `dtype`."""
+  """The [E, G, C, D] dispatcher named `method` ('einsum' or 'indices') for `decision`."""
   if method == 'einsum':
     return EinsumDispatcher.from_decision(decision, dtype)
   if method == 'indices':

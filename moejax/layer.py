@@ -10,6 +10,7 @@ The layer sows its aux losses and routing metrics into the `intermediates` colle
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import routing, sharding
-from moejax.dispatch import DISPATCH_METHODS, make_dispatcher
-from moejax.experts import ACTIVATIONS, ExpertWeights, expert_ffn
+from moejax.dispatch import DISPATCH_METHODS, SortedDispatcher, make_dispatcher
+from moejax.experts import ACTIVATIONS, ExpertWeights, block_expert_ffn, expert_ffn
 from moejax.experts import LOGICAL_AXES as EXPERT_AXES
 
 ROUTING_METHODS = ('tokens_choose', 'experts_choose', 'dense')
@@ -30,6 +31,16 @@ ROUTING_METRIC_NAMES = ('fraction_dropped', 'expert_usage', 'router_confidence')
 
 def _config_error(field: str, value: Any, allowed: str) -> ValueError:
   return ValueError(f'MoeLayer.{field}={value!r} is invalid: {allowed}.')
+
+
+def default_block_size(num_choices: int, num_experts: int) -> int:
+  """Rows per block for 'sorted' dispatch: the power of two nearest below sqrt(32 x an expert's
+  mean load), within [8, 128]. Smaller blocks pad less (half a block per expert on average), larger
+  ones run faster matmuls; on the 2-core CPU of benchmarks/RESULTS.md this picked the best of the
+  sizes tried (128 at 512 rows per expert, 64 at 128).
+  """
+  mean_rows = max(num_choices / num_experts, 1.0)
+  return int(min(128, max(8, 2 ** math.floor(math.log2(math.sqrt(32 * mean_rows))))))
 
 
 class MoeLayer(nn.Module):
@@ -44,10 +55,22 @@ class MoeLayer(nn.Module):
       tokens; encoders only) or 'dense' (every token to every expert, softmax-weighted).
     train_capacity_factor, eval_capacity_factor: capacity factor when not deterministic / when
       deterministic; C = ceil(factor * S * K / E), at least `min_expert_capacity`, at most S.
+      None is dropless: C = S, so no token is ever dropped (with 'sorted' dispatch the experts
+      still only compute the rows they get).
     min_expert_capacity: lower bound on C.
     group_size: S, tokens per routing group; None routes each sequence as one group (S = L). It
       must divide B * L.
-    dispatch: 'einsum' (GShard one-hot tensors) or 'indices' (scatter/gather); same numbers.
+    dispatch: how tokens reach their experts; every method gives the same numbers.
+      'einsum': GShard's one-hot [G, S, E, C] tensors (MXU-friendly: the default on TPU).
+      'indices': the same [E, G, C, D] buffers filled by gathers.
+      'sorted': dispatched tokens sorted by expert into blocks of `block_size` rows; the experts
+        run block by block, so empty capacity slots cost nothing. Under an expert-parallel mesh
+        the all-to-all needs [E, G, C, D] buffers: it runs as 'indices'.
+      'auto': 'einsum' on TPU; elsewhere 'sorted' when dropless (capacity S would make the
+        buffers E / K times the tokens) and 'indices' otherwise (fastest measured on CPU, see
+        benchmarks/RESULTS.md).
+    block_size: rows per block for 'sorted' dispatch; None picks one from the shapes
+      (`default_block_size`).
     activation: 'relu', 'gelu' or 'silu'. glu: gated experts (adds `wi_gate`).
     causal: the layer sits in a decoder. Routing then never looks at later tokens (see
       `routing.top_k_routing`), and experts-choose or batch-prioritized routing raise.
@@ -66,11 +89,12 @@ class MoeLayer(nn.Module):
   expert_hidden_dim: int
   num_selected_experts: int = 1
   routing: str = 'tokens_choose'
-  train_capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
+  train_capacity_factor: float | None = 1.25
+  eval_capacity_factor: float | None = 2.0
   min_expert_capacity: int = 4
   group_size: int | None = None
-  dispatch: str = 'einsum'
+  dispatch: str = 'auto'
+  block_size: int | None = None
   activation: str = 'relu'
   glu: bool = False
   causal: bool = True
@@ -98,8 +122,13 @@ class MoeLayer(nn.Module):
       raise _config_error('num_selected_experts', self.num_selected_experts,
                           f'it must be in [1, num_experts={self.num_experts}]')
     for field in ('train_capacity_factor', 'eval_capacity_factor'):
-      if not getattr(self, field) > 0:
-        raise _config_error(field, getattr(self, field), 'it must be > 0')
+      factor = getattr(self, field)
+      if factor is not None and not factor > 0:
+        raise _config_error(field, factor, 'it must be > 0, or None for dropless')
+      if factor is None and self.routing == 'experts_choose':
+        raise _config_error(field, factor, 'experts-choose routing needs a capacity factor')
+    if self.block_size is not None and self.block_size < 1:
+      raise _config_error('block_size', self.block_size, 'it must be >= 1, or None')
     if self.min_expert_capacity < 1:
       raise _config_error('min_expert_capacity', self.min_expert_capacity, 'it must be >= 1')
     if self.group_size is not None and self.group_size < 1:
@@ -130,6 +159,8 @@ class MoeLayer(nn.Module):
     if self.routing == 'dense':
       return group_size
     factor = self.eval_capacity_factor if deterministic else self.train_capacity_factor
+    if factor is None:  # dropless: an expert can take every token of the group
+      return group_size
     return routing.expert_capacity(group_size, self.num_experts, self.num_selected_experts,
                                    factor, self.min_expert_capacity)
 
@@ -177,7 +208,10 @@ class MoeLayer(nn.Module):
     and back with two all-to-alls.
     """
     decision = self._route(probs, valid, draws, deterministic)
-    dispatcher = make_dispatcher(decision, self.dispatch, self.dtype)
+    method = self.dispatch_method(sharded, deterministic)
+    if method == 'sorted':
+      return self._run_sorted(tokens, decision, weights, dropout_rng), decision
+    dispatcher = make_dispatcher(decision, method, self.dtype)
     buffers = dispatcher.dispatch(tokens.astype(self.dtype))  # Shape: [E, G, C, D]
     if sharded:
       buffers = sharding.to_expert_devices(buffers)  # Shape: [E_local, n_expert * G, C, D]
@@ -190,6 +224,31 @@ class MoeLayer(nn.Module):
     if sharded:
       expert_out = sharding.from_expert_devices(expert_out)  # Shape: [E, G, C, D]
     return dispatcher.combine(expert_out), decision  # Shape: [G, S, D]
+
+  def dispatch_method(self, sharded: bool, deterministic: bool) -> str:
+    """The dispatch method this layer runs: 'auto' resolved by backend and capacity, 'sorted'
+    under an expert-parallel mesh replaced by 'indices' (the exchange moves [E, G, C, D]
+    buffers)."""
+    method = self.dispatch
+    if method == 'auto':
+      factor = self.eval_capacity_factor if deterministic else self.train_capacity_factor
+      if jax.default_backend() == 'tpu':
+        method = 'einsum'
+      else:
+        method = 'sorted' if factor is None and self.routing == 'tokens_choose' else 'indices'
+    return 'indices' if sharded and method == 'sorted' else method
+
+  def _run_sorted(self, tokens: jax.Array, decision: routing.RoutingDecision,
+                  weights: dict[str, jax.Array], dropout_rng: jax.Array | None) -> jax.Array:
+    """tokens [G, S, D] -> [G, S, D] through expert blocks of the dispatched rows only."""
+    num_choices = decision.expert_index.size
+    block_size = self.block_size or default_block_size(num_choices, self.num_experts)
+    dispatcher = SortedDispatcher.from_decision(decision, self.dtype, block_size)
+    rows = dispatcher.dispatch_rows(tokens.astype(self.dtype))  # Shape: [R, D]
+    rows = block_expert_ffn(rows, dispatcher.first_block, dispatcher.block_count, weights,
+                            block_size=block_size, activation=self.activation, dtype=self.dtype,
+                            dropout_rate=self.expert_dropout, dropout_rng=dropout_rng)
+    return dispatcher.combine_rows(rows)
 
   def _sow_metrics(self, logits: jax.Array, probs: jax.Array, decision: routing.RoutingDecision,
                    valid: jax.Array):

@@ -11,6 +11,7 @@ import pytest
 from moejax import MoeLayer, collect_aux_losses, collect_routing_metrics
 
 D, F = 8, 16
+DISPATCHES = ['einsum', 'indices', 'sorted']
 
 
 def _inputs(batch=2, length=16, seed=0):
@@ -34,7 +35,7 @@ def _apply(layer, variables, x, deterministic=True, **kwargs):
   return layer.apply(variables, x, deterministic, mutable=['intermediates'], **kwargs)
 
 
-@pytest.mark.parametrize('dispatch', ['einsum', 'indices'])
+@pytest.mark.parametrize('dispatch', DISPATCHES)
 def test_adversarial_overflow_keeps_exactly_capacity_tokens(dispatch):
   layer = MoeLayer(num_experts=4, expert_hidden_dim=F, router_bias=True, dispatch=dispatch,
                    group_size=16, eval_capacity_factor=1.0, min_expert_capacity=1)
@@ -68,26 +69,44 @@ EQUIVALENCE_CASES = [(1, 1), (1, 4), (2, 4), (1, 16), (2, 16)]
 
 
 @pytest.mark.parametrize('k,num_experts', EQUIVALENCE_CASES)
-@pytest.mark.parametrize('capacity_factor', [0.5, 4.0], ids=['overflow', 'roomy'])
-def test_einsum_and_indices_dispatch_agree(k, num_experts, capacity_factor):
+@pytest.mark.parametrize('capacity_factor', [0.5, 4.0, None], ids=['overflow', 'roomy', 'dropless'])
+def test_dispatch_methods_agree(k, num_experts, capacity_factor):
+  """einsum, indices and sorted dispatch (blocks of 3 and of the default size): same outputs and
+  gradients; None is dropless."""
   x = _inputs(batch=2, length=32, seed=k * num_experts)
   padding_mask = jnp.ones((2, 32), bool).at[1, -5:].set(False)
   results = []
-  for dispatch in ('einsum', 'indices'):
+  for dispatch, block_size in (('einsum', None), ('indices', None), ('sorted', 3),
+                               ('sorted', None)):
     layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=F, num_selected_experts=k,
                      eval_capacity_factor=capacity_factor, min_expert_capacity=1,
-                     dispatch=dispatch, router_init_scale=10.0)
+                     dispatch=dispatch, block_size=block_size, router_init_scale=10.0)
     variables = _init(layer, x)
     results.append(_loss_and_grads(layer, variables, x, padding_mask))
-  (out_a, grads_a), (out_b, grads_b) = results
-  np.testing.assert_allclose(out_a, out_b, atol=1e-6, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6),
-               grads_a, grads_b)
-  if capacity_factor < 1 and num_experts > 1:  # the case really overflows
+  out_a, grads_a = results[0]
+  for out_b, grads_b in results[1:]:
+    np.testing.assert_allclose(out_a, out_b, atol=1e-6, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6),
+                 grads_a, grads_b)
+  if capacity_factor is not None and capacity_factor < 1 and num_experts > 1:  # really overflows
     layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=F, num_selected_experts=k,
                      eval_capacity_factor=capacity_factor, min_expert_capacity=1)
     _, state = _apply(layer, variables, x, padding_mask=padding_mask)
     assert collect_routing_metrics(state)['fraction_dropped'] > 0.3
+
+
+@pytest.mark.parametrize('dispatch', DISPATCHES)
+def test_dropless_never_drops_even_when_every_token_picks_one_expert(dispatch):
+  layer = MoeLayer(num_experts=4, expert_hidden_dim=F, router_bias=True, dispatch=dispatch,
+                   group_size=16, eval_capacity_factor=None, train_capacity_factor=None)
+  assert layer.capacity(16, deterministic=True) == layer.capacity(16, deterministic=False) == 16
+  x = _inputs(batch=2, length=16)
+  variables = _force_expert(_init(layer, x), 0, 4)
+  out, state = _apply(layer, variables, x)
+  wi, wo = (variables['params']['experts'][name][0] for name in ('wi', 'wo'))
+  weight = jax.nn.softmax(variables['params']['router']['dense']['bias'])[0]  # every token's top-1 prob
+  np.testing.assert_allclose(out, weight * (jax.nn.relu(x @ wi) @ wo), atol=1e-6, rtol=1e-5)
+  assert collect_routing_metrics(state)['fraction_dropped'] == 0
 
 
 def test_one_expert_equals_dense_ffn():
@@ -167,7 +186,7 @@ def test_bfloat16_layer_keeps_router_in_float32():
 
 
 @pytest.mark.parametrize('routing', ['tokens_choose', 'experts_choose', 'dense'])
-@pytest.mark.parametrize('dispatch', ['einsum', 'indices'])
+@pytest.mark.parametrize('dispatch', DISPATCHES)
 def test_padding_gets_zero_and_does_not_change_other_tokens(routing, dispatch):
   layer = MoeLayer(num_experts=4, expert_hidden_dim=F, routing=routing, dispatch=dispatch,
                    num_selected_experts=2, causal=False, eval_capacity_factor=1.0)
@@ -185,7 +204,7 @@ def test_padding_gets_zero_and_does_not_change_other_tokens(routing, dispatch):
                                        **collect_aux_losses(state2)}[name], rtol=1e-6)
 
 
-@pytest.mark.parametrize('dispatch', ['einsum', 'indices'])
+@pytest.mark.parametrize('dispatch', DISPATCHES)
 def test_causal_routing_never_looks_at_later_tokens(dispatch):
   """Under heavy overflow with top-2, changing token t+1.. leaves outputs 0..t unchanged."""
   layer = MoeLayer(num_experts=4, expert_hidden_dim=F, num_selected_experts=2, dispatch=dispatch,
@@ -318,6 +337,9 @@ CONFIG_ERRORS = [
     (dict(activation='tanh'), 'activation'),
     (dict(expert_dropout=1.0), 'expert_dropout'),
     (dict(min_expert_capacity=0), 'min_expert_capacity'),
+    (dict(block_size=0), 'block_size'),
+    (dict(routing='experts_choose', causal=False, train_capacity_factor=None),
+     'train_capacity_factor'),
 ]
 
 

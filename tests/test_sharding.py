@@ -87,7 +87,7 @@ def test_sharded_layer_equals_single_device(data, expert, num_experts, k, overfl
   assert (float(metrics['fraction_dropped']) > 0.2) == overflow
 
 
-@pytest.mark.parametrize('dispatch', ['einsum', 'indices'])
+@pytest.mark.parametrize('dispatch', ['einsum', 'indices', 'sorted'])
 @pytest.mark.parametrize('routing', ['tokens_choose', 'experts_choose', 'dense'])
 def test_sharded_dispatch_methods_and_routings(dispatch, routing):
   layer = _layer(8, 2, True, dispatch=dispatch, routing=routing, causal=False)
@@ -96,6 +96,19 @@ def test_sharded_dispatch_methods_and_routings(dispatch, routing):
                                                        sharding.make_mesh(data=2, expert=4))
   np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
   _assert_close((out_s, metrics_s, grads_s), (out, metrics, grads))
+
+
+def test_sharded_dropless_equals_single_device():
+  """Dropless (C = S) under a 2 x 4 mesh exchanges [E, G, S, D] buffers; same numbers as the
+  one-device sorted path, and nothing is dropped."""
+  layer = MoeLayer(num_experts=8, expert_hidden_dim=F, num_selected_experts=2,
+                   eval_capacity_factor=None, router_init_scale=5.0)
+  variables, loss, out, metrics, grads = _reference(layer)
+  _, ((loss_s, (out_s, metrics_s)), grads_s) = _sharded(layer, variables,
+                                                       sharding.make_mesh(data=2, expert=4))
+  np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
+  _assert_close((out_s, metrics_s, grads_s), (out, metrics, grads))
+  assert float(metrics['fraction_dropped']) == 0
 
 
 @pytest.mark.parametrize('glu', [False, True])

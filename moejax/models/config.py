@@ -43,8 +43,8 @@ class ModelConfig:
   dense_baseline: bool = False
   num_experts: int = 8                # E
   num_selected_experts: int = 1       # K
-  train_capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
+  train_capacity_factor: float | None = 1.25  # None: dropless
+  eval_capacity_factor: float | None = 2.0
   min_expert_capacity: int = 4
   group_size: int | None = None
   dispatch: str = 'einsum'

@@ -1,0 +1,195 @@
+"""MoE layer forward+backward time against a FLOP-matched dense FFN, for every dispatch method.
+
+Shapes (issue #5): x [8, 512, 512] float32 (4,096 tokens), F = 2048, ReLU experts, routing groups
+of 512 tokens, training capacity factor 1.25 (and dropless), E in {8, 32, 128}, K in {1, 2}. The
+dense FFN has width K x F: the same FLOPs per token as the MoE layer's experts. For each (E, K)
+every variant is compiled, then timed in turn, `--repeats` rounds, so all ratios come from one
+run; the median is reported. Also: peak memory of each compiled step (`memory_analysis()`), and
+the floor: max(FLOPs / measured matmul rate, expert-weight bytes read and written / measured copy
+bandwidth), the time no implementation can beat on this machine.
+
+  python benchmarks/layer.py [--repeats 5] [--experts 8 32 128] [--ks 1 2]
+Writes benchmarks/results/layer.json and puts the markdown table into benchmarks/RESULTS.md.
+"""
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from moejax import MoeLayer, collect_aux_losses  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH, LENGTH, MODEL_DIM, HIDDEN_DIM, GROUP_SIZE, CAPACITY_FACTOR = 8, 512, 512, 2048, 512, 1.25
+# (name, MoeLayer overrides); 'dropless' is the sorted path with no capacity.
+VARIANTS = (('einsum', {'dispatch': 'einsum'}), ('indices', {'dispatch': 'indices'}),
+            ('sorted', {'dispatch': 'sorted'}),
+            ('sorted dropless', {'dispatch': 'sorted', 'train_capacity_factor': None}))
+
+
+def moe_step(num_experts: int, k: int, overrides: dict):
+  """(jitted fwd+bwd of the layer, its args, expert-weight bytes)."""
+  fields = {'train_capacity_factor': CAPACITY_FACTOR, **overrides}
+  layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=HIDDEN_DIM, num_selected_experts=k,
+                   group_size=GROUP_SIZE, **fields)
+  x = jax.random.normal(jax.random.key(0), (BATCH, LENGTH, MODEL_DIM))
+  params = nn.unbox(layer.init(jax.random.key(1), x, True))['params']
+
+  def loss(params, x):
+    out, state = layer.apply({'params': params}, x, False, mutable=['intermediates'])
+    return jnp.sum(out) + collect_aux_losses(state)['load_balancing_loss']
+  weight_bytes = sum(w.nbytes for w in jax.tree.leaves(params['experts']))
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x), weight_bytes
+
+
+def dense_step(hidden_dim: int):
+  """(jitted fwd+bwd of a dense ReLU FFN of width `hidden_dim`, no biases, its args, weight bytes)."""
+  keys = jax.random.split(jax.random.key(2), 3)
+  x = jax.random.normal(keys[0], (BATCH * LENGTH, MODEL_DIM))
+  params = {'wi': jax.random.normal(keys[1], (MODEL_DIM, hidden_dim)) * MODEL_DIM**-0.5,
+            'wo': jax.random.normal(keys[2], (hidden_dim, MODEL_DIM)) * hidden_dim**-0.5}
+
+  def loss(params, x):
+    return jnp.sum(jax.nn.relu(x @ params['wi']) @ params['wo'])
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x), 2 * MODEL_DIM * hidden_dim * 4
+
+
+def peak_bytes(fn, args) -> int:
+  """Arguments + outputs + temporaries of the compiled step (an upper bound on its peak)."""
+  stats = fn.lower(*args).compile().memory_analysis()
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def machine_rates() -> tuple[float, float]:
+  """(float32 matmul FLOP/s on [4096, 512] x [512, 2048], copy bandwidth in bytes/s read+write)."""
+  a = jnp.ones((BATCH * LENGTH, MODEL_DIM))
+  b = jnp.ones((MODEL_DIM, HIDDEN_DIM))
+  big = jnp.ones((64 * 2**20,))  # 256 MiB
+  matmul, copy = jax.jit(lambda a, b: a @ b), jax.jit(lambda x: x * 2.0)
+  flops = 2 * a.shape[0] * MODEL_DIM * HIDDEN_DIM
+  return flops / median_s(matmul, (a, b), 7), 2 * big.nbytes / median_s(copy, (big,), 7)
+
+
+def median_s(fn, args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def time_in_turn(steps: dict, repeats: int) -> dict[str, float]:
+  """Median seconds of each step, timed round-robin so they share the machine's state."""
+  for fn, args in steps.values():
+    jax.block_until_ready(fn(*args))  # compile and warm up
+  times = {name: [] for name in steps}
+  for _ in range(repeats):
+    for name, (fn, args) in steps.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def measure(num_experts: int, k: int, repeats: int, matmul_rate: float, bandwidth: float):
+  tokens = BATCH * LENGTH
+  steps, weight_bytes, peaks = {}, {}, {}
+  fn, args, weight_bytes['dense'] = dense_step(k * HIDDEN_DIM)
+  steps['dense'] = (fn, args)
+  for name, overrides in VARIANTS:
+    fn, args, weight_bytes[name] = moe_step(num_experts, k, overrides)
+    steps[name] = (fn, args)
+  for name, (fn, args) in steps.items():
+    peaks[name] = peak_bytes(fn, args)
+  seconds = time_in_turn(steps, repeats)
+  flops = 3 * 2 * 2 * tokens * k * MODEL_DIM * HIDDEN_DIM  # fwd + bwd (2x), two matmuls
+  # The dense step itself may beat the separately measured matmul rate: take the faster.
+  rate = max(matmul_rate, flops / seconds['dense'])
+  floor_s = max(flops / rate, 3 * weight_bytes['sorted'] / bandwidth)
+  dense_excl = peaks['dense'] - 2 * weight_bytes['dense']
+  rows = []
+  for name, _ in VARIANTS:
+    excl = peaks[name] - 2 * weight_bytes[name]  # the weights and their gradients
+    rows.append({'dispatch': name, 'num_experts': num_experts, 'k': k,
+                 'moe_ms': 1e3 * seconds[name], 'dense_ms': 1e3 * seconds['dense'],
+                 'ratio': seconds[name] / seconds['dense'], 'peak_bytes': peaks[name],
+                 'dense_peak_bytes': peaks['dense'], 'peak_bytes_excl_weights': excl,
+                 'dense_peak_bytes_excl_weights': dense_excl,
+                 'memory_ratio_excl_weights': excl / dense_excl,
+                 'floor_ms': 1e3 * floor_s, 'floor_ratio': floor_s / seconds['dense']})
+  return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+  lines = [header, '',
+           '| dispatch | E | k | MoE ms | dense ms | ratio | floor ratio | peak MiB (excl. '
+           'weights) | dense peak MiB (excl.) | memory ratio |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f'| {r["dispatch"]} | {r["num_experts"]} | {r["k"]} | {r["moe_ms"]:.1f} | '
+                 f'{r["dense_ms"]:.1f} | **{r["ratio"]:.2f}** | {r["floor_ratio"]:.2f} | '
+                 f'{r["peak_bytes"] / 2**20:.0f} ({r["peak_bytes_excl_weights"] / 2**20:.0f}) | '
+                 f'{r["dense_peak_bytes"] / 2**20:.0f} ({r["dense_peak_bytes_excl_weights"] / 2**20:.0f}) | '
+                 f'{r["memory_ratio_excl_weights"]:.2f} |')
+  return '\n'.join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--experts', type=int, nargs='+', default=[8, 32, 128])
+  parser.add_argument('--ks', type=int, nargs='+', default=[1, 2])
+  parser.add_argument('--out', default=str(ROOT / 'benchmarks/results/layer.json'))
+  parser.add_argument('--results', default=str(ROOT / 'benchmarks/RESULTS.md'),
+                      help='markdown file whose layer table is replaced')
+  args = parser.parse_args()
+  matmul_rate, bandwidth = machine_rates()
+  header = (f'{platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} '
+            f'{jax.default_backend()}; float32 matmul {matmul_rate / 1e9:.0f} GFLOP/s, copy '
+            f'{bandwidth / 1e9:.1f} GB/s (read+write); x [{BATCH}, {LENGTH}, {MODEL_DIM}], '
+            f'F={HIDDEN_DIM}, groups of {GROUP_SIZE}, capacity factor {CAPACITY_FACTOR}, '
+            f'fwd+bwd, median of {args.repeats}')
+  print(header, flush=True)
+  rows = []
+  for num_experts in args.experts:
+    for k in args.ks:
+      new = measure(num_experts, k, args.repeats, matmul_rate, bandwidth)
+      for r in new:
+        print(f'E={num_experts:<4} k={k} {r["dispatch"]:<16} {r["moe_ms"]:8.1f} ms  dense '
+              f'{r["dense_ms"]:7.1f} ms  ratio {r["ratio"]:.3f}  floor {r["floor_ratio"]:.2f}  '
+              f'memory {r["memory_ratio_excl_weights"]:.2f}', flush=True)
+      rows.extend(new)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump({'machine': header, 'rows': rows}, f, indent=1)
+  table = markdown(rows, header)
+  print()
+  print(table)
+  write_table(Path(args.results), table)
+
+
+def write_table(results: Path, table: str):
+  """Put `table` between the layer-table markers of RESULTS.md (appended if they are missing)."""
+  begin, end = '<!-- layer.py table: begin -->', '<!-- layer.py table: end -->'
+  text = results.read_text() if results.exists() else ''
+  block = f'{begin}\n{table}\n{end}'
+  if begin in text and end in text:
+    text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+  else:
+    text = text.rstrip('\n') + '\n\n' + block + '\n'
+  results.write_text(text)
+
+
+if __name__ == '__main__':
+  main()
