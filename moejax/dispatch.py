@@ -1,14 +1,14 @@
 """RoutingDecision -> tokens in expert buffers, and expert outputs back to tokens.
 
 Axis legend (DESIGN.md): G groups, S tokens per group, E experts, K choices per token, C capacity,
-D model width, N = G * S * K token choices, R rows of a row buffer, b rows per block.
+D model width, N = G * S * K token choices, R rows of a row buffer.
 
 Three dispatchers, all giving the same numbers:
 - `EinsumDispatcher` (GShard): one-hot [G, S, E, C] dispatch and combine tensors in einsums.
 - `IndicesDispatcher`: the same [E, G, C, D] buffers filled and read by gathers.
-- `SortedDispatcher`: only the dispatched choices, sorted by expert into blocks of b rows (each
-  block one expert's); the experts run block by block (`experts.block_expert_ffn`), so empty
-  capacity slots cost nothing. Fastest off TPU.
+- `SortedDispatcher`: only the dispatched choices, sorted by expert (each expert's rows padded to
+  a small tile); the experts run on them block by block (`experts.block_expert_ffn`), so empty
+  capacity slots cost nothing.
 The first two have `dispatch(tokens [G,S,D]) -> [E,G,C,D]` and `combine([E,G,C,D]) -> [G,S,D]`
 (what the expert-parallel all-to-all exchanges); `SortedDispatcher` has `dispatch -> [R, D]` and
 `combine([R, D])`.
@@ -140,48 +140,47 @@ class IndicesDispatcher(RowDispatcher):
     return self.combine_rows(outputs.reshape(-1, outputs.shape[-1]))
 
 
-def num_blocks(num_choices: int, num_experts: int, block_size: int) -> int:
-  """Blocks enough for any routing of `num_choices` dispatched choices: each expert's rows are
-  padded to whole blocks, so at most num_experts - 1 blocks are partly empty."""
-  return math.ceil(num_choices / block_size) + num_experts - 1
+def num_rows(num_choices: int, num_experts: int, tile: int) -> int:
+  """Rows enough for any routing of `num_choices` dispatched choices when each expert's rows are
+  padded to whole tiles: at most num_experts - 1 tiles are partly empty."""
+  return (math.ceil(num_choices / tile) + num_experts - 1) * tile
 
 
 @struct.dataclass
 class SortedDispatcher(RowDispatcher):
-  """The dispatched choices sorted by expert into rows [R = num_blocks * b, D], each expert's
-  rows padded to whole blocks of b, so every block belongs to one expert (as in MegaBlocks).
-  Expert e owns blocks first_block[e] .. first_block[e] + block_count[e] - 1; blocks past the
-  last expert's are empty.
+  """The dispatched choices sorted by expert into rows [R, D], each expert's rows padded to a
+  whole number of tiles (so no tile is shared by two experts, as in MegaBlocks). Expert e owns
+  rows first_row[e] .. first_row[e] + row_count[e] - 1; rows past the last expert's are empty.
 
-  first_block, block_count: [E] int32.
+  first_row, row_count: [E] int32 (row_count a multiple of `tile`).
   """
-  first_block: jax.Array
-  block_count: jax.Array
-  block_size: int = struct.field(pytree_node=False, default=1)
+  first_row: jax.Array
+  row_count: jax.Array
+  tile: int = struct.field(pytree_node=False, default=1)
 
   @classmethod
-  def from_decision(cls, decision: RoutingDecision, dtype, block_size: int) -> 'SortedDispatcher':
+  def from_decision(cls, decision: RoutingDecision, dtype, tile: int) -> 'SortedDispatcher':
     num_experts = decision.num_experts
     expert = jnp.where(decision.dispatched, decision.expert_index, num_experts).reshape(-1)
     # Shape: [N], E for the choices not dispatched: they sort last and get no row
     most_dispatched = min(expert.shape[0],
                           num_experts * decision.expert_index.shape[0] * decision.capacity)
-    num_rows = num_blocks(most_dispatched, num_experts, block_size) * block_size
+    total_rows = num_rows(most_dispatched, num_experts, tile)
     counts = jnp.bincount(expert, length=num_experts + 1)  # Shape: [E + 1]
-    block_count = -(-counts[:num_experts] // block_size)  # Shape: [E]
-    first_block = jnp.cumsum(block_count) - block_count  # Shape: [E]
-    # Row of the j-th choice of expert e (in choice order): first_block[e] * b + j.
-    row_offset = jnp.append(first_block * block_size, num_rows)  # Shape: [E + 1]
+    row_count = -(-counts[:num_experts] // tile) * tile  # Shape: [E]
+    first_row = jnp.cumsum(row_count) - row_count  # Shape: [E]
+    # Row of the j-th choice of expert e (in choice order): first_row[e] + j.
+    row_offset = jnp.append(first_row, total_rows)  # Shape: [E + 1]
     first_choice = jnp.cumsum(counts) - counts  # Shape: [E + 1]
     order = jnp.argsort(expert, stable=True)  # Shape: [N], choices grouped by expert
     sorted_expert = expert[order]  # Shape: [N]
     sorted_row = row_offset[sorted_expert] + jnp.arange(order.shape[0]) - first_choice[
         sorted_expert]
-    sorted_row = jnp.where(sorted_expert < num_experts, sorted_row, num_rows)  # Shape: [N]
+    sorted_row = jnp.where(sorted_expert < num_experts, sorted_row, total_rows)  # Shape: [N]
     choice_row = jnp.zeros_like(sorted_row).at[order].set(sorted_row).astype(jnp.int32)
-    return cls(choice_row=choice_row, row_choice=_inverse_rows(choice_row, num_rows),
-               weight=decision.weight.astype(dtype), first_block=first_block.astype(jnp.int32),
-               block_count=block_count.astype(jnp.int32), block_size=block_size)
+    return cls(choice_row=choice_row, row_choice=_inverse_rows(choice_row, total_rows),
+               weight=decision.weight.astype(dtype), first_row=first_row.astype(jnp.int32),
+               row_count=row_count.astype(jnp.int32), tile=tile)
 
 
 def make_dispatcher(decision: RoutingDecision, method: str, dtype):

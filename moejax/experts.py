@@ -57,12 +57,15 @@ class ExpertWeights(nn.Module):
     glu: add `wi_gate` for a gated linear unit (T5.1.1, ST-MoE).
     init_scale: scale of the fan-in truncated-normal init (Switch used 0.1).
     param_dtype: storage dtype.
+    expert_axis: logical name of the leading E axis; None for shared experts, which every device
+      holds whole (their number need not divide the mesh's 'expert' axis).
   """
   num_experts: int
   hidden_dim: int
   glu: bool = False
   init_scale: float = 1.0
   param_dtype: Any = jnp.float32
+  expert_axis: str | None = 'expert'
 
   @nn.compact
   def __call__(self, model_dim: int) -> dict[str, jax.Array]:
@@ -71,8 +74,8 @@ class ExpertWeights(nn.Module):
     if self.glu:
       shapes['wi_gate'] = shapes['wi']
     init = expert_init(self.init_scale)
-    return {name: self.param(name, nn.with_logical_partitioning(init, LOGICAL_AXES[name]), shape,
-                             self.param_dtype)
+    return {name: self.param(name, nn.with_logical_partitioning(
+                init, (self.expert_axis, *LOGICAL_AXES[name][1:])), shape, self.param_dtype)
             for name, shape in shapes.items()}
 
 
@@ -85,100 +88,119 @@ def _hidden(activation: str, pre: jax.Array, gate_pre: jax.Array | None,
   return hidden if scale is None else hidden * scale
 
 
-def block_expert_ffn(rows: jax.Array, first_block: jax.Array, block_count: jax.Array,
-                     weights: dict[str, jax.Array], *, block_size: int, activation: str,
-                     dtype: Any, dropout_rate: float = 0.0,
+def block_expert_ffn(rows: jax.Array, first_row: jax.Array, row_count: jax.Array,
+                     weights: dict[str, jax.Array], *, block_size: int, tile: int,
+                     activation: str, dtype: Any, dropout_rate: float = 0.0,
                      dropout_rng: jax.Array | None = None) -> jax.Array:
-  """The E FFNs on rows sorted by expert into blocks: rows [R, D] -> [R, D].
+  """The E FFNs on rows sorted by expert: rows [R, D] -> [R, D].
 
-  Expert e owns blocks first_block[e] .. first_block[e] + block_count[e] - 1 ([E] int32 each) of
-  `block_size` rows; rows in no expert's blocks get zeros. A scan over the experts (which slices
-  the stacked weights without copying them) runs a loop over each expert's blocks, so the FLOPs
-  follow the rows dispatched, not a capacity. The backward pass is hand-written the same way:
-  each expert's weight gradients are summed over its blocks in float32.
+  Expert e owns rows first_row[e] .. first_row[e] + row_count[e] - 1 ([E] int32 each; row_count
+  a multiple of `tile`); rows owned by no expert get zeros. A scan over the experts runs, for
+  each, a loop of matmuls on blocks of `block_size` rows, then at most one block of each smaller
+  power-of-two size down to `tile` for the rest (block_size = tile * 2^j). FLOPs so follow the
+  rows dispatched (padded to a tile), not a capacity, while most rows go through large matmuls.
+  The backward pass is hand-written the same way: each expert's weight gradients are summed over
+  its blocks in float32.
   """
+  if block_size % tile or (block_size // tile) & (block_size // tile - 1):
+    raise ValueError(f'block_size={block_size} must be tile={tile} times a power of two')
   scale = None
   if dropout_rng is not None and dropout_rate > 0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate,
                                 (rows.shape[0], weights['wi'].shape[-1]))
     scale = (keep / (1.0 - dropout_rate)).astype(dtype)  # Shape: [R, F]
   cast = {name: w.astype(dtype) for name, w in weights.items()}
-  return _block_ffn(activation, block_size, rows.astype(dtype), first_block, block_count,
+  return _block_ffn(activation, block_size, tile, rows.astype(dtype), first_row, row_count,
                     cast['wi'], cast['wo'], cast.get('wi_gate'), scale)
 
 
-def _blocks(x: jax.Array | None, block_size: int) -> jax.Array | None:
-  """[R, X] -> [R / b, b, X] (None stays None)."""
-  return None if x is None else x.reshape(-1, block_size, x.shape[-1])
+def _for_each_block(carry, first_row, row_count, block_size, tile, max_rows, run_block):
+  """carry = run_block(start, size, carry) over one expert's rows, in blocks of `block_size`,
+  then at most one block of each smaller power-of-two size down to `tile` (sizes above the
+  buffer's `max_rows` are skipped: no expert has that many rows)."""
+  done = 0
+  size = block_size
+  while size > max_rows:  # too large for the buffer, so never needed
+    size //= 2
+  while size >= tile:
+    count = (row_count - done) // size  # any number for block_size, 0 or 1 below it
+    offset = first_row + done
+    carry = jax.lax.fori_loop(
+        0, count, lambda j, c, size=size, offset=offset: run_block(offset + j * size, size, c),
+        carry)
+    done = done + count * size
+    size //= 2
+  return carry
 
 
-def _at(x: jax.Array | None, i: jax.Array) -> jax.Array | None:
-  return None if x is None else jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+def _rows_at(x: jax.Array | None, start: jax.Array, size: int) -> jax.Array | None:
+  return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _block_ffn(activation, block_size, rows, first_block, block_count, wi, wo, wi_gate, scale):
-  return _block_ffn_fwd(activation, block_size, rows, first_block, block_count, wi, wo, wi_gate,
-                        scale)[0]
+def _set_rows(x: jax.Array | None, update: jax.Array | None, start: jax.Array):
+  return None if x is None else jax.lax.dynamic_update_slice_in_dim(x, update, start, 0)
 
 
-def _block_ffn_fwd(activation, block_size, rows, first_block, block_count, wi, wo, wi_gate,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _block_ffn(activation, block_size, tile, rows, first_row, row_count, wi, wo, wi_gate, scale):
+  return _block_ffn_fwd(activation, block_size, tile, rows, first_row, row_count, wi, wo,
+                        wi_gate, scale)[0]
+
+
+def _block_ffn_fwd(activation, block_size, tile, rows, first_row, row_count, wi, wo, wi_gate,
                    scale):
-  x, scale_b = _blocks(rows, block_size), _blocks(scale, block_size)  # Shape: [NB, b, D]
-
   def expert(carry, per_expert):
     w_in, w_out, w_gate, first, count = per_expert  # Shapes: [D, F], [F, D], [D, F], [], []
 
-    def block(i, carry):
+    def block(start, size, carry):
       out, pre, gate_pre = carry
-      p = _at(x, i) @ w_in  # Shape: [b, F]
-      g = None if w_gate is None else _at(x, i) @ w_gate
-      y = _hidden(activation, p, g, _at(scale_b, i)) @ w_out  # Shape: [b, D]
-      gate_pre = None if g is None else gate_pre.at[i].set(g)
-      return out.at[i].set(y), pre.at[i].set(p), gate_pre
-    return jax.lax.fori_loop(first, first + count, block, carry), None
+      x = _rows_at(rows, start, size)  # Shape: [size, D]
+      p = x @ w_in  # Shape: [size, F]
+      g = None if w_gate is None else x @ w_gate
+      y = _hidden(activation, p, g, _rows_at(scale, start, size)) @ w_out  # Shape: [size, D]
+      return _set_rows(out, y, start), _set_rows(pre, p, start), _set_rows(gate_pre, g, start)
+    return _for_each_block(carry, first, count, block_size, tile, rows.shape[0], block), None
 
-  hidden_shape = (*x.shape[:2], wi.shape[-1])  # Shape: [NB, b, F]
-  init = (jnp.zeros_like(x), jnp.zeros(hidden_shape, rows.dtype),
+  hidden_shape = (rows.shape[0], wi.shape[-1])  # Shape: [R, F]
+  init = (jnp.zeros_like(rows), jnp.zeros(hidden_shape, rows.dtype),
           None if wi_gate is None else jnp.zeros(hidden_shape, rows.dtype))
-  (out, pre, gate_pre), _ = jax.lax.scan(expert, init,
-                                         (wi, wo, wi_gate, first_block, block_count))
-  residuals = (rows, first_block, block_count, wi, wo, wi_gate, scale, pre, gate_pre)
-  return out.reshape(rows.shape), residuals
+  (out, pre, gate_pre), _ = jax.lax.scan(expert, init, (wi, wo, wi_gate, first_row, row_count))
+  residuals = (rows, first_row, row_count, wi, wo, wi_gate, scale, pre, gate_pre)
+  return out, residuals
 
 
-def _block_ffn_bwd(activation, block_size, residuals, grad):
-  rows, first_block, block_count, wi, wo, wi_gate, scale, pre, gate_pre = residuals
-  x, dy, scale_b = (_blocks(a, block_size) for a in (rows, grad, scale))
+def _block_ffn_bwd(activation, block_size, tile, residuals, grad):
+  rows, first_row, row_count, wi, wo, wi_gate, scale, pre, gate_pre = residuals
   f32 = jnp.float32
 
   def expert(dx, per_expert):
     w_in, w_out, w_gate, first, count = per_expert
 
-    def block(i, carry):
+    def block(start, size, carry):
       dx, dw_in, dw_out, dw_gate = carry
-      xi, dyi = _at(x, i), _at(dy, i)  # Shapes: [b, D]
+      x, dy = _rows_at(rows, start, size), _rows_at(grad, start, size)  # Shapes: [size, D]
       hidden, hidden_vjp = jax.vjp(
-          lambda p, g: _hidden(activation, p, g, _at(scale_b, i)), _at(pre, i), _at(gate_pre, i))
-      dw_out = dw_out + jnp.dot(hidden.T, dyi, preferred_element_type=f32)
-      d_pre, d_gate_pre = hidden_vjp(dyi @ w_out.T)  # Shapes: [b, F]
-      dw_in = dw_in + jnp.dot(xi.T, d_pre, preferred_element_type=f32)
-      dxi = d_pre @ w_in.T  # Shape: [b, D]
+          lambda p, g: _hidden(activation, p, g, _rows_at(scale, start, size)),
+          _rows_at(pre, start, size), _rows_at(gate_pre, start, size))
+      dw_out = dw_out + jnp.dot(hidden.T, dy, preferred_element_type=f32)
+      d_pre, d_gate_pre = hidden_vjp(dy @ w_out.T)  # Shapes: [size, F]
+      dw_in = dw_in + jnp.dot(x.T, d_pre, preferred_element_type=f32)
+      dx_rows = d_pre @ w_in.T  # Shape: [size, D]
       if w_gate is not None:
-        dw_gate = dw_gate + jnp.dot(xi.T, d_gate_pre, preferred_element_type=f32)
-        dxi = dxi + d_gate_pre @ w_gate.T
-      return dx.at[i].set(dxi), dw_in, dw_out, dw_gate
+        dw_gate = dw_gate + jnp.dot(x.T, d_gate_pre, preferred_element_type=f32)
+        dx_rows = dx_rows + d_gate_pre @ w_gate.T
+      return _set_rows(dx, dx_rows, start), dw_in, dw_out, dw_gate
 
     zeros = lambda w: None if w is None else jnp.zeros(w.shape, f32)  # noqa: E731
-    dx, dw_in, dw_out, dw_gate = jax.lax.fori_loop(
-        first, first + count, block, (dx, zeros(w_in), zeros(w_out), zeros(w_gate)))
+    dx, dw_in, dw_out, dw_gate = _for_each_block(
+        (dx, zeros(w_in), zeros(w_out), zeros(w_gate)), first, count, block_size, tile,
+        rows.shape[0], block)
     return dx, (dw_in, dw_out, dw_gate)
 
-  dx, (dwi, dwo, dwi_gate) = jax.lax.scan(expert, jnp.zeros_like(x),
-                                          (wi, wo, wi_gate, first_block, block_count))
+  dx, (dwi, dwo, dwi_gate) = jax.lax.scan(expert, jnp.zeros_like(rows),
+                                          (wi, wo, wi_gate, first_row, row_count))
   cast = lambda d, w: None if w is None else d.astype(w.dtype)  # noqa: E731
-  return (dx.reshape(rows.shape), None, None, cast(dwi, wi), cast(dwo, wo),
-          cast(dwi_gate, wi_gate), None)
+  return dx, None, None, cast(dwi, wi), cast(dwo, wo), cast(dwi_gate, wi_gate), None
 
 
 _block_ffn.defvjp(_block_ffn_fwd, _block_ffn_bwd)

@@ -7,6 +7,11 @@ Every function here computes in float32: routing decisions are made in full prec
 activation dtype (Switch's "selective precision"). A decision is held in *token-side* form: for each
 token, K (expert, slot, weight) choices. Tokens-choose routing has K = num_selected_experts;
 experts-choose and dense routing have K = E (choice k of a token is "expert k").
+
+Routers (token -> logits [G, S, E]): `RouterLogits` (linear, Switch), `CosineRouterLogits` (X-MoE),
+`DistanceRouterLogits` (Gaussian kernel around learned centroids), `hash_logits` (fixed by token id,
+Roller et al.); `gumbel_straight_through` turns logits into hard top-1 gating. `top_k_routing` also
+takes top-p ("dynamic") choices and DeepSeek-V3's balancing bias (`balancing_bias_update`).
 """
 from __future__ import annotations
 
@@ -51,6 +56,20 @@ def expert_capacity(tokens_per_group: int, num_experts: int, num_selected_expert
   return min(max(capacity, min_expert_capacity), tokens_per_group)
 
 
+ROUTERS = ('linear', 'cosine', 'distance', 'gumbel', 'hash')
+HASH_PRIME = 2654435761  # Knuth's multiplicative-hash prime, ~2^32 / golden ratio
+
+
+def jitter(module: nn.Module, tokens: jax.Array, jitter_noise: float,
+           deterministic: bool) -> jax.Array:
+  """float32 tokens [G, S, D], times U(1 - eps, 1 + eps) noise (rng stream `jitter`) in training."""
+  tokens = tokens.astype(jnp.float32)
+  if jitter_noise > 0 and not deterministic:
+    tokens = tokens * jax.random.uniform(module.make_rng('jitter'), tokens.shape, jnp.float32,
+                                         1.0 - jitter_noise, 1.0 + jitter_noise)
+  return tokens
+
+
 class RouterLogits(nn.Module):
   """Linear router in float32: tokens [G, S, D] -> logits [G, S, E].
 
@@ -68,17 +87,133 @@ class RouterLogits(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, deterministic: bool) -> jax.Array:
-    tokens = tokens.astype(jnp.float32)  # Shape: [G, S, D]
-    if self.jitter_noise > 0 and not deterministic:
-      noise = jax.random.uniform(self.make_rng('jitter'), tokens.shape, jnp.float32,
-                                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-      tokens = tokens * noise
+    tokens = jitter(self, tokens, self.jitter_noise, deterministic)  # Shape: [G, S, D]
     kernel_init = nn.initializers.variance_scaling(self.init_scale, 'fan_in', 'truncated_normal')
     dense = nn.Dense(self.num_experts, use_bias=self.use_bias, dtype=jnp.float32,
                      param_dtype=jnp.float32, name='dense',
                      kernel_init=nn.with_logical_partitioning(kernel_init, ('embed', None)),
                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
     return dense(tokens)  # Shape: [G, S, E], float32
+
+
+def l2_normalize(x: jax.Array, axis: int) -> jax.Array:
+  """x / ||x|| along `axis` (the norm floored at 1e-6, so |result| <= 1 always)."""
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + 1e-12)
+
+
+class CosineRouterLogits(nn.Module):
+  """X-MoE's cosine router in float32: tokens [G, S, D] -> logits [G, S, E] = cos(W x, e_i) / tau.
+
+  Tokens are projected to `dim` (X-MoE: 16) by W [D, dim]; the projected tokens and the expert
+  embeddings [dim, E] are L2-normalized, so |logits| <= 1 / tau, tau = exp(log_temperature) a
+  learned scalar (init `init_temperature`, X-MoE's 0.07).
+
+  Attributes:
+    num_experts: E.
+    dim: the routing dimension.
+    init_scale: truncated-normal fan-in init scale of W and of the expert embeddings.
+    jitter_noise: as in `RouterLogits`.
+    init_temperature: tau at init.
+  """
+  num_experts: int
+  dim: int = 16
+  init_scale: float = 1.0
+  jitter_noise: float = 0.0
+  init_temperature: float = 0.07
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, deterministic: bool) -> jax.Array:
+    tokens = jitter(self, tokens, self.jitter_noise, deterministic)  # Shape: [G, S, D]
+    init = nn.initializers.variance_scaling(self.init_scale, 'fan_in', 'truncated_normal')
+    projected = nn.Dense(self.dim, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+                         kernel_init=nn.with_logical_partitioning(init, ('embed', None)),
+                         name='projection')(tokens)  # Shape: [G, S, dim]
+    embeddings = self.param('expert_embeddings', nn.with_logical_partitioning(init, (None, None)),
+                            (self.dim, self.num_experts), jnp.float32)  # Shape: [dim, E]
+    log_temperature = self.param(
+        'log_temperature', nn.with_logical_partitioning(
+            nn.initializers.constant(math.log(self.init_temperature)), ()), (), jnp.float32)
+    cosine = jnp.einsum('gsr,re->gse', l2_normalize(projected, -1),
+                        l2_normalize(embeddings, 0))  # Shape: [G, S, E], in [-1, 1]
+    return cosine / jnp.exp(log_temperature)
+
+
+class DistanceRouterLogits(nn.Module):
+  """Gaussian-kernel router in float32: logits [G, S, E] = -||x - c_e||^2 / (2 sigma^2).
+
+  c_e [E, D] are learned centroids (normal, variance `init_scale`: the scale of normalized
+  tokens), sigma = exp(log_sigma) a learned bandwidth (init sqrt(D), so logit gaps start
+  small). softmax(logits) is the normalized kernel: the closest centroid gets the most weight.
+
+  Attributes:
+    num_experts: E.
+    init_scale: variance of the centroids at init.
+    jitter_noise: as in `RouterLogits`.
+  """
+  num_experts: int
+  init_scale: float = 1.0
+  jitter_noise: float = 0.0
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, deterministic: bool) -> jax.Array:
+    tokens = jitter(self, tokens, self.jitter_noise, deterministic)  # Shape: [G, S, D]
+    model_dim = tokens.shape[-1]
+    init = nn.initializers.normal(math.sqrt(self.init_scale))
+    centroids = self.param('centroids', nn.with_logical_partitioning(init, (None, 'embed')),
+                           (self.num_experts, model_dim), jnp.float32)  # Shape: [E, D]
+    log_sigma = self.param('log_sigma', nn.with_logical_partitioning(
+        nn.initializers.constant(0.5 * math.log(model_dim)), ()), (), jnp.float32)
+    squared_distance = (jnp.sum(tokens**2, -1, keepdims=True)
+                        - 2 * jnp.einsum('gsd,ed->gse', tokens, centroids)
+                        + jnp.sum(centroids**2, -1))  # Shape: [G, S, E]
+    return -jnp.maximum(squared_distance, 0.0) / (2 * jnp.exp(2 * log_sigma))
+
+
+def hash_logits(token_ids: jax.Array, num_experts: int) -> jax.Array:
+  """Hash routing (Roller et al.): token ids [G, S] -> logits [G, S, E], 0 at the expert
+  (id * HASH_PRIME) % E (uint32 arithmetic) and -1e9 elsewhere, so the softmax is exactly one-hot.
+
+  Fixed, not learned, and independent of the token vector: a token id always goes to one expert.
+  """
+  expert = (token_ids.astype(jnp.uint32) * jnp.uint32(HASH_PRIME)) % jnp.uint32(num_experts)
+  hot = jax.nn.one_hot(expert.astype(jnp.int32), num_experts, dtype=jnp.bool_)  # [G, S, E]
+  return jnp.where(hot, 0.0, -1e9).astype(jnp.float32)
+
+
+def gumbel_straight_through(logits: jax.Array, temperature: float,
+                            noise_rng: jax.Array | None) -> jax.Array:
+  """Hard Gumbel-softmax gating [G, S, E] from logits [G, S, E] (float32).
+
+  Forward: the one-hot of argmax(logits + g), g ~ Gumbel(0, 1) drawn from `noise_rng` (None: no
+  noise, evaluation). Backward: the gradient of softmax((logits + g) / temperature) (the
+  straight-through estimator). Routed top-1, the chosen expert's combine weight is 1.
+  """
+  logits = logits.astype(jnp.float32)
+  if noise_rng is not None:
+    logits = logits + jax.random.gumbel(noise_rng, logits.shape, jnp.float32)
+  soft = jax.nn.softmax(logits / temperature, axis=-1)  # Shape: [G, S, E]
+  hard = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+  return hard + soft - jax.lax.stop_gradient(soft)
+
+
+def top_p_mask(top_probs: jax.Array, top_p: float) -> jax.Array:
+  """Top-p ("dynamic") routing: bool [G, S, K], the fewest of a token's K choices, most probable
+  first (`top_probs` [G, S, K] sorted descending), whose probabilities sum to >= top_p.
+
+  Choice k is kept while the choices before it sum to less than top_p (1e-6 slack for rounding),
+  so the first is always kept and K caps the number.
+  """
+  before = jnp.cumsum(top_probs, axis=-1) - top_probs  # Shape: [G, S, K]
+  return before + 1e-6 < top_p
+
+
+def balancing_bias_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+  """DeepSeek-V3 auxiliary-loss-free balancing: bias_e + rate * sign(mean_e' load - load_e).
+
+  bias, load: [..., E] (load: each expert's share of the token choices, or counts). Under-used
+  experts gain score, over-used ones lose it. Applied outside the gradient, after each step.
+  """
+  return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
 
 
 def _slot_positions(choice_mask: jax.Array) -> jax.Array:
@@ -94,7 +229,9 @@ def _slot_positions(choice_mask: jax.Array) -> jax.Array:
 def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: int,
                   capacity: int, causal: bool, normalize_weights: bool = False,
                   batch_prioritized: bool = False,
-                  random_routing_draws: jax.Array | None = None) -> RoutingDecision:
+                  random_routing_draws: jax.Array | None = None,
+                  selection_scores: jax.Array | None = None,
+                  top_p: float | None = None) -> RoutingDecision:
   """Tokens choose their top-k experts (k=1 Switch, k=2 GShard), then capacity drops overflow.
 
   probs: [G, S, E] float32 router probabilities; valid: [G, S] bool, false on padding.
@@ -112,15 +249,28 @@ def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: i
     choice (j >= 2) is kept when its draw is below K * w_j, w the top-k weights normalized to sum
     1 (probability min(1, 2 * w_2) for K=2; always kept at uniform probabilities). None keeps
     every choice.
+  selection_scores: [G, S, E] float32 that rank the experts instead of `probs` (DeepSeek-V3:
+    probs plus a balancing bias); the weights still come from `probs`. None ranks by `probs`.
+  top_p: keep only the fewest choices whose probabilities reach top_p (`top_p_mask`), K at most;
+    the others are not `chosen`. Weights are normalized over the kept choices.
   """
   num_groups, group_size, num_experts = probs.shape
   if batch_prioritized and causal:
     raise ValueError('batch-prioritized routing orders tokens by confidence, looking at later '
                      'tokens; it is for encoders only (causal=False).')
-  top_probs, expert_index = jax.lax.top_k(probs, num_selected_experts)  # Shape: [G, S, K]
-  normalized = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
-  weight = normalized if normalize_weights else top_probs
+  if selection_scores is None:
+    top_probs, expert_index = jax.lax.top_k(probs, num_selected_experts)  # Shape: [G, S, K]
+  else:
+    _, expert_index = jax.lax.top_k(selection_scores, num_selected_experts)  # Shape: [G, S, K]
+    top_probs = jnp.take_along_axis(probs, expert_index, axis=-1)
   chosen = jnp.broadcast_to(valid[..., None], expert_index.shape)  # Shape: [G, S, K]
+  kept_probs = top_probs
+  if top_p is not None:
+    kept = top_p_mask(top_probs, top_p)  # Shape: [G, S, K], the first choice always kept
+    chosen = chosen & kept
+    kept_probs = jnp.where(kept, top_probs, 0.0)
+  normalized = kept_probs / jnp.sum(kept_probs, axis=-1, keepdims=True)
+  weight = normalized if normalize_weights else top_probs
   if random_routing_draws is not None and num_selected_experts > 1:
     keep_probability = jnp.minimum(1.0, num_selected_experts * normalized)
     keep_probability = keep_probability.at[..., 0].set(1.0)

@@ -76,7 +76,7 @@ def test_dispatch_methods_agree(k, num_experts, capacity_factor):
   x = _inputs(batch=2, length=32, seed=k * num_experts)
   padding_mask = jnp.ones((2, 32), bool).at[1, -5:].set(False)
   results = []
-  for dispatch, block_size in (('einsum', None), ('indices', None), ('sorted', 3),
+  for dispatch, block_size in (('einsum', None), ('indices', None), ('sorted', 4),
                                ('sorted', None)):
     layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=F, num_selected_experts=k,
                      eval_capacity_factor=capacity_factor, min_expert_capacity=1,
@@ -338,6 +338,7 @@ CONFIG_ERRORS = [
     (dict(expert_dropout=1.0), 'expert_dropout'),
     (dict(min_expert_capacity=0), 'min_expert_capacity'),
     (dict(block_size=0), 'block_size'),
+    (dict(block_size=48), 'block_size'),
     (dict(routing='experts_choose', causal=False, train_capacity_factor=None),
      'train_capacity_factor'),
 ]

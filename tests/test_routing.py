@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from moejax import routing
-from moejax.dispatch import EinsumDispatcher, IndicesDispatcher
+from moejax.experts import block_expert_ffn
+from moejax.dispatch import EinsumDispatcher, IndicesDispatcher, SortedDispatcher
 
 # Top-1, 4 tokens, 2 experts, capacity 2: tokens 0, 1, 2 pick expert 0, so token 2 overflows.
 TOP1_PROBS = np.array([[[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.4, 0.6]]], np.float32)
@@ -78,6 +79,61 @@ def test_dispatch_and_combine_hand_case(dispatcher_cls):
   # Identity experts: each token comes back scaled by the weights of its dispatched choices.
   np.testing.assert_allclose(dispatcher.combine(buffers)[0],
                              [[0.6, 0.0], [0.0, 0.9], [0.9, 0.9]], rtol=1e-6)
+
+
+def test_sorted_dispatch_hand_case():
+  """Dispatched choices sorted by expert, each expert's rows padded to a tile of 2; t0's second
+  choice (e1) overflowed and gets no row."""
+  decision = routing.top_k_routing(TOP2_PROBS, _all_valid(TOP2_PROBS), num_selected_experts=2,
+                                   capacity=2, causal=False)
+  dispatcher = SortedDispatcher.from_decision(decision, jnp.float32, tile=2)
+  np.testing.assert_array_equal(dispatcher.first_row, [0, 2, 4])
+  np.testing.assert_array_equal(dispatcher.row_count, [2, 2, 2])
+  tokens = jnp.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])  # [G=1, S=3, D=2]
+  rows = dispatcher.dispatch_rows(tokens)  # [R, D]
+  assert rows.shape == (10, 2)  # (ceil(6 choices / 2) + 3 experts - 1) tiles of 2
+  expected = np.zeros((10, 2), np.float32)
+  expected[:5] = [[1, 0], [1, 1],  # e0: t0, t2
+                  [0, 1], [1, 1],  # e1: t1, t2
+                  [0, 1]]  # e2: t1, then one padding row
+  np.testing.assert_array_equal(rows, expected)
+  np.testing.assert_allclose(dispatcher.combine_rows(rows)[0],
+                             [[0.6, 0.0], [0.0, 0.9], [0.9, 0.9]], rtol=1e-6)
+
+
+@pytest.mark.parametrize('glu', [False, True])
+def test_block_expert_ffn_equals_each_rows_own_expert(glu):
+  """Blocks of 4, 2 and 1 rows (expert 0: 5 rows, expert 1: none, expert 2: 7): every row gets
+  its own expert's FFN, rows of no expert get zeros; gradients equal plain autodiff's."""
+  num_experts, model_dim, hidden_dim, num_rows = 3, 4, 6, 16
+  keys = jax.random.split(jax.random.key(0), 4)
+  rows = jax.random.normal(keys[0], (num_rows, model_dim))
+  names = ('wi', 'wo', 'wi_gate') if glu else ('wi', 'wo')
+  shapes = {'wi': (num_experts, model_dim, hidden_dim), 'wo': (num_experts, hidden_dim, model_dim),
+            'wi_gate': (num_experts, model_dim, hidden_dim)}
+  weights = {name: jax.random.normal(key, shapes[name]) for name, key in zip(names, keys[1:])}
+  first_row, row_count = jnp.array([0, 5, 5]), jnp.array([5, 0, 7])
+  row_expert = jnp.array([0] * 5 + [2] * 7 + [0] * 4)
+  owned = (jnp.arange(num_rows) < 12)[:, None]
+
+  def blocks(weights, rows):
+    return block_expert_ffn(rows, first_row, row_count, weights, block_size=4, tile=1,
+                            activation='gelu', dtype=jnp.float32)
+
+  def reference(weights, rows):
+    w = {name: value[row_expert] for name, value in weights.items()}  # per row: [R, ...]
+    hidden = jax.nn.gelu(jnp.einsum('rd,rdf->rf', rows, w['wi']))
+    if glu:
+      hidden = hidden * jnp.einsum('rd,rdf->rf', rows, w['wi_gate'])
+    return jnp.where(owned, jnp.einsum('rf,rfd->rd', hidden, w['wo']), 0.0)
+
+  np.testing.assert_allclose(blocks(weights, rows), reference(weights, rows), atol=1e-5,
+                             rtol=1e-5)
+  loss = lambda fn: lambda w, r: jnp.sum(jnp.cos(fn(w, r)))  # noqa: E731
+  grads = jax.grad(loss(blocks), argnums=(0, 1))(weights, rows)
+  expected = jax.grad(loss(reference), argnums=(0, 1))(weights, rows)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), grads,
+               expected)
 
 
 def test_z_loss_formula():

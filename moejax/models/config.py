@@ -22,8 +22,8 @@ class ModelConfig:
 
   Layout: block i (0-based, in each stack) has a sparse FFN when `moe_every > 0` and
   `(i + 1) % moe_every == 0`: `moe_every=2` is Switch's every other FFN, 1 makes all sparse, 0 none.
-  `dense_baseline=True` replaces each sparse FFN by a dense FFN of width K * F, the FLOP-matched
-  twin (same per-token FLOPs up to the router's 2 * D * E).
+  `dense_baseline=True` replaces each sparse FFN by a dense FFN of width (K + shared) * F, the
+  FLOP-matched twin (same per-token FLOPs up to the router's 2 * D * E).
   """
   vocab_size: int                     # V; the training code sets it from the tokenizer
   kind: str = 'decoder'
@@ -52,6 +52,11 @@ class ModelConfig:
   init_scale: float = 1.0
   jitter_noise: float = 0.0
   expert_dropout: float = 0.0
+  router: str = 'linear'              # 'linear', 'cosine', 'distance', 'gumbel' (not 'hash': the
+                                      # models do not pass token ids to their MoE layers)
+  top_p: float | None = None          # top-p routing, capped at K
+  num_shared_experts: int = 0         # experts every token goes through besides its routed ones
+  balancing_bias_rate: float = 0.0    # > 0: DeepSeek-V3 bias balancing, updated at this rate
   # Implementation.
   scan_layers: bool = False
   remat: bool = False
@@ -77,6 +82,11 @@ class ModelConfig:
       raise bad('num_layers', f'with scan_layers it must be a multiple of moe_every={self.period}')
     if self.moe_every and not 1 <= self.num_selected_experts <= self.num_experts:
       raise bad('num_selected_experts', f'it must be in [1, num_experts={self.num_experts}]')
+    if self.router == 'hash':
+      raise bad('router', 'the models do not pass token ids to their MoE layers; use MoeLayer('
+                "router='hash') with token_ids directly")
+    if self.balancing_bias_rate < 0:
+      raise bad('balancing_bias_rate', 'it must be >= 0 (0: off)')
 
   @classmethod
   def from_dict(cls, fields: Mapping[str, Any]) -> ModelConfig:
@@ -120,16 +130,24 @@ class ModelConfig:
                 dispatch=self.dispatch, activation=self.activation, glu=self.glu,
                 router_init_scale=self.router_init_scale, init_scale=self.init_scale,
                 jitter_noise=self.jitter_noise, expert_dropout=self.expert_dropout,
-                dtype=self.compute_dtype)
+                router=self.router, top_p=self.top_p,
+                num_shared_experts=self.num_shared_experts,
+                balancing_bias=self.balancing_bias_rate > 0, dtype=self.compute_dtype)
+
+  @property
+  def dense_baseline_width(self) -> int:
+    """Width of the dense FFN that replaces a sparse one in the baseline: (K + shared) * F."""
+    return (self.num_selected_experts + self.num_shared_experts) * self.ffn_dim
 
 
 def per_token_flops(config: ModelConfig, length: int, target_length: int | None = None) -> float:
   """Forward-pass matmul FLOPs per (target) token, by formula (2 FLOPs per multiply-add).
 
-  A sparse FFN costs K expert FFNs of width F plus the router (2 * D * E); its dense baseline one
-  FFN of width K * F. Attention scores count all L keys, as XLA does for a masked full product.
-  For the encoder-decoder, `length` is the encoder's and `target_length` the decoder's; encoder
-  FLOPs are spread over the target tokens.
+  A sparse FFN costs K (+ shared) expert FFNs of width F plus the router (2 * D * E); its dense
+  baseline one FFN of width (K + shared) * F. Top-p routing is counted at its cap K. Attention
+  scores count all L keys, as XLA does for a masked full product. For the encoder-decoder,
+  `length` is the encoder's and `target_length` the decoder's; encoder FLOPs are spread over the
+  target tokens.
   """
   d, inner = config.model_dim, config.num_heads * config.heads_dim
   ffn_mats = 3 if config.glu else 2
@@ -137,9 +155,9 @@ def per_token_flops(config: ModelConfig, length: int, target_length: int | None 
   def ffn(layer):
     if not config.is_sparse(layer):
       return 2 * ffn_mats * d * config.ffn_dim
-    k = config.num_selected_experts
     if config.dense_baseline:
-      return 2 * ffn_mats * d * k * config.ffn_dim
+      return 2 * ffn_mats * d * config.dense_baseline_width
+    k = config.num_selected_experts + config.num_shared_experts
     return k * 2 * ffn_mats * d * config.ffn_dim + 2 * d * config.num_experts
 
   def stack(keys, cross_keys=None, cross_ratio=0.0):

@@ -119,7 +119,8 @@ def full_mask(query_mask: jax.Array, key_mask: jax.Array) -> jax.Array:
 class Block(nn.Module):
   """Pre-norm block: x + SelfAttention(norm x) [+ CrossAttention] + Ffn(norm x).
 
-  `sparse` puts a MoeLayer (or, in the dense baseline, an FFN of width K * F) in the FFN slot;
+  `sparse` puts a MoeLayer (or, in the dense baseline, an FFN of width (K + shared) * F) in the
+  FFN slot;
   its routing is causal when the stack is (decoders), and it gets the padding mask.
   """
   config: ModelConfig
@@ -148,7 +149,7 @@ class Block(nn.Module):
       y = MoeLayer(causal=self.causal, **cfg.moe_kwargs(), name='moe')(
           h, self.deterministic, padding_mask=padding_mask)
     else:
-      width = cfg.num_selected_experts * cfg.ffn_dim if self.sparse else cfg.ffn_dim
+      width = cfg.dense_baseline_width if self.sparse else cfg.ffn_dim
       y = Mlp(cfg, width, name='mlp')(h)
     return x + drop(y)
 
@@ -195,7 +196,8 @@ class Stack(nn.Module):
       unit = _ScannedUnit
       if cfg.remat:
         unit = nn.remat(unit, prevent_cse=False)
-      scanned = nn.scan(unit, variable_axes={'params': 0, 'intermediates': 0},
+      scanned = nn.scan(unit, variable_axes={'params': 0, 'intermediates': 0,
+                                             'router_bias_state': 0},
                         split_rngs={'params': True, 'dropout': True, 'jitter': True,
                                     'gating': True},
                         in_axes=(nn.broadcast,) * len(args), length=num_units,

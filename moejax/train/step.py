@@ -3,6 +3,16 @@
 loss = NLL + alpha * load_balancing_loss + beta * router_z_loss (alpha, beta: train config).
 A step whose loss or gradient is not finite leaves params and optimizer state unchanged and is
 counted (`nonfinite_in_a_row`, `nonfinite_total`); the loop decides when to give up.
+
+DeepSeek-V3 auxiliary-loss-free balancing (`ModelConfig.balancing_bias_rate > 0`): the MoE layers'
+non-trainable 'router_bias_state' collection lives in `TrainState.router_bias_state` (None for
+models without it). Each train step runs the forward pass with that collection mutable (the layers
+record their expert load), then, outside the gradient,
+
+  bias_state = update_balancing_biases(bias_state, model.config.balancing_bias_rate)
+
+moves each layer's bias by rate * sign(mean load - load_e). Evaluation reads the bias:
+`eval_step(params, batch, state.router_bias_state, model=model)`.
 """
 from __future__ import annotations
 
@@ -17,7 +27,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from moejax import sharding
-from moejax.layer import collect_aux_losses, collect_routing_metrics
+from moejax.layer import (BIAS_COLLECTION, collect_aux_losses, collect_routing_metrics,
+                          update_balancing_biases)
 from moejax.models import ModelConfig
 from moejax.train.metrics import per_layer_metrics
 
@@ -32,6 +43,7 @@ class TrainState:
   rng: jax.Array                 # uint32 [2], base key; step s uses fold_in(rng, s)
   nonfinite_in_a_row: jax.Array  # int32 []
   nonfinite_total: jax.Array     # int32 []
+  router_bias_state: Any = None  # the MoE layers' balancing biases and loads, or None
 
 
 def has_moe(config: ModelConfig) -> bool:
@@ -65,11 +77,12 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, batch: Batch,
                seed: int) -> TrainState:
   """Fresh state: params from `seed` (rng stream 'params'), step 0. Jit it for placement."""
   params_rng, rng = jax.random.split(jax.random.key(seed))
-  params = nn.unbox(model.init({'params': params_rng}, *model_inputs(model.config, batch),
-                               True)['params'])
+  variables = model.init({'params': params_rng}, *model_inputs(model.config, batch), True)
+  params = nn.unbox(variables['params'])
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(rng), nonfinite_in_a_row=zero, nonfinite_total=zero)
+                    rng=jax.random.key_data(rng), nonfinite_in_a_row=zero, nonfinite_total=zero,
+                    router_bias_state=variables.get(BIAS_COLLECTION))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
@@ -78,20 +91,27 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> 
   return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _forward(model: nn.Module, params, batch: Batch, deterministic: bool, rng=None):
-  """(logits [B, L, V], MoE metrics: the aux losses, routing metrics and per-layer ones)."""
+def _forward(model: nn.Module, params, batch: Batch, deterministic: bool, rng=None,
+             bias_state=None, record_load: bool = False):
+  """(logits [B, L, V], MoE metrics: the aux losses, routing metrics and per-layer ones, and the
+  'router_bias_state' collection: with `record_load`, holding this batch's expert loads)."""
   rngs = {}
   if rng is not None:
     rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(('dropout', 'jitter',
                                                                        'gating'))}
-  logits, state = model.apply({'params': params}, *model_inputs(model.config, batch),
-                              deterministic, rngs=rngs, mutable=['intermediates'])
+  variables, mutable = {'params': params}, ['intermediates']
+  if bias_state is not None:
+    variables[BIAS_COLLECTION] = bias_state
+    mutable += [BIAS_COLLECTION] if record_load else []
+  logits, state = model.apply(variables, *model_inputs(model.config, batch),
+                              deterministic, rngs=rngs, mutable=mutable)
+  bias_state = state.get(BIAS_COLLECTION, bias_state)
   if not has_moe(model.config):
     zero = jnp.zeros((), jnp.float32)
-    return logits, {'load_balancing_loss': zero, 'router_z_loss': zero}
+    return logits, {'load_balancing_loss': zero, 'router_z_loss': zero}, bias_state
   routing = collect_routing_metrics(state)
   return logits, {**collect_aux_losses(state), 'fraction_dropped': routing['fraction_dropped'],
-                  **per_layer_metrics(state['intermediates'])}
+                  **per_layer_metrics(state['intermediates'])}, bias_state
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
@@ -100,12 +120,15 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def loss_fn(params):
-    logits, moe = _forward(model, params, batch, False, rng)
+    logits, moe, bias_state = _forward(model, params, batch, False, rng,
+                                       state.router_bias_state, record_load=True)
     nll = cross_entropy(logits, batch['targets'], batch['weights'])
     loss = nll + alpha * moe['load_balancing_loss'] + beta * moe['router_z_loss']
-    return loss, {'nll': nll, **moe}
+    return loss, ({'nll': nll, **moe}, bias_state)
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (metrics, bias_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if bias_state is not None:  # DeepSeek-V3 balancing, outside the gradient
+    bias_state = update_balancing_biases(bias_state, model.config.balancing_bias_rate)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -117,6 +140,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
       step=state.step + 1,
       params=keep_if_finite(params, state.params),
       opt_state=keep_if_finite(opt_state, state.opt_state),
+      router_bias_state=keep_if_finite(bias_state, state.router_bias_state),
       nonfinite_in_a_row=(state.nonfinite_in_a_row + 1) * nonfinite,
       nonfinite_total=state.nonfinite_total + nonfinite)
   metrics = {'loss': loss, 'grad_norm': grad_norm, 'skipped': nonfinite,
@@ -124,9 +148,11 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   return new_state, metrics
 
 
-def eval_step(params, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
-  """Sums over the batch's real tokens (eval capacity factor: deterministic=True)."""
-  logits, moe = _forward(model, params, batch, True)
+def eval_step(params, batch: Batch, router_bias_state=None, *,
+              model: nn.Module) -> dict[str, jax.Array]:
+  """Sums over the batch's real tokens (eval capacity factor: deterministic=True).
+  router_bias_state: the train state's, for models with balancing biases."""
+  logits, moe, _ = _forward(model, params, batch, True, bias_state=router_bias_state)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
   tokens = jnp.sum(batch['weights'])
   return {'nll_sum': jnp.sum(nll * batch['weights']), 'tokens': tokens,

@@ -1,0 +1,362 @@
+"""Issue #4 variants: routers (cosine, distance, Gumbel, hash, top-p), DeepSeek-V3 bias balancing,
+shared and fine-grained experts, Soft MoE. One contract test for all, one defining property each."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import moejax.layer
+from moejax import (ModelConfig, MoeLayer, SoftMoeLayer, collect_routing_metrics, fine_grained,
+                    make_model, per_token_flops, routing, sharding, update_balancing_biases)
+from moejax.train.step import dummy_batch, init_state, train_step
+
+D, F, E = 8, 16, 4
+B, L = 2, 16
+
+VARIANTS = {
+    'linear_top2': dict(num_selected_experts=2),
+    'cosine': dict(router='cosine', num_selected_experts=2),
+    'distance': dict(router='distance', num_selected_experts=2),
+    'gumbel': dict(router='gumbel'),
+    'hash': dict(router='hash'),
+    'top_p': dict(top_p=0.6, num_selected_experts=3),
+    'balancing_bias': dict(balancing_bias=True, num_selected_experts=2),
+    'shared': dict(num_shared_experts=1),
+    'fine_grained': fine_grained(E // 2, F, 1, 2),
+}
+
+
+def _inputs(batch=B, length=L, seed=0):
+  return jax.random.normal(jax.random.key(seed), (batch, length, D))
+
+
+def _token_ids(batch=B, length=L, seed=1):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, 1000)
+
+
+def _layer(**overrides):
+  return MoeLayer(**{'num_experts': E, 'expert_hidden_dim': F, 'dispatch': 'indices',
+                     **overrides})
+
+
+def _init(layer, x, **kwargs):
+  return nn.unbox(layer.init(jax.random.key(42), x, True, **kwargs))
+
+
+def _apply(layer, variables, x, **kwargs):
+  return layer.apply(variables, x, True, mutable=['intermediates'], **kwargs)
+
+
+class _DecisionSpy:
+  """Records the RoutingDecision the layer hands to `make_dispatcher`."""
+
+  def __init__(self, monkeypatch):
+    self.decisions = []
+    original = moejax.layer.make_dispatcher
+
+    def spy(decision, method, dtype):
+      self.decisions.append(decision)
+      return original(decision, method, dtype)
+    monkeypatch.setattr(moejax.layer, 'make_dispatcher', spy)
+
+
+@pytest.mark.parametrize('name', list(VARIANTS))
+def test_contract_shape_padding_capacity_gradients(name, monkeypatch):
+  """Forced overflow (capacity factor 0.25) with padding: shape [B, L, D], padding never
+  dispatched and zero, no expert buffer over C, gradients reach every learned router param."""
+  layer = _layer(group_size=L, eval_capacity_factor=0.25, min_expert_capacity=1,
+                 **VARIANTS[name])
+  x = _inputs()
+  mask = jnp.ones((B, L), bool).at[0, 2].set(False).at[1, -3:].set(False)
+  kwargs = dict(padding_mask=mask, token_ids=_token_ids() if name == 'hash' else None)
+  variables = _init(layer, x, **kwargs)
+  spy = _DecisionSpy(monkeypatch)
+  out, state = _apply(layer, variables, x, **kwargs)
+  assert out.shape == (B, L, D)
+  np.testing.assert_array_equal(out[~mask], 0.0)
+  (decision,) = spy.decisions
+  assert not np.asarray(decision.chosen)[~np.asarray(mask)].any()
+  assert not np.asarray(decision.dispatched)[~np.asarray(mask)].any()
+  capacity = layer.capacity(L, deterministic=True)
+  per_expert = jnp.einsum('gske,gsk->ge', jax.nn.one_hot(decision.expert_index, layer.num_experts),
+                          decision.dispatched)  # [G, E]
+  assert int(per_expert.max()) <= capacity
+  slots = np.where(decision.dispatched, decision.position, -1)
+  assert slots.max() < capacity
+  assert collect_routing_metrics(state)['fraction_dropped'] > 0  # the overflow really happened
+
+  def loss(params):
+    y, _ = layer.apply({**variables, 'params': params}, x, True, mutable=['intermediates'],
+                       **kwargs)
+    return jnp.sum(y * jnp.cos(y))
+  grads = jax.grad(loss)(variables['params'])
+  if name == 'hash':
+    assert set(variables['params']) == {'experts'}  # nothing learned routes
+  else:
+    router_grads = jax.tree.leaves(grads['router'])
+    assert router_grads and all(np.abs(g).max() > 0 for g in router_grads)
+
+
+def test_cosine_logits_bounded_by_inverse_temperature():
+  router = routing.CosineRouterLogits(E, dim=4)
+  tokens = 1000.0 * jax.random.normal(jax.random.key(0), (3, 64, D))
+  variables = router.init(jax.random.key(1), tokens, True)
+  for temperature in (0.07, 0.5, 2.0):
+    params = dict(nn.unbox(variables)['params'], log_temperature=jnp.log(temperature))
+    logits = router.apply({'params': params}, tokens, True)
+    assert logits.dtype == jnp.float32
+    assert np.abs(logits).max() <= 1 / temperature * (1 + 1e-5)
+    assert np.abs(logits).max() > 0.3 / temperature  # not trivially small
+
+
+def test_distance_router_is_a_gaussian_kernel_of_the_centroid_distance():
+  router = routing.DistanceRouterLogits(E)
+  tokens = jax.random.normal(jax.random.key(0), (2, 8, D))
+  params = nn.unbox(router.init(jax.random.key(1), tokens, True))['params']
+  logits = router.apply({'params': params}, tokens, True)
+  sigma = np.exp(params['log_sigma'])
+  distance = np.sum((np.asarray(tokens)[:, :, None, :] - np.asarray(params['centroids']))**2, -1)
+  np.testing.assert_allclose(logits, -distance / (2 * sigma**2), rtol=1e-4, atol=1e-5)
+  # A token on a centroid routes to that expert.
+  on_centroid = jnp.broadcast_to(params['centroids'][2], (1, 1, D))
+  assert int(jnp.argmax(router.apply({'params': params}, on_centroid, True))) == 2
+
+
+def test_hash_routing_is_fixed_by_token_id_and_ignores_the_input(monkeypatch):
+  layer = _layer(router='hash', eval_capacity_factor=None)
+  ids = _token_ids()
+  x = _inputs()
+  variables = _init(layer, x, token_ids=ids)
+  spy = _DecisionSpy(monkeypatch)
+  out, _ = _apply(layer, variables, x, token_ids=ids)
+  out_other, _ = _apply(layer, variables, 10 * _inputs(seed=5), token_ids=ids)
+  first, second = spy.decisions
+  expected = (np.asarray(ids, np.int64) * routing.HASH_PRIME) % 2**32 % E  # [B, L]
+  np.testing.assert_array_equal(first.expert_index[..., 0], expected.reshape(B, L))
+  np.testing.assert_array_equal(second.expert_index, first.expert_index)
+  # Each token gets its hashed expert's FFN with weight 1 (dropless).
+  p = variables['params']['experts']
+  wi, wo = p['wi'][expected], p['wo'][expected]  # [B, L, D, F], [B, L, F, D]
+  formula = jnp.einsum('blf,blfd->bld', jax.nn.relu(jnp.einsum('bld,bldf->blf', x, wi)), wo)
+  np.testing.assert_allclose(out, formula, atol=1e-5, rtol=1e-5)
+  # The same id goes to the same expert wherever it appears.
+  same = jnp.full((B, L), 7)
+  assert len(set(np.asarray(jnp.argmax(routing.hash_logits(same, E), -1)).ravel())) == 1
+  with pytest.raises(ValueError, match='token_ids'):
+    _apply(layer, variables, x)
+
+
+def test_gumbel_forward_is_hard_top1_with_weight_one():
+  layer = _layer(router='gumbel', eval_capacity_factor=None)
+  x = _inputs()
+  variables = _init(layer, x)
+  out, _ = _apply(layer, variables, x)
+  p = variables['params']
+  expert = np.asarray(jnp.argmax(x @ p['router']['dense']['kernel'], -1))  # [B, L]
+  ffn = jnp.einsum('blf,blfd->bld', jax.nn.relu(jnp.einsum('bld,bldf->blf', x,
+                                                           p['experts']['wi'][expert])),
+                   p['experts']['wo'][expert])
+  np.testing.assert_allclose(out, ffn, atol=1e-5, rtol=1e-5)  # weight exactly 1, no softmax
+  # Training draws Gumbel noise from the 'gating' stream.
+  with pytest.raises(Exception, match='gating'):
+    layer.apply(variables, x, False)
+  noisy, _ = layer.apply(variables, x, False, rngs={'gating': jax.random.key(3)},
+                         mutable=['intermediates'])
+  assert np.abs(noisy - out).max() > 1e-3
+
+
+def test_top_p_takes_the_fewest_experts_reaching_p():
+  probs = jnp.array([[[0.5, 0.3, 0.1, 0.05, 0.05],   # 0.5 + 0.3 >= 0.75: 2 experts
+                      [0.9, 0.05, 0.03, 0.01, 0.01],  # 0.9 alone: 1
+                      [0.1, 0.4, 0.2, 0.3, 0.0],      # 0.4 + 0.3 < 0.75, + 0.2: 3
+                      [0.2, 0.2, 0.2, 0.2, 0.2]]])    # would need 4: capped at K = 3
+  decision = routing.top_k_routing(probs, jnp.ones((1, 4), bool), num_selected_experts=3,
+                                   capacity=4, causal=True, normalize_weights=True, top_p=0.75)
+  np.testing.assert_array_equal(decision.chosen.sum(-1)[0], [2, 1, 3, 3])
+  np.testing.assert_array_equal(decision.expert_index[0, 2], [1, 3, 2])
+  np.testing.assert_allclose(decision.weight[0, 0], [0.5 / 0.8, 0.3 / 0.8, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(decision.weight[0, 1], [1.0, 0.0, 0.0], rtol=1e-6)
+  np.testing.assert_array_equal(decision.dispatched, decision.chosen)
+  # An unused choice takes no slot: expert 1 (second choice of token 0) is first choice of t2.
+  assert int(decision.position[0, 2, 0]) == 1
+
+
+def _skewed_probs():
+  logits = jax.random.normal(jax.random.key(0), (4, 256, E)) + jnp.array([2.0, 1.0, 0.0, -0.5])
+  return jax.nn.softmax(logits)
+
+
+def test_bias_update_drives_usage_toward_uniform():
+  probs, valid = _skewed_probs(), jnp.ones((4, 256), bool)
+
+  def usage(bias):
+    decision = routing.top_k_routing(probs, valid, num_selected_experts=1, capacity=256,
+                                     causal=True, selection_scores=probs + bias)
+    return routing.expert_usage(decision).mean(0)  # [E]
+
+  bias = jnp.zeros(E)
+  start = usage(bias)
+  for _ in range(50):
+    bias = routing.balancing_bias_update(bias, usage(bias), rate=0.01)
+  end = usage(bias)
+  ratio = lambda u: float(u.max() / u.min())  # noqa: E731
+  assert ratio(start) > 5
+  assert ratio(end) < 1.5 and ratio(end) < ratio(start) / 4
+
+
+def test_balancing_bias_selects_but_does_not_weight(monkeypatch):
+  """A bias favouring expert 3 sends every token there; the combine weight is still the unbiased
+  probability of expert 3."""
+  layer = _layer(balancing_bias=True, eval_capacity_factor=None)
+  x = _inputs()
+  variables = _init(layer, x)
+  assert set(variables['router_bias_state']) == {'bias', 'load'}
+  biased = {**variables, 'router_bias_state': {'bias': jnp.array([0.0, 0.0, 0.0, 5.0]),
+                                               'load': jnp.zeros(E)}}
+  out, state = layer.apply(biased, x, True, mutable=['intermediates', 'router_bias_state'])
+  np.testing.assert_allclose(state['router_bias_state']['load'], [0, 0, 0, 1])
+  p = variables['params']
+  prob3 = jax.nn.softmax(x @ p['router']['dense']['kernel'])[..., 3:]
+  ffn3 = jax.nn.relu(x @ p['experts']['wi'][3]) @ p['experts']['wo'][3]
+  np.testing.assert_allclose(out, prob3 * ffn3, atol=1e-5, rtol=1e-5)
+  updated = update_balancing_biases(state['router_bias_state'], rate=0.1)
+  np.testing.assert_allclose(updated['bias'], [0.1, 0.1, 0.1, 4.9], rtol=1e-6)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_train_step_updates_the_balancing_bias(scan_layers):
+  config = ModelConfig(vocab_size=32, num_layers=2, model_dim=D, num_heads=2, ffn_dim=F,
+                       num_experts=E, balancing_bias_rate=0.01, scan_layers=scan_layers)
+  model, tx = make_model(config), optax.adam(1e-3)
+  batch = dummy_batch(config, 2, 8)
+  batch['targets'] = jax.random.randint(jax.random.key(1), (2, 8), 1, 32)
+  state = init_state(model, tx, batch, 0)
+  biases = jax.tree.leaves(state.router_bias_state)
+  assert biases and all(np.all(b == 0) for b in biases)
+  new_state, _ = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, alpha=0.0,
+                                                 beta=0.0))(state, batch)
+  (layer_state,) = [v for k, v in jax.tree_util.tree_leaves_with_path(new_state.router_bias_state)
+                    if 'bias' in jax.tree_util.keystr(k)]
+  (load,) = [v for k, v in jax.tree_util.tree_leaves_with_path(new_state.router_bias_state)
+             if 'load' in jax.tree_util.keystr(k)]
+  np.testing.assert_allclose(load.sum(-1), 1.0, rtol=1e-6)  # this batch's usage was recorded
+  np.testing.assert_allclose(layer_state, 0.01 * np.sign(load.mean(-1, keepdims=True) - load),
+                             atol=1e-7)
+
+
+def test_shared_experts_see_every_token():
+  """All tokens forced to routed expert 0 with capacity 2: dropped tokens still get the shared
+  FFN, kept ones the shared FFN plus their routed output; padding gets zeros."""
+  layer = _layer(num_shared_experts=2, router_bias=True, group_size=L, eval_capacity_factor=0.5,
+                 min_expert_capacity=1)
+  x = _inputs()
+  mask = jnp.ones((B, L), bool).at[1, -2:].set(False)
+  variables = _init(layer, x)
+  params = variables['params']
+  params['router']['dense'] = {'kernel': jnp.zeros((D, E)),
+                               'bias': 10.0 * jax.nn.one_hot(0, E)}
+  out, _ = _apply(layer, {'params': params}, x, padding_mask=mask)
+  s = params['shared_experts']
+  shared = sum(jax.nn.relu(x @ s['wi'][i]) @ s['wo'][i] for i in range(2))
+  capacity = layer.capacity(L, deterministic=True)
+  assert capacity == 2
+  np.testing.assert_allclose(out[:, capacity:][mask[:, capacity:]],
+                             shared[:, capacity:][mask[:, capacity:]], atol=1e-5, rtol=1e-5)
+  weight = jax.nn.softmax(params['router']['dense']['bias'])[0]
+  routed = weight * (jax.nn.relu(x @ params['experts']['wi'][0]) @ params['experts']['wo'][0])
+  np.testing.assert_allclose(out[:, :capacity], (shared + routed)[:, :capacity], atol=1e-5,
+                             rtol=1e-5)
+  np.testing.assert_array_equal(out[~mask], 0.0)
+
+
+def test_fine_grained_has_the_flops_and_params_of_its_coarse_twin():
+  num_experts, hidden, k, m = 8, 64, 2, 4
+  fields = fine_grained(num_experts, hidden, k, m)
+  assert fields == dict(num_experts=32, expert_hidden_dim=16, num_selected_experts=8)
+  per_token = lambda f: f['num_selected_experts'] * 2 * D * f['expert_hidden_dim'] * 2  # noqa
+  assert per_token(fields) == per_token(dict(num_selected_experts=k, expert_hidden_dim=hidden))
+  # The model FLOP count differs only by the router's 2 * D * (E m - E) per (sparse) layer.
+  coarse = ModelConfig(vocab_size=32, num_layers=2, model_dim=D, num_heads=2, ffn_dim=hidden,
+                       num_experts=num_experts, num_selected_experts=k, moe_every=1)
+  fine = ModelConfig(vocab_size=32, num_layers=2, model_dim=D, num_heads=2, moe_every=1,
+                     ffn_dim=fields['expert_hidden_dim'], num_experts=fields['num_experts'],
+                     num_selected_experts=fields['num_selected_experts'])
+  assert per_token_flops(fine, 16) - per_token_flops(coarse, 16) == 2 * 2 * D * (32 - 8)
+  x = _inputs(batch=1, length=8)
+  count = lambda layer: sum(  # noqa: E731
+      a.size for a in jax.tree.leaves(_init(layer, x)['params']['experts']))
+  assert count(MoeLayer(**fields)) == count(MoeLayer(num_experts=8, expert_hidden_dim=64))
+  with pytest.raises(ValueError, match='fine_grained m=3'):
+    fine_grained(num_experts, hidden, k, 3)
+
+
+def test_soft_moe_shape_padding_formula_and_causal_error():
+  with pytest.raises(ValueError, match='SoftMoeLayer.causal=True'):
+    SoftMoeLayer(num_experts=E, expert_hidden_dim=F)
+  layer = SoftMoeLayer(num_experts=E, expert_hidden_dim=F, slots_per_expert=2, causal=False)
+  x = _inputs()
+  mask = jnp.ones((B, L), bool).at[0, -4:].set(False)
+  variables = nn.unbox(layer.init(jax.random.key(0), x, True))
+  out = layer.apply(variables, x, True, padding_mask=mask)
+  assert out.shape == (B, L, D)
+  np.testing.assert_array_equal(out[~mask], 0.0)
+  garbage = jnp.where(mask[..., None], x, 100.0)
+  np.testing.assert_allclose(layer.apply(variables, garbage, True, padding_mask=mask), out,
+                             atol=1e-5)
+  # One expert, one slot: every token gets FFN(softmax-over-tokens mixture of its group).
+  single = SoftMoeLayer(num_experts=1, expert_hidden_dim=F, causal=False)
+  v = nn.unbox(single.init(jax.random.key(0), x, True))['params']
+  logits = (x / jnp.linalg.norm(x, axis=-1, keepdims=True)) @ (
+      v['phi'] / jnp.linalg.norm(v['phi'], axis=0))  # [B, L, 1]
+  slot = jnp.einsum('bl,bld->bd', jax.nn.softmax(logits[..., 0], axis=1), x)  # [B, D]
+  expected = jax.nn.relu(slot @ v['experts']['wi'][0]) @ v['experts']['wo'][0]
+  np.testing.assert_allclose(single.apply({'params': v}, x, True),
+                             jnp.broadcast_to(expected[:, None], x.shape), atol=1e-5, rtol=1e-5)
+
+
+def test_variants_under_an_expert_parallel_mesh_equal_one_device():
+  x = _inputs(batch=8, length=8)
+  mesh = sharding.make_mesh(data=2, expert=4)
+  for overrides in (dict(router='cosine', top_p=0.5, num_selected_experts=2),
+                    dict(balancing_bias=True, num_shared_experts=1, num_selected_experts=2)):
+    layer = _layer(**overrides)
+    variables = layer.init(jax.random.key(0), x, True)
+    if 'router_bias_state' in variables:
+      variables = {**variables, 'router_bias_state': {'bias': jnp.arange(E) / 10.0,
+                                                      'load': jnp.zeros(E)}}
+    apply = jax.jit(lambda v, x: layer.apply(v, x, True))
+    expected = apply(nn.unbox(variables), x)
+    sharded_vars = sharding.shard_params(variables, mesh)
+    with jax.set_mesh(mesh):
+      out = apply(sharded_vars, sharding.shard_batch(x, mesh))
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+CONFIG_ERRORS = [
+    (dict(router='magic'), 'router'),
+    (dict(router='hash', num_selected_experts=2), 'router'),
+    (dict(router='gumbel', routing='dense'), 'router'),
+    (dict(router='cosine', router_bias=True), 'router_bias'),
+    (dict(router='hash', jitter_noise=0.1), 'jitter_noise'),
+    (dict(router_dim=0), 'router_dim'),
+    (dict(gumbel_temperature=0.0), 'gumbel_temperature'),
+    (dict(top_p=1.5, num_selected_experts=2), 'top_p'),
+    (dict(top_p=0.5), 'top_p'),
+    (dict(top_p=0.5, num_selected_experts=2, random_routing=True), 'top_p'),
+    (dict(balancing_bias=True, router='hash'), 'balancing_bias'),
+    (dict(balancing_bias=True, routing='dense'), 'balancing_bias'),
+    (dict(num_shared_experts=-1), 'num_shared_experts'),
+]
+
+
+@pytest.mark.parametrize('overrides,field', CONFIG_ERRORS)
+def test_bad_variant_config_errors_name_the_field(overrides, field):
+  with pytest.raises(ValueError, match=f'MoeLayer.{field}='):
+    _layer(**overrides)
+
+
+def test_model_config_rejects_hash_router():
+  with pytest.raises(ValueError, match='model.router='):
+    ModelConfig(vocab_size=32, router='hash')
