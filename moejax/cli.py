@@ -66,21 +66,20 @@ def main(argv: list[str] | None = None) -> int:
       print(f'stopped by {summary["stopped_by"]}; checkpoint saved at step {summary["step"]}. '
             'Run the same command again to resume.')
       return 0
-    run, params = summary['run'], summary['state'].params
+    run, state = summary['run'], summary['state']
   else:
     run, state = loop.load(config, values.workdir, values.step)
-    params = state.params
     if command == 'eval':
-      metrics = loop.evaluate(run, params)
+      metrics = loop.evaluate(run, state.params, bias_state=state.router_bias_state)
       print(json.dumps({k: float(v) if getattr(v, 'ndim', 0) == 0 else list(map(float, v))
                         for k, v in metrics.items()}, indent=1))
       return 0
   s = config.sample
   prompt = s.prompt if values.prompt is None else values.prompt
-  text = loop.sample_text(run, params, prompt,
+  text = loop.sample_text(run, state.params, prompt,
                           s.num_tokens if values.num_tokens is None else values.num_tokens,
                           s.temperature if values.temperature is None else values.temperature,
-                          values.seed)
+                          values.seed, state.router_bias_state)
   if config.task == 'span_corruption':
     print(f'--- sample (spans filled in for {loop.SENTINEL}) ---\n{prompt}\n{loop.SENTINEL} = {text}')
   else:

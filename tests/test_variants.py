@@ -7,9 +7,11 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import smoke_config
 import moejax.layer
 from moejax import (ModelConfig, MoeLayer, SoftMoeLayer, collect_routing_metrics, fine_grained,
                     make_model, per_token_flops, routing, sharding, update_balancing_biases)
+from moejax.train import loop
 from moejax.train.step import dummy_batch, init_state, train_step
 
 D, F, E = 8, 16, 4
@@ -360,3 +362,22 @@ def test_bad_variant_config_errors_name_the_field(overrides, field):
 def test_model_config_rejects_hash_router():
   with pytest.raises(ValueError, match='model.router='):
     ModelConfig(vocab_size=32, router='hash')
+
+
+def test_loop_trains_evaluates_and_samples_a_bias_balanced_model(tmp_path):
+  """The bias state travels through training, checkpoints, evaluation and sampling."""
+  config = smoke_config(tmp_path / 'tfds', num_steps=4)
+  config.model.balancing_bias_rate = 0.05
+  summary = loop.train(config, str(tmp_path / 'run'), quiet=True)
+  state = summary['state']
+  biases = [np.asarray(leaf) for path, leaf in
+            jax.tree_util.tree_leaves_with_path(state.router_bias_state)
+            if 'bias' in jax.tree_util.keystr(path)]
+  assert biases and any(np.abs(bias).max() > 0 for bias in biases)  # the updates ran
+  assert np.isfinite(summary['eval']['nll'])
+  run, restored = loop.load(config, str(tmp_path / 'run'))
+  jax.tree.map(np.testing.assert_array_equal, restored.router_bias_state, state.router_bias_state)
+  evaluated = loop.evaluate(run, restored.params, bias_state=restored.router_bias_state)
+  np.testing.assert_allclose(evaluated['nll'], summary['eval']['nll'], rtol=1e-6)
+  text = loop.sample_text(run, restored.params, 'The', 5, 0.0, 0, restored.router_bias_state)
+  assert isinstance(text, str)

@@ -124,13 +124,15 @@ def stop_requests():
       signal.signal(s, h)
 
 
-def evaluate(run: Run, params, eval_step=None) -> dict:
-  """Validation metrics over the eval split (eval capacity factor); nats per token and per char."""
+def evaluate(run: Run, params, eval_step=None, bias_state=None) -> dict:
+  """Validation metrics over the eval split (eval capacity factor); nats per token and per char.
+  bias_state: the train state's `router_bias_state` (models with balancing biases)."""
   cfg = run.config
   eval_step = eval_step or run.eval_step(params)
   totals = {}
   for batch in run.eval_batches:
-    for name, value in jax.device_get(eval_step(params, run.to_global(batch, full=True))).items():
+    metrics = eval_step(params, run.to_global(batch, full=True), bias_state)
+    for name, value in jax.device_get(metrics).items():
       totals[name] = totals.get(name, 0.0) + np.asarray(value, np.float64)
   tokens = max(float(totals.pop('tokens')), 1.0)
   metrics = {name: value / tokens for name, value in totals.items()}
@@ -190,7 +192,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
             f'stopping. The last good checkpoint (step {run.checkpoints.latest_step()}) is in '
             f'{run.checkpoints.manager.directory}.')
       if (step + 1) % cfg.eval.every_steps == 0 and step + 1 < tcfg.num_steps:
-        eval_metrics = evaluate(run, state.params, eval_step)
+        eval_metrics = evaluate(run, state.params, eval_step, state.router_bias_state)
         writer.write(step + 1, 'eval', eval_metrics)
         progress.write(f'step {step + 1}: validation loss {eval_metrics["nll"]:.4f} nats/token')
       run.checkpoints.save(state, step + 1, run.model_config)
@@ -199,7 +201,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
         break
   end = int(jax.device_get(state.step))
   if stopped_by is None and end == tcfg.num_steps:
-    eval_metrics = evaluate(run, state.params, eval_step)
+    eval_metrics = evaluate(run, state.params, eval_step, state.router_bias_state)
     writer.write(end, 'eval', eval_metrics)
   run.checkpoints.save(state, end, run.model_config, force=True)
   run.checkpoints.wait()
@@ -238,11 +240,11 @@ def encode_prompt(run: Run, prompt: str) -> np.ndarray:
 
 
 def sample_text(run: Run, params, prompt: str, num_tokens: int, temperature: float,
-                seed: int) -> str:
+                seed: int, bias_state=None) -> str:
   """Continue `prompt` (decoder), or fill its '<X>' spans (encoder-decoder; the generated
-  sentinels are dropped from the text)."""
+  sentinels are dropped from the text). bias_state: as in `evaluate`."""
   ids = generate(run.model, params, encode_prompt(run, prompt), num_tokens,
-                 run.config.data.length, temperature, seed)
+                 run.config.data.length, temperature, seed, bias_state)
   return run.tokenizer.decode(ids)
 
 

@@ -13,25 +13,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.data.tokenizers import EOS_ID, PAD_ID
+from moejax.layer import BIAS_COLLECTION
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
-def _next_token(model: nn.Module, params, inputs, decoder_inputs, position, temperature, rng):
+def _next_token(model: nn.Module, variables, inputs, decoder_inputs, position, temperature, rng):
   """Sample the token after decoder_inputs[0, :position + 1]; inputs: the encoder's, or None."""
   decoder_mask = jnp.arange(decoder_inputs.shape[1])[None] <= position  # Shape: [1, L]
   args = (decoder_inputs, decoder_mask)
   if inputs is not None:
     args = (inputs, inputs != PAD_ID, *args)
-  logits = model.apply({'params': params}, *args, True)[0, position]  # Shape: [V]
+  logits = model.apply(variables, *args, True)[0, position]  # Shape: [V]
   greedy = jnp.argmax(logits)
   sampled = jax.random.categorical(rng, logits / jnp.maximum(temperature, 1e-6))
   return jnp.where(temperature > 0, sampled, greedy)
 
 
 def generate(model: nn.Module, params, prompt: np.ndarray, num_tokens: int, length: int,
-             temperature: float, seed: int) -> np.ndarray:
+             temperature: float, seed: int, bias_state=None) -> np.ndarray:
   """`num_tokens` new token ids after `prompt` (decoder LM), or from the encoder reading
-  `prompt` (encoder-decoder; it stops at EOS). `length`: the window L."""
+  `prompt` (encoder-decoder; it stops at EOS). `length`: the window L. bias_state: the MoE
+  layers' 'router_bias_state' collection, for models with balancing biases."""
+  variables = {'params': params}
+  if bias_state is not None:
+    variables[BIAS_COLLECTION] = bias_state
   encoder_decoder = model.config.kind == 'encoder_decoder'
   inputs = None
   if encoder_decoder:
@@ -45,7 +50,7 @@ def generate(model: nn.Module, params, prompt: np.ndarray, num_tokens: int, leng
     window = context[-(length - 1):]  # decoder inputs: [PAD, window...], as in training
     decoder_inputs = np.zeros((1, length), np.int32)
     decoder_inputs[0, 1:len(window) + 1] = window
-    token = int(_next_token(model, params, inputs, decoder_inputs, len(window), temperature,
+    token = int(_next_token(model, variables, inputs, decoder_inputs, len(window), temperature,
                             jax.random.fold_in(rng, i)))
     if encoder_decoder and token == EOS_ID:
       break

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moejax import sharding
 from moejax.layer import (BIAS_COLLECTION, collect_aux_losses, collect_routing_metrics,
@@ -184,8 +185,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, alpha: f
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh | None = None, param_shardings: Any = None):
+  """Jitted `eval_step(params, batch, router_bias_state=None)` (the bias replicated on a mesh)."""
   step = functools.partial(eval_step, model=model)
   if mesh is None:
     return jax.jit(step)
-  return _on_mesh(jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh))),
-                  mesh)
+  replicated = NamedSharding(mesh, P())
+  return _on_mesh(jax.jit(step, in_shardings=(param_shardings, sharding.batch_sharding(mesh),
+                                              replicated)), mesh)
