@@ -88,12 +88,17 @@ class RouterLogits(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, deterministic: bool) -> jax.Array:
     tokens = jitter(self, tokens, self.jitter_noise, deterministic)  # Shape: [G, S, D]
-    kernel_init = nn.initializers.variance_scaling(self.init_scale, 'fan_in', 'truncated_normal')
-    dense = nn.Dense(self.num_experts, use_bias=self.use_bias, dtype=jnp.float32,
-                     param_dtype=jnp.float32, name='dense',
-                     kernel_init=nn.with_logical_partitioning(kernel_init, ('embed', None)),
-                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+    dense = float32_dense(self.num_experts, self.init_scale, self.use_bias, 'dense')
     return dense(tokens)  # Shape: [G, S, E], float32
+
+
+def float32_dense(features: int, init_scale: float, use_bias: bool, name: str) -> nn.Dense:
+  """A float32 router projection [D] -> [features]: truncated-normal fan-in kernel [D, features]
+  (logical axes ('embed', None)), optional zero bias."""
+  kernel_init = nn.initializers.variance_scaling(init_scale, 'fan_in', 'truncated_normal')
+  return nn.Dense(features, use_bias=use_bias, dtype=jnp.float32, param_dtype=jnp.float32,
+                  name=name, kernel_init=nn.with_logical_partitioning(kernel_init, ('embed', None)),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
 
 
 def l2_normalize(x: jax.Array, axis: int) -> jax.Array:
@@ -124,10 +129,9 @@ class CosineRouterLogits(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, deterministic: bool) -> jax.Array:
     tokens = jitter(self, tokens, self.jitter_noise, deterministic)  # Shape: [G, S, D]
+    projected = float32_dense(self.dim, self.init_scale, False, 'projection')(tokens)
+    # Shape: [G, S, dim]
     init = nn.initializers.variance_scaling(self.init_scale, 'fan_in', 'truncated_normal')
-    projected = nn.Dense(self.dim, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-                         kernel_init=nn.with_logical_partitioning(init, ('embed', None)),
-                         name='projection')(tokens)  # Shape: [G, S, dim]
     embeddings = self.param('expert_embeddings', nn.with_logical_partitioning(init, (None, None)),
                             (self.dim, self.num_experts), jnp.float32)  # Shape: [dim, E]
     log_temperature = self.param(
@@ -252,7 +256,8 @@ def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: i
   selection_scores: [G, S, E] float32 that rank the experts instead of `probs` (DeepSeek-V3:
     probs plus a balancing bias); the weights still come from `probs`. None ranks by `probs`.
   top_p: keep only the fewest choices whose probabilities reach top_p (`top_p_mask`), K at most;
-    the others are not `chosen`. Weights are normalized over the kept choices.
+    the others are not `chosen`. With `normalize_weights`, weights are normalized over the kept
+    choices.
   """
   num_groups, group_size, num_experts = probs.shape
   if batch_prioritized and causal:
