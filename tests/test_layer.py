@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moejax import MoeLayer, collect_aux_losses, collect_routing_metrics
+from moejax.layer import block_tile, default_block_size
 
 D, F = 8, 16
 DISPATCHES = ['einsum', 'indices', 'sorted']
@@ -373,3 +374,16 @@ def test_encoder_only_routing_allowed_without_causal():
 def test_importing_the_layer_does_not_import_tensorflow():
   code = 'import sys, moejax; from moejax import MoeLayer; assert "tensorflow" not in sys.modules'
   subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def test_auto_dispatch_and_block_sizes():
+  """'auto' is sorted off TPU (these tests run on CPU), and the sorted path becomes 'indices' under
+  an expert-parallel mesh, whose all-to-all exchanges [E, G, C, D] buffers."""
+  assert jax.default_backend() == 'cpu'
+  layer = MoeLayer(num_experts=4, expert_hidden_dim=F)
+  assert layer.dispatch_method(sharded=False) == 'sorted'
+  assert layer.dispatch_method(sharded=True) == 'indices'
+  assert layer.clone(dispatch='einsum').dispatch_method(sharded=True) == 'einsum'
+  # The largest block: an expert's mean load rounded down to a power of two, in [16, 256].
+  assert [default_block_size(4096, e) for e in (8, 32, 128, 1024)] == [256, 128, 32, 16]
+  assert [block_tile(b) for b in (256, 16, 4)] == [16, 16, 4]
