@@ -9,7 +9,6 @@ same [E, G*C, D] buffers), times the number of MoE layers, over the step time.
   python benchmarks/train_step.py [--steps 10] [--dispatch auto]
 """
 import argparse
-import importlib.util
 import json
 import os
 import time
@@ -25,17 +24,11 @@ import numpy as np  # noqa: E402
 from moejax import MoeLayer, collect_aux_losses, expert_ffn  # noqa: E402
 from moejax.data.tokenizers import ByteTokenizer  # noqa: E402
 from moejax.models import make_model  # noqa: E402
-from moejax.train import init_state, make_optimizer, make_train_step, model_config  # noqa: E402
+from moejax.train import (config_from_file, init_state, make_optimizer, make_train_step,  # noqa: E402
+                          model_config)
 from moejax.train.step import dummy_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_config(path: Path):
-  spec = importlib.util.spec_from_file_location('experiment_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def median_ms(fn, *args, steps: int) -> float:
@@ -103,12 +96,12 @@ def main():
   parser.add_argument('--out', default=str(ROOT / 'benchmarks/results/train_step.json'))
   parser.add_argument('--dispatch', default=None, help="MoeLayer.dispatch (default: the config's)")
   args = parser.parse_args()
-  config = load_config(Path(args.config))
+  config = config_from_file(Path(args.config))
   if args.dispatch:
     config.model.dispatch = args.dispatch
   tokens = config.train.batch_size * config.data.length
   moe_ms = step_ms(config, args.steps)
-  dense_config = load_config(Path(args.config))
+  dense_config = config_from_file(Path(args.config))
   dense_config.model.dense_baseline = True
   dense_ms = step_ms(dense_config, args.steps)
   layer_ms, experts_ms = routing_overhead_ms(config, args.steps)

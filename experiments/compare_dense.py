@@ -6,21 +6,13 @@ Trains both models for each seed (work directories runs/compare/<moe|dense>_seed
 validation nats/char of each and the per-seed gap, and writes runs/compare/results.json.
 """
 import argparse
-import importlib.util
 import json
 import os
 import time
 
 import numpy as np
 
-from moejax.train import loop
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location('experiment_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from moejax.train import config_from_file, loop
 
 
 def main():
@@ -32,7 +24,7 @@ def main():
   results = []
   for seed in args.seeds:
     for name, dense in (('moe', False), ('dense', True)):
-      config = load_config(args.config)
+      config = config_from_file(args.config)
       config.seed, config.model.dense_baseline = seed, dense
       start = time.perf_counter()
       summary = loop.train(config, os.path.join(args.out, f'{name}_seed{seed}'), quiet=True)

@@ -39,8 +39,8 @@ def _config(values: flags.FlagValues, command: str) -> config_dict.ConfigDict:
   saved = os.path.join(values.workdir, 'config.json')
   if command == 'train' or not os.path.exists(saved):
     raise SystemExit(f'moejax {command}: give --config (no {saved} to reuse)')
-  with open(saved) as f:
-    return config_dict.ConfigDict(json.load(f))
+  from moejax.train.loop import saved_config  # imports JAX: only when it is needed
+  return saved_config(values.workdir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ class ModelConfig:
   dense_baseline: bool = False
   num_experts: int = 8                # E
   num_selected_experts: int = 1       # K
+  normalize_weights: bool = False     # top-K combine weights renormalized to sum to 1
   train_capacity_factor: float | None = 1.25  # None: dropless
   eval_capacity_factor: float | None = 2.0
   min_expert_capacity: int = 4
@@ -124,6 +125,7 @@ class ModelConfig:
     """MoeLayer fields (all but `causal`, which depends on the stack)."""
     return dict(num_experts=self.num_experts, expert_hidden_dim=self.ffn_dim,
                 num_selected_experts=self.num_selected_experts,
+                normalize_weights=self.normalize_weights,
                 train_capacity_factor=self.train_capacity_factor,
                 eval_capacity_factor=self.eval_capacity_factor,
                 min_expert_capacity=self.min_expert_capacity, group_size=self.group_size,

@@ -4,16 +4,16 @@ These modules do not import TensorFlow. The loop (`moejax.train.loop`: train, ev
 reads data through `moejax.data`, which does; import it explicitly.
 """
 from moejax.train.checkpoint import Checkpoints, ShapeMismatchError, check_compatible
-from moejax.train.config import default_config, model_config
+from moejax.train.config import config_from_file, default_config, model_config
 from moejax.train.optim import learning_rate_schedule, make_optimizer
 from moejax.train.sharding import batch_sharding, make_mesh, param_specs, state_shardings
 from moejax.train.step import (TrainState, cross_entropy, eval_step, init_state, make_eval_step,
-                               make_train_step, shift_right, train_step)
+                               make_train_step, shift_right, token_log_probs, train_step)
 
 __all__ = [
     'Checkpoints', 'ShapeMismatchError', 'TrainState', 'batch_sharding', 'check_compatible',
-    'cross_entropy', 'default_config', 'eval_step', 'init_state', 'learning_rate_schedule',
-    'make_eval_step', 'make_mesh', 'make_optimizer', 'make_train_step', 'model_config',
-    'param_specs',
-    'shift_right', 'state_shardings', 'train_step',
+    'config_from_file', 'cross_entropy', 'default_config', 'eval_step', 'init_state',
+    'learning_rate_schedule', 'make_eval_step', 'make_mesh', 'make_optimizer', 'make_train_step',
+    'model_config', 'param_specs', 'shift_right', 'state_shardings', 'token_log_probs',
+    'train_step',
 ]

@@ -6,6 +6,8 @@ An experiment is a Python file whose `get_config()` returns `default_config()` w
 """
 from __future__ import annotations
 
+import importlib.util
+
 import ml_collections
 
 from moejax.models import ModelConfig
@@ -50,11 +52,26 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=3))
 
+  # Sparse upcycling (moejax.upcycle): a new run starts from a dense run's checkpoint.
+  config.upcycle = ml_collections.ConfigDict(dict(
+      from_workdir=ml_collections.config_dict.placeholder(str),  # the dense run; None: off
+      step=ml_collections.config_dict.placeholder(int),          # its checkpoint (None: latest)
+      noise_std=0.0,                     # expert noise, relative to each kernel's std
+  ))
+
   config.mesh = ml_collections.ConfigDict(dict(data=1, expert=1, model=1))
 
   config.sample = ml_collections.ConfigDict(dict(
       prompt='\n', num_tokens=300, temperature=0.8))
   return config
+
+
+def config_from_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of an experiment file (what `moejax train --config path` runs)."""
+  spec = importlib.util.spec_from_file_location('experiment_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:

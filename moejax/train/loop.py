@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import signal
 import time
@@ -29,6 +30,7 @@ from moejax.train.optim import make_optimizer
 from moejax.train.sampling import generate
 from moejax.train.step import (dummy_batch, has_moe, init_state, make_eval_step,
                                make_train_step)
+from moejax.upcycle import upcycle_optimizer_state, upcycle_tree
 
 
 class TrainingDiverged(RuntimeError):
@@ -142,12 +144,45 @@ def evaluate(run: Run, params, eval_step=None, bias_state=None) -> dict:
   return metrics
 
 
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (its config.json)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no {path}: not a run directory (train first)')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def upcycled_state(run: Run):
+  """(state, data position) of a run that starts by upcycling the dense run in
+  `config.upcycle.from_workdir` at checkpoint `config.upcycle.step` (default: its latest).
+
+  Params and Adam moments come from `moejax.upcycle`; the step, the optimizer's counts (so the
+  learning-rate schedule goes on where the dense run was) and the data position are the dense
+  run's, so both runs see the same batches from there (same data config and batch size).
+  """
+  up = run.config.upcycle
+  dense_run = open_run(saved_config(up.from_workdir), up.from_workdir)
+  dense, position = dense_run.checkpoints.restore(dense_run.fresh_state(),
+                                                  dense_run.model_config, up.step)
+  dense_run.checkpoints.close()
+  fresh = run.fresh_state()
+  noise_rng = jax.random.fold_in(jax.random.key(run.config.seed), 1)
+  state = fresh.replace(step=dense.step,
+                        params=upcycle_tree(dense.params, fresh.params, up.noise_std, noise_rng),
+                        opt_state=upcycle_optimizer_state(dense.opt_state, fresh.opt_state))
+  shardings = run.shardings(state)
+  return (state if shardings is None else jax.device_put(state, shardings)), position
+
+
 def restore_or_init(run: Run):
-  """(state, data position): the latest checkpoint's, or a fresh state at position 0."""
-  state = run.fresh_state()
-  if run.checkpoints.latest_step() is None:
-    return state, 0
-  return run.checkpoints.restore(state, run.model_config)
+  """(state, data position): the latest checkpoint's; else, when `config.upcycle.from_workdir`
+  is set, the upcycled dense checkpoint's; else a fresh state at position 0."""
+  if run.checkpoints.latest_step() is not None:
+    return run.checkpoints.restore(run.fresh_state(), run.model_config)
+  if run.config.get('upcycle') and run.config.upcycle.from_workdir:
+    return upcycled_state(run)
+  return run.fresh_state(), 0
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> dict:

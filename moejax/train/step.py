@@ -64,6 +64,12 @@ def model_inputs(config: ModelConfig, batch: Batch) -> tuple:
   return (batch['inputs'], batch['input_mask'] > 0, *decoder)
 
 
+def loss_weights(batch: Batch) -> jax.Array:
+  """[B, L]: which targets the loss counts; `batch['loss_weights']` when the batch has it (e.g. only
+  a class label, see `moejax.train.finetune`), else the padding weights."""
+  return batch.get('loss_weights', batch['weights'])
+
+
 def dummy_batch(config: ModelConfig, batch_size: int, length: int,
                 input_length: int | None = None) -> Batch:
   batch = {'targets': jnp.zeros((batch_size, length), jnp.int32),
@@ -92,7 +98,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> 
   return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _forward(model: nn.Module, params, batch: Batch, deterministic: bool, rng=None,
+def forward(model: nn.Module, params, batch: Batch, deterministic: bool, rng=None,
              bias_state=None, record_load: bool = False):
   """(logits [B, L, V], MoE metrics: the aux losses, routing metrics and per-layer ones, and the
   'router_bias_state' collection: with `record_load`, holding this batch's expert loads)."""
@@ -121,9 +127,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def loss_fn(params):
-    logits, moe, bias_state = _forward(model, params, batch, False, rng,
+    logits, moe, bias_state = forward(model, params, batch, False, rng,
                                        state.router_bias_state, record_load=True)
-    nll = cross_entropy(logits, batch['targets'], batch['weights'])
+    nll = cross_entropy(logits, batch['targets'], loss_weights(batch))
     loss = nll + alpha * moe['load_balancing_loss'] + beta * moe['router_z_loss']
     return loss, ({'nll': nll, **moe}, bias_state)
 
@@ -153,11 +159,19 @@ def eval_step(params, batch: Batch, router_bias_state=None, *,
               model: nn.Module) -> dict[str, jax.Array]:
   """Sums over the batch's real tokens (eval capacity factor: deterministic=True).
   router_bias_state: the train state's, for models with balancing biases."""
-  logits, moe, _ = _forward(model, params, batch, True, bias_state=router_bias_state)
+  logits, moe, _ = forward(model, params, batch, True, bias_state=router_bias_state)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
-  tokens = jnp.sum(batch['weights'])
-  return {'nll_sum': jnp.sum(nll * batch['weights']), 'tokens': tokens,
+  tokens = jnp.sum(loss_weights(batch))
+  return {'nll_sum': jnp.sum(nll * loss_weights(batch)), 'tokens': tokens,
           **{name: value * tokens for name, value in moe.items()}}
+
+
+def token_log_probs(params, batch: Batch, router_bias_state=None, *,
+                    model: nn.Module) -> jax.Array:
+  """log p(target) [B, L] of every position, as evaluation computes it (deterministic, the eval
+  capacity factor); padding positions are included: mask them with batch['weights']."""
+  logits, _, _ = forward(model, params, batch, True, bias_state=router_bias_state)
+  return -optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
 
 
 def _on_mesh(fn, mesh: Mesh | None):
