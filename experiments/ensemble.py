@@ -24,7 +24,7 @@ def member_log_probs(workdir: str, batches: list) -> np.ndarray:
   log_probs = jax.jit(functools.partial(token_log_probs, model=run.model))
   out = [np.asarray(log_probs(state.params, batch, state.router_bias_state))[batch['weights'] > 0]
          for batch in batches]
-  return np.concatenate(out)
+  return np.concatenate(out).astype(np.float64)
 
 
 def main():

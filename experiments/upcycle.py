@@ -6,10 +6,12 @@ Three runs of the same data, seed and schedule (work directories under --out):
   dense     the dense source (config with dense_baseline=True, num_selected_experts=1), all steps;
   scratch   the MoE from a fresh init, all steps;
   upcycled  the MoE upcycled from the dense run's checkpoint at step --at, then trained to the end
-            (same learning-rate schedule and batches as the dense run from there).
-A finished run is not trained again. Prints validation loss (nats/char) at every evaluation, the
-first step at which each MoE run is below the dense run at the same step, and writes
-<out>/results.json.
+            (same learning-rate schedule and batches as the dense run from there); with
+            --noise_std s > 0 the run is upcycled_noise<s>.
+A finished run is not trained again. Prints validation loss (nats/char) at every evaluation and,
+for each MoE run, the steps it trained before its validation loss was below the dense model it was
+upcycled from (the dense run at step --at), and the first step at which it is below the dense run
+at the same step; writes <out>/results.json.
 """
 import argparse
 import json
@@ -29,6 +31,11 @@ def eval_curve(workdir: str) -> dict[int, float]:
   return curve
 
 
+def steps_to_reach(curve: dict[int, float], target: float, start: int) -> int | None:
+  """Steps after `start` until the first evaluation of `curve` below `target` (None: never)."""
+  return next((s - start for s in sorted(curve) if s > start and curve[s] < target), None)
+
+
 def first_step_below(curve: dict[int, float], reference: dict[int, float],
                      after: int) -> int | None:
   """The first evaluation step > `after` at which `curve` is below `reference`."""
@@ -43,14 +50,19 @@ def main():
   parser.add_argument('--noise_std', type=float, default=0.0)
   parser.add_argument('--out', default='runs/upcycle')
   args = parser.parse_args()
-  workdirs = {name: os.path.join(args.out, name) for name in ('dense', 'scratch', 'upcycled')}
+  upcycled = 'upcycled' + (f'_noise{args.noise_std:g}' if args.noise_std else '')
+  workdirs = {name: os.path.join(args.out, name) for name in ('dense', 'scratch', upcycled)}
   for name, workdir in workdirs.items():
     config = config_from_file(args.config)
     if name == 'dense':
       config.model.update(dense_baseline=True, num_selected_experts=1)
-    if name == 'upcycled':
+    if name == upcycled:
       config.upcycle.update(from_workdir=workdirs['dense'], step=args.at,
                             noise_std=args.noise_std)
+    if os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and (
+        config.train.num_steps in eval_curve(workdir)):
+      print(f'--- {name}: finished ({workdir}) ---')
+      continue
     print(f'--- {name} ---', flush=True)
     summary = loop.train(config, workdir)
     print(loop.format_summary(summary), flush=True)
@@ -64,11 +76,14 @@ def main():
     print(f'{s:>4} ' + ' '.join(f'{v:8.4f}' if v is not None else '       -' for v in row))
   results = {'config': args.config, 'upcycled_at': args.at, 'noise_std': args.noise_std,
              'curves': curves}
-  for name in ('scratch', 'upcycled'):
-    step = first_step_below(curves[name], curves['dense'], args.at)
-    results[f'{name}_first_below_dense_after_{args.at}'] = step
-    print(f'{name}: first below the dense run after step {args.at}: '
-          f'{step if step is not None else "never"}')
+  source_loss = curves['dense'][args.at]
+  for name, start in (('scratch', 0), (upcycled, args.at)):
+    steps = steps_to_reach(curves[name], source_loss, start)
+    below = first_step_below(curves[name], curves['dense'], start)
+    results[name] = {'moe_steps_to_pass_dense_source': steps,
+                     'first_step_below_dense_run': below, 'final': curves[name][max(curves[name])]}
+    print(f'{name}: below the dense source ({source_loss:.4f}) after {steps} MoE steps (first '
+          f'evaluation under it); below the dense run at the same step from step {below}')
   with open(os.path.join(args.out, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1)
 
