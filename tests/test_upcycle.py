@@ -1,6 +1,7 @@
 """Sparse upcycling: the upcycled model's first forward pass is the dense model's; the train loop
 starts an MoE run from a dense run's checkpoint and continues its step, schedule and data."""
 import dataclasses
+import functools
 import json
 import os
 
@@ -26,12 +27,15 @@ def dense_source(config):
   return dataclasses.replace(config, dense_baseline=True, num_selected_experts=1)
 
 
+@functools.lru_cache(maxsize=None)
 def init_params(config, seed):
+  """Initial params (unboxed), computed once per (config, seed) for the whole module."""
   batch = dummy_batch(config, 2, 12)
-  return nn.unbox(make_model(config).init(jax.random.key(seed), *model_inputs(config, batch),
-                                         True)['params'])
+  init = lambda: make_model(config).init(jax.random.key(seed), *model_inputs(config, batch), True)
+  return nn.unbox(jax.jit(init)()['params'])
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def logits(config, params, tokens):
   batch = {'targets': tokens, 'weights': jnp.ones(tokens.shape, jnp.float32)}
   return make_model(config).apply({'params': params}, *model_inputs(config, batch), True)
