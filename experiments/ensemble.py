@@ -15,16 +15,16 @@ import jax
 import numpy as np
 
 from moejax import ensemble
-from moejax.train import loop, token_log_probs
+from moejax.train import loop, saved_config, token_log_probs
 
 
-def member_log_probs(workdir: str, batches: list) -> np.ndarray:
-  """log p(target) of every real token of `batches`, in order: [N]."""
-  run, state = loop.load(loop.saved_config(workdir), workdir)
+def member_log_probs(workdir: str, parts: list[list]) -> list[np.ndarray]:
+  """For each list of batches in `parts`: log p(target) of its real tokens, in order, [N]."""
+  run, state = loop.load(saved_config(workdir), workdir)
   log_probs = jax.jit(functools.partial(token_log_probs, model=run.model))
-  out = [np.asarray(log_probs(state.params, batch, state.router_bias_state))[batch['weights'] > 0]
-         for batch in batches]
-  return np.concatenate(out).astype(np.float64)
+  return [np.concatenate([
+      np.asarray(log_probs(state.params, batch, state.router_bias_state))[batch['weights'] > 0]
+      for batch in batches]).astype(np.float64) for batches in parts]
 
 
 def main():
@@ -32,14 +32,16 @@ def main():
   parser.add_argument('runs', nargs='+')
   parser.add_argument('--out', default='runs/ensemble.json')
   args = parser.parse_args()
-  configs = [loop.saved_config(workdir) for workdir in args.runs]
-  data = {(c.data.source, c.data.length, c.data.validation_fraction) for c in configs}
+  configs = [saved_config(workdir) for workdir in args.runs]
+  data = {(c.data.source, c.data.length, c.data.validation_fraction, c.data.tokenizer)
+          for c in configs}
   if len(data) != 1:
     raise SystemExit(f'the runs read different validation data: {sorted(data)}')
   batches = loop.open_run(configs[0], args.runs[0]).eval_batches
   half = len(batches) // 2
-  log_probs = {split: np.stack([member_log_probs(w, part) for w in args.runs])  # [M, N]
-               for split, part in (('fit', batches[:half]), ('test', batches[half:]))}
+  per_member = [member_log_probs(w, [batches[:half], batches[half:]]) for w in args.runs]
+  log_probs = {split: np.stack([member[i] for member in per_member])  # Shape: [M, N]
+               for i, split in enumerate(('fit', 'test'))}
   member_nll = {split: -lp.mean(axis=1) for split, lp in log_probs.items()}
   best = int(np.argmin(member_nll['fit']))
   results = {'runs': args.runs, 'tokens': {s: lp.shape[1] for s, lp in log_probs.items()},

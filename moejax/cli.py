@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import flags
@@ -36,11 +35,13 @@ def _flags() -> flags.FlagValues:
 def _config(values: flags.FlagValues, command: str) -> config_dict.ConfigDict:
   if values.config is not None:
     return values.config
-  saved = os.path.join(values.workdir, 'config.json')
-  if command == 'train' or not os.path.exists(saved):
-    raise SystemExit(f'moejax {command}: give --config (no {saved} to reuse)')
-  from moejax.train.loop import saved_config  # imports JAX: only when it is needed
-  return saved_config(values.workdir)
+  if command == 'train':
+    raise SystemExit('moejax train: give --config')
+  from moejax.train.config import saved_config  # imports JAX: after the arguments are checked
+  try:
+    return saved_config(values.workdir)
+  except FileNotFoundError as error:
+    raise SystemExit(f'moejax {command}: give --config ({error})') from None
 
 
 def main(argv: list[str] | None = None) -> int:

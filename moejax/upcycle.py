@@ -2,7 +2,8 @@
 
 Every expert of a sparse block starts as a copy of the dense FFN in the same block (optionally
 perturbed by Gaussian noise), the routers are new (the MoE model's fresh init), and every other
-parameter (attention, norms, embeddings, dense FFNs) is copied. The dense source is the MoE
+parameter (attention, norms, embeddings, dense FFNs) is copied. Shared experts, if the MoE has
+any, keep their fresh init (and add to the output: the equality below needs none). The dense source is the MoE
 config's dense twin with one expert's width: `dense_baseline=True, num_selected_experts=1`, whose
 block `.../block_i/mlp/{wi,wo}/kernel` [D, F], [F, D] matches `.../block_i/moe/experts/{wi,wo}`
 [E, D, F], [E, F, D].
@@ -11,8 +12,8 @@ With identical experts a token's output is (sum of its top-K combine weights) x 
 with `normalize_weights=True` and capacity to spare the upcycled model's first forward pass is the
 dense model's (tests/test_upcycle.py checks it).
 
-The same mapping carries Adam's moments (`upcycle_tree` on every params-shaped part of an
-optimizer state), so training continues on the dense run's learning-rate schedule and statistics.
+The same mapping carries Adam's moments (`upcycle_optimizer_state`), so training continues on the
+dense run's learning-rate schedule and statistics.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def _expert_copies(dense_ffn: Params, experts: Params, path: str, noise_std: flo
   copies = {}
   for i, (name, template) in enumerate(sorted(experts.items())):
     if name not in dense_ffn:
-      raise ValueError(f'upcycling {path}/experts/{name}: the dense model has no {path}/mlp/{name}'
-                       ' (GLU experts need a GLU dense model)')
+      raise ValueError(f'upcycling {path}/experts/{name}: the dense model has no '
+                       f'{path.rsplit("/", 1)[0]}/mlp/{name} (GLU experts need a GLU dense model)')
     kernel = dense_ffn[name]['kernel']  # Shape: [D, F] or [F, D]
     if (template.shape[0], *kernel.shape) != template.shape:
       raise ValueError(
@@ -67,7 +68,7 @@ def upcycle_tree(dense: Params, template: Params, noise_std: float = 0.0,
       if 'mlp' not in dense:
         raise ValueError(f'upcycling {here}: the dense model has no FFN at {path}/mlp')
       block_rng = None if rng is None else jax.random.fold_in(rng, zlib.crc32(here.encode()))
-      experts = _expert_copies(dense['mlp'], value['experts'], path, noise_std, block_rng)
+      experts = _expert_copies(dense['mlp'], value['experts'], here, noise_std, block_rng)
       out[name] = {**value, 'experts': experts}  # the router (and shared experts) stay fresh
     elif name not in dense:
       raise ValueError(f'upcycling: the dense model has no {here}')
@@ -81,11 +82,23 @@ def upcycle_tree(dense: Params, template: Params, noise_std: float = 0.0,
   return out
 
 
-def upcycle_optimizer_state(dense_state: Any, template_state: Any) -> Any:
-  """An optimizer state for the upcycled params: every params-shaped part (Adam's mu and nu)
-  upcycled without noise (the routers' moments stay fresh), every other leaf (step counts,
-  which drive the schedule) the dense run's. Both states must come from the same optax chain."""
-  return jax.tree.map(
-      lambda template, dense: (upcycle_tree(dense, template)
-                               if isinstance(template, Mapping) else dense),
-      template_state, dense_state, is_leaf=lambda node: isinstance(node, Mapping))
+def upcycle_optimizer_state(dense_state: Any, template_state: Any, template_params: Params) -> Any:
+  """An optimizer state for the upcycled params, from the same optax chain's states of the dense
+  run and of the fresh MoE model (`template_state`, for `template_params`).
+
+  Each part shaped like the params (Adam's mu and nu) is upcycled without noise, the routers'
+  moments staying fresh; a params-structured part of other shapes (Adafactor's factored
+  statistics) stays fresh; every other leaf (step counts, which drive the schedule) is the dense
+  run's.
+  """
+  params_shapes = jax.tree.map(jnp.shape, template_params)
+
+  def carry(template, dense):
+    if not isinstance(template, Mapping):
+      return dense
+    if jax.tree.map(jnp.shape, template) == params_shapes:
+      return upcycle_tree(dense, template)
+    return template
+
+  return jax.tree.map(carry, template_state, dense_state,
+                      is_leaf=lambda node: isinstance(node, Mapping))

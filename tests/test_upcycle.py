@@ -97,18 +97,42 @@ def test_dense_source_of_another_width_is_refused_with_the_fix():
     upcycle_tree(init_params(wide, 0), init_params(TINY, 1))
 
 
+def counts(opt_state):
+  """The optimizer state's step counts (Adam's, the schedule's), by path."""
+  flat = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+  return {jax.tree_util.keystr(path): int(leaf) for path, leaf in flat
+          if jax.tree_util.keystr(path).endswith('count')}
+
+
 def test_optimizer_state_keeps_counts_and_copies_moments():
   tx = make_optimizer(default_config().train)
-  dense = init_params(dense_source(TINY), 0)
-  dense_opt = tx.init(dense)
-  dense_opt = jax.tree.map(lambda x: x + 1, dense_opt)  # counts 1, moments 1
-  template = init_params(TINY, 1)
-  opt = upcycle_optimizer_state(dense_opt, tx.init(template))
+  dense, template = init_params(dense_source(TINY), 0), init_params(TINY, 1)
+  dense_opt = jax.tree.map(lambda x: x + 1, tx.init(dense))  # counts 1, moments 1
+  opt = upcycle_optimizer_state(dense_opt, tx.init(template), template)
+  assert counts(opt) and set(counts(opt).values()) == {1}  # Adam's and the schedule's
   adam = opt[1][0]
-  assert int(adam.count) == 1
-  moe = adam.mu['decoder']['unit_0']['block_1']['moe']
-  np.testing.assert_array_equal(moe['experts']['wo'], jnp.ones_like(moe['experts']['wo']))
-  np.testing.assert_array_equal(moe['router']['dense']['kernel'], 0.0)  # fresh router
+  for moments in (adam.mu, adam.nu):
+    moe = moments['decoder']['unit_0']['block_1']['moe']
+    np.testing.assert_array_equal(moe['experts']['wo'], jnp.ones_like(moe['experts']['wo']))
+    np.testing.assert_array_equal(moe['router']['dense']['kernel'], 0.0)  # fresh router
+    np.testing.assert_array_equal(moments['embed']['embedding'], 1.0)
+
+
+def test_adafactor_state_copies_params_shaped_statistics_and_keeps_the_rest_fresh():
+  """At these tiny widths Adafactor factors nothing: its `v` is params-shaped (copied), while
+  `v_row` and `v_col` hold (1,) placeholders, which cannot be copies of anything (kept fresh)."""
+  train = default_config().train
+  train.optimizer = 'adafactor'
+  tx = make_optimizer(train)
+  dense, template = init_params(dense_source(TINY), 0), init_params(TINY, 1)
+  dense_opt = jax.tree.map(lambda x: x + 1, tx.init(dense))
+  opt = upcycle_optimizer_state(dense_opt, tx.init(template), template)
+  assert counts(opt) and set(counts(opt).values()) == {1}
+  factored = opt[1][0]
+  experts = factored.v['decoder']['unit_0']['block_1']['moe']['experts']['wi']
+  np.testing.assert_array_equal(experts, jnp.ones_like(experts))
+  for placeholder in jax.tree.leaves((factored.v_row, factored.v_col)):
+    np.testing.assert_array_equal(placeholder, 0.0)
 
 
 def test_train_loop_upcycles_a_dense_run_and_continues_its_step(tmp_path):
@@ -127,6 +151,7 @@ def test_train_loop_upcycles_a_dense_run_and_continues_its_step(tmp_path):
   experts = start['state'].params['decoder']['unit_0']['block_1']['moe']['experts']['wi']
   kernel = dense['state'].params['decoder']['unit_0']['block_1']['mlp']['wi']['kernel']
   np.testing.assert_array_equal(experts, jnp.broadcast_to(kernel, experts.shape))
+  assert set(counts(start['state'].opt_state).values()) == {4}  # the dense run's schedule goes on
 
   config.train.num_steps = 6  # resumes the upcycled run's own checkpoint
   summary = loop.train(config, moe_dir, quiet=True)

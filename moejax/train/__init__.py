@@ -4,7 +4,7 @@ These modules do not import TensorFlow. The loop (`moejax.train.loop`: train, ev
 reads data through `moejax.data`, which does; import it explicitly.
 """
 from moejax.train.checkpoint import Checkpoints, ShapeMismatchError, check_compatible
-from moejax.train.config import config_from_file, default_config, model_config
+from moejax.train.config import config_from_file, default_config, model_config, saved_config
 from moejax.train.optim import learning_rate_schedule, make_optimizer
 from moejax.train.sharding import batch_sharding, make_mesh, param_specs, state_shardings
 from moejax.train.step import (TrainState, cross_entropy, eval_step, init_state, make_eval_step,
@@ -14,6 +14,6 @@ __all__ = [
     'Checkpoints', 'ShapeMismatchError', 'TrainState', 'batch_sharding', 'check_compatible',
     'config_from_file', 'cross_entropy', 'default_config', 'eval_step', 'init_state',
     'learning_rate_schedule', 'make_eval_step', 'make_mesh', 'make_optimizer', 'make_train_step',
-    'model_config', 'param_specs', 'shift_right', 'state_shardings', 'token_log_probs',
-    'train_step',
+    'model_config', 'param_specs', 'saved_config', 'shift_right', 'state_shardings',
+    'token_log_probs', 'train_step',
 ]

@@ -7,6 +7,8 @@ An experiment is a Python file whose `get_config()` returns `default_config()` w
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 
 import ml_collections
 
@@ -72,6 +74,15 @@ def config_from_file(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (its config.json)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no {path}: not a run directory (train first)')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:

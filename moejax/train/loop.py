@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import signal
 import time
@@ -24,7 +23,7 @@ from moejax import sharding as moe_sharding
 from moejax.models import make_model, per_token_flops
 from moejax.train import sharding
 from moejax.train.checkpoint import Checkpoints
-from moejax.train.config import model_config
+from moejax.train.config import model_config, saved_config
 from moejax.train.metrics import MetricWriter
 from moejax.train.optim import make_optimizer
 from moejax.train.sampling import generate
@@ -144,22 +143,14 @@ def evaluate(run: Run, params, eval_step=None, bias_state=None) -> dict:
   return metrics
 
 
-def saved_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was trained with (its config.json)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'no {path}: not a run directory (train first)')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def upcycled_state(run: Run):
   """(state, data position) of a run that starts by upcycling the dense run in
   `config.upcycle.from_workdir` at checkpoint `config.upcycle.step` (default: its latest).
 
   Params and Adam moments come from `moejax.upcycle`; the step, the optimizer's counts (so the
   learning-rate schedule goes on where the dense run was) and the data position are the dense
-  run's, so both runs see the same batches from there (same data config and batch size).
+  run's, so both runs see the same batches from there (given the same data config, batch size
+  and seed: the shuffle is seeded).
   """
   up = run.config.upcycle
   dense_run = open_run(saved_config(up.from_workdir), up.from_workdir)
@@ -170,7 +161,8 @@ def upcycled_state(run: Run):
   noise_rng = jax.random.fold_in(jax.random.key(run.config.seed), 1)
   state = fresh.replace(step=dense.step,
                         params=upcycle_tree(dense.params, fresh.params, up.noise_std, noise_rng),
-                        opt_state=upcycle_optimizer_state(dense.opt_state, fresh.opt_state))
+                        opt_state=upcycle_optimizer_state(dense.opt_state, fresh.opt_state,
+                                                          fresh.params))
   shardings = run.shardings(state)
   return (state if shardings is None else jax.device_put(state, shardings)), position
 

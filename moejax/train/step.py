@@ -99,7 +99,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> 
 
 
 def forward(model: nn.Module, params, batch: Batch, deterministic: bool, rng=None,
-             bias_state=None, record_load: bool = False):
+            bias_state=None, record_load: bool = False):
   """(logits [B, L, V], MoE metrics: the aux losses, routing metrics and per-layer ones, and the
   'router_bias_state' collection: with `record_load`, holding this batch's expert loads)."""
   rngs = {}
@@ -128,7 +128,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
   def loss_fn(params):
     logits, moe, bias_state = forward(model, params, batch, False, rng,
-                                       state.router_bias_state, record_load=True)
+                                      state.router_bias_state, record_load=True)
     nll = cross_entropy(logits, batch['targets'], loss_weights(batch))
     loss = nll + alpha * moe['load_balancing_loss'] + beta * moe['router_z_loss']
     return loss, ({'nll': nll, **moe}, bias_state)
