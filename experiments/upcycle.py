@@ -1,6 +1,7 @@
 """Sparse upcycling vs training the MoE from scratch, against the dense model they are measured by.
 
-  python experiments/upcycle.py [--config experiments/configs/upcycle_tiny.py] [--at 300]
+  python experiments/upcycle.py [--config experiments/configs/upcycle_tiny.py] [--at 300] \
+                                [--seed 0 --out runs/upcycle]
 
 Three runs of the same data, seed and schedule (work directories under --out):
   dense     the dense source (config with dense_baseline=True, num_selected_experts=1), all steps;
@@ -48,12 +49,14 @@ def main():
   parser.add_argument('--config', default='experiments/configs/upcycle_tiny.py')
   parser.add_argument('--at', type=int, default=300, help='dense step to upcycle from')
   parser.add_argument('--noise_std', type=float, default=0.0)
+  parser.add_argument('--seed', type=int, default=0, help='params, data order, rngs (all runs)')
   parser.add_argument('--out', default='runs/upcycle')
   args = parser.parse_args()
   upcycled = 'upcycled' + (f'_noise{args.noise_std:g}' if args.noise_std else '')
   workdirs = {name: os.path.join(args.out, name) for name in ('dense', 'scratch', upcycled)}
   for name, workdir in workdirs.items():
     config = config_from_file(args.config)
+    config.seed = args.seed
     if name == 'dense':
       config.model.update(dense_baseline=True, num_selected_experts=1)
     if name == upcycled:
@@ -74,7 +77,8 @@ def main():
   for s in steps:
     row = [curves[name].get(s) for name in workdirs]
     print(f'{s:>4} ' + ' '.join(f'{v:8.4f}' if v is not None else '       -' for v in row))
-  results = {'config': args.config, 'upcycled_at': args.at, 'noise_std': args.noise_std,
+  results = {'config': args.config, 'seed': args.seed, 'upcycled_at': args.at,
+             'noise_std': args.noise_std,
              'curves': curves}
   source_loss = curves['dense'][args.at]
   for name, start in (('scratch', 0), (upcycled, args.at)):
