@@ -1,5 +1,8 @@
-"""Shared by the training, data and CLI tests: the smoke config, loaded as the CLI loads it."""
+"""Shared by the tests: the smoke config (loaded as the CLI loads it), a layer's init and apply."""
 import os
+
+import flax.linen as nn
+import jax
 
 from moejax.train.config import config_from_file
 
@@ -14,3 +17,13 @@ def smoke_config(data_dir, **train):
   config.data.data_dir = str(data_dir)
   config.train.update(train)
   return config
+
+
+def init_layer(layer, x, **kwargs):
+  """Unboxed variables of a layer initialized on x [B, L, D] (deterministic)."""
+  return nn.unbox(layer.init(jax.random.key(42), x, True, **kwargs))
+
+
+def apply_layer(layer, variables, x, deterministic=True, **kwargs):
+  """(output, state): the layer applied with its 'intermediates' collected."""
+  return layer.apply(variables, x, deterministic, mutable=['intermediates'], **kwargs)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import apply_layer, init_layer
 from moejax import MoeLayer, collect_aux_losses, collect_routing_metrics
 from moejax.layer import block_tile, default_block_size
 
@@ -19,10 +20,6 @@ def _inputs(batch=2, length=16, seed=0):
   return jax.random.normal(jax.random.key(seed), (batch, length, D))
 
 
-def _init(layer, x):
-  return nn.unbox(layer.init(jax.random.key(42), x, True))
-
-
 def _force_expert(variables, expert, num_experts):
   """Router that sends every token to `expert`: zero kernel, bias favouring it."""
   params = jax.tree.map(lambda a: a, variables['params'])
@@ -32,17 +29,13 @@ def _force_expert(variables, expert, num_experts):
   return {'params': params}
 
 
-def _apply(layer, variables, x, deterministic=True, **kwargs):
-  return layer.apply(variables, x, deterministic, mutable=['intermediates'], **kwargs)
-
-
 @pytest.mark.parametrize('dispatch', DISPATCHES)
 def test_adversarial_overflow_keeps_exactly_capacity_tokens(dispatch):
   layer = MoeLayer(num_experts=4, expert_hidden_dim=F, router_bias=True, dispatch=dispatch,
                    group_size=16, eval_capacity_factor=1.0, min_expert_capacity=1)
   x = _inputs(batch=2, length=16)
-  variables = _force_expert(_init(layer, x), 0, 4)
-  out, state = _apply(layer, variables, x)
+  variables = _force_expert(init_layer(layer, x), 0, 4)
+  out, state = apply_layer(layer, variables, x)
   capacity = layer.capacity(16, deterministic=True)
   assert capacity == 4
   nonzero = np.abs(np.asarray(out)).sum(-1) > 0  # [B, L]
@@ -82,7 +75,7 @@ def test_dispatch_methods_agree(k, num_experts, capacity_factor):
     layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=F, num_selected_experts=k,
                      eval_capacity_factor=capacity_factor, min_expert_capacity=1,
                      dispatch=dispatch, block_size=block_size, router_init_scale=10.0)
-    variables = _init(layer, x)
+    variables = init_layer(layer, x)
     results.append(_loss_and_grads(layer, variables, x, padding_mask))
   out_a, grads_a = results[0]
   for out_b, grads_b in results[1:]:
@@ -92,7 +85,7 @@ def test_dispatch_methods_agree(k, num_experts, capacity_factor):
   if capacity_factor is not None and capacity_factor < 1 and num_experts > 1:  # really overflows
     layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=F, num_selected_experts=k,
                      eval_capacity_factor=capacity_factor, min_expert_capacity=1)
-    _, state = _apply(layer, variables, x, padding_mask=padding_mask)
+    _, state = apply_layer(layer, variables, x, padding_mask=padding_mask)
     assert collect_routing_metrics(state)['fraction_dropped'] > 0.3
 
 
@@ -102,8 +95,8 @@ def test_dropless_never_drops_even_when_every_token_picks_one_expert(dispatch):
                    group_size=16, eval_capacity_factor=None, train_capacity_factor=None)
   assert layer.capacity(16, deterministic=True) == layer.capacity(16, deterministic=False) == 16
   x = _inputs(batch=2, length=16)
-  variables = _force_expert(_init(layer, x), 0, 4)
-  out, state = _apply(layer, variables, x)
+  variables = _force_expert(init_layer(layer, x), 0, 4)
+  out, state = apply_layer(layer, variables, x)
   wi, wo = (variables['params']['experts'][name][0] for name in ('wi', 'wo'))
   weight = jax.nn.softmax(variables['params']['router']['dense']['bias'])[0]  # every token's top-1 prob
   np.testing.assert_allclose(out, weight * (jax.nn.relu(x @ wi) @ wo), atol=1e-6, rtol=1e-5)
@@ -113,8 +106,8 @@ def test_dropless_never_drops_even_when_every_token_picks_one_expert(dispatch):
 def test_one_expert_equals_dense_ffn():
   layer = MoeLayer(num_experts=1, expert_hidden_dim=F, group_size=8)
   x = _inputs()
-  variables = _init(layer, x)
-  out, _ = _apply(layer, variables, x)
+  variables = init_layer(layer, x)
+  out, _ = apply_layer(layer, variables, x)
   wi = variables['params']['experts']['wi'][0]
   wo = variables['params']['experts']['wo'][0]
   np.testing.assert_allclose(out, jax.nn.relu(x @ wi) @ wo, atol=1e-6, rtol=1e-6)
@@ -123,8 +116,8 @@ def test_one_expert_equals_dense_ffn():
 def test_glu_gelu_expert_equals_formula():
   layer = MoeLayer(num_experts=1, expert_hidden_dim=F, glu=True, activation='gelu')
   x = _inputs()
-  variables = _init(layer, x)
-  out, _ = _apply(layer, variables, x)
+  variables = init_layer(layer, x)
+  out, _ = apply_layer(layer, variables, x)
   p = variables['params']['experts']
   expected = (nn.gelu(x @ p['wi'][0]) * (x @ p['wi_gate'][0])) @ p['wo'][0]
   np.testing.assert_allclose(out, expected, atol=1e-6, rtol=1e-6)
@@ -133,8 +126,8 @@ def test_glu_gelu_expert_equals_formula():
 def test_dense_routing_mixes_all_experts():
   layer = MoeLayer(num_experts=3, expert_hidden_dim=F, routing='dense')
   x = _inputs(batch=1, length=8)
-  variables = _init(layer, x)
-  out, state = _apply(layer, variables, x)
+  variables = init_layer(layer, x)
+  out, state = apply_layer(layer, variables, x)
   p = variables['params']
   probs = jax.nn.softmax(x @ p['router']['dense']['kernel'])  # [B, L, E]
   hidden = jax.nn.relu(jnp.einsum('bld,edf->blef', x, p['experts']['wi']))
@@ -147,12 +140,12 @@ def test_uniform_router_gives_unit_load_balancing_loss_and_formula_z_loss():
   for k in (1, 2):
     layer = MoeLayer(num_experts=4, expert_hidden_dim=F, num_selected_experts=k)
     x = _inputs()
-    variables = _init(layer, x)
+    variables = init_layer(layer, x)
     uniform = jax.tree.map(jnp.zeros_like, variables)  # zero router kernel: probabilities 1/E
     uniform['params']['experts'] = variables['params']['experts']
-    _, state = _apply(layer, uniform, x)
+    _, state = apply_layer(layer, uniform, x)
     np.testing.assert_allclose(collect_aux_losses(state)['load_balancing_loss'], 1.0, rtol=1e-6)
-    _, state = _apply(layer, variables, x)
+    _, state = apply_layer(layer, variables, x)
     logits = x @ variables['params']['router']['dense']['kernel']
     z = jax.nn.logsumexp(logits, axis=-1)
     np.testing.assert_allclose(collect_aux_losses(state)['router_z_loss'], jnp.mean(z**2),
@@ -162,7 +155,7 @@ def test_uniform_router_gives_unit_load_balancing_loss_and_formula_z_loss():
 def test_gradients_reach_the_router():
   layer = MoeLayer(num_experts=4, expert_hidden_dim=F)
   x = _inputs()
-  variables = _init(layer, x)
+  variables = init_layer(layer, x)
   grads = jax.grad(lambda p: jnp.sum(layer.apply({'params': p}, x, True)**2))(variables['params'])
   assert np.abs(grads['router']['dense']['kernel']).min() > 0
 
@@ -170,7 +163,7 @@ def test_gradients_reach_the_router():
 def test_bfloat16_layer_keeps_router_in_float32():
   layer = MoeLayer(num_experts=4, expert_hidden_dim=F, dtype=jnp.bfloat16, num_selected_experts=2)
   x = _inputs().astype(jnp.bfloat16)
-  variables = _init(layer, x)
+  variables = init_layer(layer, x)
   out, state = layer.apply(variables, x, True, capture_intermediates=True,
                            mutable=['intermediates'])
   assert out.dtype == jnp.bfloat16
@@ -181,7 +174,7 @@ def test_bfloat16_layer_keeps_router_in_float32():
   assert variables['params']['router']['dense']['kernel'].dtype == jnp.float32
   # The float32 router decides as the float32 layer does on the same (bf16-rounded) inputs.
   f32_layer = layer.clone(dtype=jnp.float32)
-  _, f32_state = _apply(f32_layer, variables, x.astype(jnp.float32))
+  _, f32_state = apply_layer(f32_layer, variables, x.astype(jnp.float32))
   np.testing.assert_allclose(collect_routing_metrics(state)['expert_usage'],
                              collect_routing_metrics(f32_state)['expert_usage'])
 
@@ -193,12 +186,12 @@ def test_padding_gets_zero_and_does_not_change_other_tokens(routing, dispatch):
                    num_selected_experts=2, causal=False, eval_capacity_factor=1.0)
   x = _inputs()
   mask = jnp.ones((2, 16), bool).at[0, 3].set(False).at[1, -4:].set(False)
-  variables = _init(layer, x)
-  out, state = _apply(layer, variables, x, padding_mask=mask)
+  variables = init_layer(layer, x)
+  out, state = apply_layer(layer, variables, x, padding_mask=mask)
   np.testing.assert_array_equal(out[~mask], 0.0)
   # Whatever the padded positions hold, real tokens and every statistic are unchanged.
   garbage = jnp.where(mask[..., None], x, 100.0 * _inputs(seed=7))
-  out2, state2 = _apply(layer, variables, garbage, padding_mask=mask)
+  out2, state2 = apply_layer(layer, variables, garbage, padding_mask=mask)
   np.testing.assert_allclose(out2, out, atol=1e-6)
   for name, value in {**collect_routing_metrics(state), **collect_aux_losses(state)}.items():
     np.testing.assert_allclose(value, {**collect_routing_metrics(state2),
@@ -211,20 +204,20 @@ def test_causal_routing_never_looks_at_later_tokens(dispatch):
   layer = MoeLayer(num_experts=4, expert_hidden_dim=F, num_selected_experts=2, dispatch=dispatch,
                    eval_capacity_factor=0.5, min_expert_capacity=1, router_init_scale=10.0)
   x = _inputs(batch=1, length=32)
-  variables = _init(layer, x)
-  out, _ = _apply(layer, variables, x)
+  variables = init_layer(layer, x)
+  out, _ = apply_layer(layer, variables, x)
   for t in (3, 10, 20):
     changed = x.at[:, t + 1:].set(_inputs(batch=1, length=32, seed=t)[:, t + 1:])
-    out_changed, _ = _apply(layer, variables, changed)
+    out_changed, _ = apply_layer(layer, variables, changed)
     np.testing.assert_allclose(out_changed[:, :t + 1], out[:, :t + 1], atol=1e-6)
   # The choice-major (GShard) order does let later first choices evict earlier second choices.
   encoder = layer.clone(causal=False)
   leaks = 0
   for seed in range(5):
     x = _inputs(batch=1, length=32, seed=100 + seed)
-    out, _ = _apply(encoder, variables, x)
+    out, _ = apply_layer(encoder, variables, x)
     changed = x.at[:, 16:].set(_inputs(batch=1, length=32, seed=200 + seed)[:, 16:])
-    out_changed, _ = _apply(encoder, variables, changed)
+    out_changed, _ = apply_layer(encoder, variables, changed)
     leaks += int(np.abs(out_changed[:, :16] - out[:, :16]).max() > 1e-6)
   assert leaks > 0
 
@@ -236,7 +229,7 @@ def test_training_mode_uses_train_capacity_and_rng_streams():
   assert layer.capacity(16, deterministic=False) == 4
   assert layer.capacity(16, deterministic=True) == 16
   x = _inputs()
-  variables = _init(layer, x)
+  variables = init_layer(layer, x)
   rngs = {'dropout': jax.random.key(1), 'jitter': jax.random.key(2), 'gating': jax.random.key(3)}
   out_train, _ = layer.apply(variables, x, False, rngs=rngs, mutable=['intermediates'])
   out_train2, _ = layer.apply(variables, x, False, rngs=rngs, mutable=['intermediates'])
@@ -248,9 +241,9 @@ def test_training_mode_uses_train_capacity_and_rng_streams():
     with pytest.raises(Exception, match=missing):
       layer.apply(variables, x, False, rngs={k: v for k, v in rngs.items() if k != missing})
   # Evaluation needs no rng and is unaffected by noise settings.
-  out_eval, _ = _apply(layer, variables, x)
+  out_eval, _ = apply_layer(layer, variables, x)
   plain = layer.clone(jitter_noise=0.0, expert_dropout=0.0, random_routing=False)
-  np.testing.assert_array_equal(out_eval, _apply(plain, variables, x)[0])
+  np.testing.assert_array_equal(out_eval, apply_layer(plain, variables, x)[0])
 
 
 def test_experts_are_initialized_independently():
@@ -355,10 +348,10 @@ def test_bad_config_errors_name_the_field(overrides, field):
 def test_bad_inputs_errors():
   layer = MoeLayer(num_experts=4, expert_hidden_dim=F, group_size=5)
   with pytest.raises(ValueError, match='group_size=5.*must divide'):
-    _init(layer, _inputs(batch=2, length=16))
+    init_layer(layer, _inputs(batch=2, length=16))
   layer = MoeLayer(num_experts=4, expert_hidden_dim=F)
   with pytest.raises(ValueError, match='rank 3'):
-    _init(layer, jnp.zeros((16, D)))
+    init_layer(layer, jnp.zeros((16, D)))
   with pytest.raises(ValueError, match='padding_mask must have shape'):
     layer.init(jax.random.key(0), _inputs(), True, padding_mask=jnp.ones((2, 15), bool))
 
@@ -366,7 +359,7 @@ def test_bad_inputs_errors():
 def test_encoder_only_routing_allowed_without_causal():
   layer = MoeLayer(num_experts=4, expert_hidden_dim=F, routing='experts_choose', causal=False)
   x = _inputs()
-  out, state = _apply(layer, _init(layer, x), x)
+  out, state = apply_layer(layer, init_layer(layer, x), x)
   assert out.shape == x.shape
   np.testing.assert_allclose(collect_routing_metrics(state)['expert_usage'], 0.25)
 

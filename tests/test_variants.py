@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import smoke_config
+from helpers import apply_layer, init_layer, smoke_config
 import moejax.layer
 from moejax import (ModelConfig, MoeLayer, SoftMoeLayer, collect_routing_metrics, fine_grained,
                     make_model, per_token_flops, routing, sharding, update_balancing_biases)
@@ -43,14 +43,6 @@ def _layer(**overrides):
                      **overrides})
 
 
-def _init(layer, x, **kwargs):
-  return nn.unbox(layer.init(jax.random.key(42), x, True, **kwargs))
-
-
-def _apply(layer, variables, x, **kwargs):
-  return layer.apply(variables, x, True, mutable=['intermediates'], **kwargs)
-
-
 class _DecisionSpy:
   """Records the RoutingDecision the layer hands to `make_dispatcher`."""
 
@@ -73,9 +65,9 @@ def test_contract_shape_padding_capacity_gradients(name, monkeypatch):
   x = _inputs()
   mask = jnp.ones((B, L), bool).at[0, 2].set(False).at[1, -3:].set(False)
   kwargs = dict(padding_mask=mask, token_ids=_token_ids() if name == 'hash' else None)
-  variables = _init(layer, x, **kwargs)
+  variables = init_layer(layer, x, **kwargs)
   spy = _DecisionSpy(monkeypatch)
-  out, state = _apply(layer, variables, x, **kwargs)
+  out, state = apply_layer(layer, variables, x, **kwargs)
   assert out.shape == (B, L, D)
   np.testing.assert_array_equal(out[~mask], 0.0)
   (decision,) = spy.decisions
@@ -130,10 +122,10 @@ def test_hash_routing_is_fixed_by_token_id_and_ignores_the_input(monkeypatch):
   layer = _layer(router='hash', eval_capacity_factor=None)
   ids = _token_ids()
   x = _inputs()
-  variables = _init(layer, x, token_ids=ids)
+  variables = init_layer(layer, x, token_ids=ids)
   spy = _DecisionSpy(monkeypatch)
-  out, _ = _apply(layer, variables, x, token_ids=ids)
-  out_other, _ = _apply(layer, variables, 10 * _inputs(seed=5), token_ids=ids)
+  out, _ = apply_layer(layer, variables, x, token_ids=ids)
+  out_other, _ = apply_layer(layer, variables, 10 * _inputs(seed=5), token_ids=ids)
   first, second = spy.decisions
   expected = (np.asarray(ids, np.int64) * routing.HASH_PRIME) % 2**32 % E  # [B, L]
   np.testing.assert_array_equal(first.expert_index[..., 0], expected.reshape(B, L))
@@ -147,14 +139,14 @@ def test_hash_routing_is_fixed_by_token_id_and_ignores_the_input(monkeypatch):
   same = jnp.full((B, L), 7)
   assert len(set(np.asarray(jnp.argmax(routing.hash_logits(same, E), -1)).ravel())) == 1
   with pytest.raises(ValueError, match='token_ids'):
-    _apply(layer, variables, x)
+    apply_layer(layer, variables, x)
 
 
 def test_gumbel_forward_is_hard_top1_with_weight_one():
   layer = _layer(router='gumbel', eval_capacity_factor=None)
   x = _inputs()
-  variables = _init(layer, x)
-  out, _ = _apply(layer, variables, x)
+  variables = init_layer(layer, x)
+  out, _ = apply_layer(layer, variables, x)
   p = variables['params']
   expert = np.asarray(jnp.argmax(x @ p['router']['dense']['kernel'], -1))  # [B, L]
   ffn = jnp.einsum('blf,blfd->bld', jax.nn.relu(jnp.einsum('bld,bldf->blf', x,
@@ -213,7 +205,7 @@ def test_balancing_bias_selects_but_does_not_weight(monkeypatch):
   probability of expert 3."""
   layer = _layer(balancing_bias=True, eval_capacity_factor=None)
   x = _inputs()
-  variables = _init(layer, x)
+  variables = init_layer(layer, x)
   assert set(variables['router_bias_state']) == {'bias', 'load'}
   biased = {**variables, 'router_bias_state': {'bias': jnp.array([0.0, 0.0, 0.0, 5.0]),
                                                'load': jnp.zeros(E)}}
@@ -255,11 +247,11 @@ def test_shared_experts_see_every_token():
                  min_expert_capacity=1)
   x = _inputs()
   mask = jnp.ones((B, L), bool).at[1, -2:].set(False)
-  variables = _init(layer, x)
+  variables = init_layer(layer, x)
   params = variables['params']
   params['router']['dense'] = {'kernel': jnp.zeros((D, E)),
                                'bias': 10.0 * jax.nn.one_hot(0, E)}
-  out, _ = _apply(layer, {'params': params}, x, padding_mask=mask)
+  out, _ = apply_layer(layer, {'params': params}, x, padding_mask=mask)
   s = params['shared_experts']
   shared = sum(jax.nn.relu(x @ s['wi'][i]) @ s['wo'][i] for i in range(2))
   capacity = layer.capacity(L, deterministic=True)
@@ -288,7 +280,7 @@ def test_fine_grained_has_the_flops_and_params_of_its_coarse_twin():
   assert per_token_flops(fine, 16) - per_token_flops(coarse, 16) == 2 * 2 * D * (32 - 8)
   x = _inputs(batch=1, length=8)
   count = lambda layer: sum(  # noqa: E731
-      a.size for a in jax.tree.leaves(_init(layer, x)['params']['experts']))
+      a.size for a in jax.tree.leaves(init_layer(layer, x)['params']['experts']))
   assert count(MoeLayer(**fields)) == count(MoeLayer(num_experts=8, expert_hidden_dim=64))
   with pytest.raises(ValueError, match='fine_grained m=3'):
     fine_grained(num_experts, hidden, k, 3)

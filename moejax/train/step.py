@@ -161,8 +161,9 @@ def eval_step(params, batch: Batch, router_bias_state=None, *,
   router_bias_state: the train state's, for models with balancing biases."""
   logits, moe, _ = forward(model, params, batch, True, bias_state=router_bias_state)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
-  tokens = jnp.sum(loss_weights(batch))
-  return {'nll_sum': jnp.sum(nll * loss_weights(batch)), 'tokens': tokens,
+  weights = loss_weights(batch)  # Shape: [B, L]
+  tokens = jnp.sum(weights)
+  return {'nll_sum': jnp.sum(nll * weights), 'tokens': tokens,
           **{name: value * tokens for name, value in moe.items()}}
 
 
