@@ -99,8 +99,8 @@ def block_expert_ffn(rows: jax.Array, first_row: jax.Array, row_count: jax.Array
   each, a loop of matmuls on blocks of `block_size` rows, then at most one block of each smaller
   power-of-two size down to `tile` for the rest (block_size = tile * 2^j). FLOPs so follow the
   rows dispatched (padded to a tile), not a capacity, while most rows go through large matmuls.
-  The backward pass is hand-written the same way: each expert's weight gradients are summed over
-  its blocks in float32.
+  The backward pass is hand-written the same way: each block's weight gradients are added, in
+  place, to its expert's slice of stacked float32 gradients (no per-expert buffers to copy).
   """
   if block_size % tile or (block_size // tile) & (block_size // tile - 1):
     raise ValueError(f'block_size={block_size} must be tile={tile} times a power of two')
@@ -173,32 +173,31 @@ def _block_ffn_bwd(activation, block_size, tile, residuals, grad):
   rows, first_row, row_count, wi, wo, wi_gate, scale, pre, gate_pre = residuals
   f32 = jnp.float32
 
-  def expert(dx, per_expert):
-    w_in, w_out, w_gate, first, count = per_expert
+  def expert(e, carry):
+    w_in, w_out = wi[e], wo[e]  # Shapes: [D, F], [F, D]
+    w_gate = None if wi_gate is None else wi_gate[e]
 
     def block(start, size, carry):
-      dx, dw_in, dw_out, dw_gate = carry
+      dx, dw_in, dw_out, dw_gate = carry  # Shapes: [R, D], [E, D, F], [E, F, D], [E, D, F]
       x, dy = _rows_at(rows, start, size), _rows_at(grad, start, size)  # Shapes: [size, D]
       hidden, hidden_vjp = jax.vjp(
           lambda p, g: _hidden(activation, p, g, _rows_at(scale, start, size)),
           _rows_at(pre, start, size), _rows_at(gate_pre, start, size))
-      dw_out = dw_out + jnp.dot(hidden.T, dy, preferred_element_type=f32)
+      dw_out = dw_out.at[e].add(jnp.dot(hidden.T, dy, preferred_element_type=f32))
       d_pre, d_gate_pre = hidden_vjp(dy @ w_out.T)  # Shapes: [size, F]
-      dw_in = dw_in + jnp.dot(x.T, d_pre, preferred_element_type=f32)
+      dw_in = dw_in.at[e].add(jnp.dot(x.T, d_pre, preferred_element_type=f32))
       dx_rows = d_pre @ w_in.T  # Shape: [size, D]
       if w_gate is not None:
-        dw_gate = dw_gate + jnp.dot(x.T, d_gate_pre, preferred_element_type=f32)
+        dw_gate = dw_gate.at[e].add(jnp.dot(x.T, d_gate_pre, preferred_element_type=f32))
         dx_rows = dx_rows + d_gate_pre @ w_gate.T
       return _set_rows(dx, dx_rows, start), dw_in, dw_out, dw_gate
+    return _for_each_block(carry, first_row[e], row_count[e], block_size, tile, rows.shape[0],
+                           block)
 
-    zeros = lambda w: None if w is None else jnp.zeros(w.shape, f32)  # noqa: E731
-    dx, dw_in, dw_out, dw_gate = _for_each_block(
-        (dx, zeros(w_in), zeros(w_out), zeros(w_gate)), first, count, block_size, tile,
-        rows.shape[0], block)
-    return dx, (dw_in, dw_out, dw_gate)
-
-  dx, (dwi, dwo, dwi_gate) = jax.lax.scan(expert, jnp.zeros_like(rows),
-                                          (wi, wo, wi_gate, first_row, row_count))
+  # Each expert's weight gradients accumulate in place in the stacked float32 buffers.
+  zeros = lambda w: None if w is None else jnp.zeros(w.shape, f32)  # noqa: E731
+  dx, dwi, dwo, dwi_gate = jax.lax.fori_loop(
+      0, wi.shape[0], expert, (jnp.zeros_like(rows), zeros(wi), zeros(wo), zeros(wi_gate)))
   cast = lambda d, w: None if w is None else d.astype(w.dtype)  # noqa: E731
   return dx, None, None, cast(dwi, wi), cast(dwo, wo), cast(dwi_gate, wi_gate), None
 
