@@ -96,14 +96,15 @@ def block_expert_ffn(rows: jax.Array, first_row: jax.Array, row_count: jax.Array
 
   Expert e owns rows first_row[e] .. first_row[e] + row_count[e] - 1 ([E] int32 each; row_count
   a multiple of `tile`); rows owned by no expert get zeros. A scan over the experts runs, for
-  each, a loop of matmuls on blocks of `block_size` rows, then at most one block of each smaller
-  power-of-two size down to `tile` for the rest (block_size = tile * 2^j). FLOPs so follow the
-  rows dispatched (padded to a tile), not a capacity, while most rows go through large matmuls.
+  each, a loop of matmuls on blocks of `block_size` rows, then one block of the rest (a multiple
+  of `tile`, so block_size / tile block shapes in all). FLOPs so follow the rows dispatched
+  (padded to a tile), not a capacity, and an expert with up to `block_size` rows costs one matmul
+  per weight: each extra block re-reads the expert's weights and adds into its gradients.
   The backward pass is hand-written the same way: each block's weight gradients are added, in
   place, to its expert's slice of stacked float32 gradients (no per-expert buffers to copy).
   """
-  if block_size % tile or (block_size // tile) & (block_size // tile - 1):
-    raise ValueError(f'block_size={block_size} must be tile={tile} times a power of two')
+  if block_size % tile:
+    raise ValueError(f'block_size={block_size} must be a multiple of tile={tile}')
   scale = None
   if dropout_rng is not None and dropout_rate > 0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate,
@@ -116,20 +117,18 @@ def block_expert_ffn(rows: jax.Array, first_row: jax.Array, row_count: jax.Array
 
 def _for_each_block(carry, first_row, row_count, block_size, tile, max_rows, run_block):
   """carry = run_block(start, size, carry) over one expert's rows, in blocks of `block_size`,
-  then at most one block of each smaller power-of-two size down to `tile` (sizes above the
+  then one block of the rest, whose size is one of block_size - tile, ..., tile (sizes above the
   buffer's `max_rows` are skipped: no expert has that many rows)."""
   done = 0
-  size = block_size
-  while size > max_rows:  # too large for the buffer, so never needed
-    size //= 2
-  while size >= tile:
-    count = (row_count - done) // size  # any number for block_size, 0 or 1 below it
+  for size in range(block_size, 0, -tile):
+    if size > max_rows:
+      continue
+    count = (row_count - done) // size  # any number for block_size, then 0 or 1
     offset = first_row + done
     carry = jax.lax.fori_loop(
         0, count, lambda j, c, size=size, offset=offset: run_block(offset + j * size, size, c),
         carry)
     done = done + count * size
-    size //= 2
   return carry
 
 

@@ -94,18 +94,20 @@ def update_balancing_biases(bias_state: Any, rate: float) -> Any:
 
 
 def default_block_size(num_choices: int, num_experts: int) -> int:
-  """Rows of the largest block for 'sorted' dispatch: an expert's mean load rounded down to a
-  power of two, within [16, 256]. Larger blocks run faster matmuls; the rest of each expert's rows
-  go through smaller blocks down to `block_tile` rows (see `experts.block_expert_ffn`)."""
+  """Rows of the largest block for 'sorted' dispatch: the power of two at or above twice an
+  expert's mean load, within [16, 1024]. With a capacity factor up to 2 every expert's rows then
+  fit in one block, so each expert's weights are read once a pass (see
+  `experts.block_expert_ffn`); dropless overflow goes through more blocks."""
   mean_rows = max(num_choices / num_experts, 1.0)
-  return int(min(256, max(16, 2 ** math.floor(math.log2(mean_rows)))))
+  return int(min(1024, max(16, 2 ** math.ceil(math.log2(2 * mean_rows)))))
 
 
 def block_tile(block_size: int) -> int:
-  """The smallest block for 'sorted' dispatch, the unit each expert's rows are padded to: 16 rows
-  (fewer only for smaller blocks). Smaller tiles pad less but re-read the expert's weights for
-  more small matmuls; on the CPU of benchmarks/RESULTS.md 16 did best of the sizes tried."""
-  return min(block_size, 16)
+  """The unit each expert's rows are padded to for 'sorted' dispatch: block_size / 16, at least
+  16 rows (fewer only for smaller blocks). An expert's last block is a multiple of it, so there
+  are at most 16 block shapes to compile; the padding costs under tile / 2 rows per expert on
+  average (at 4,096 tokens and E = 8: 64-row tiles, about 6% more rows)."""
+  return min(block_size, max(16, block_size // 16))
 
 
 class MoeLayer(nn.Module):
@@ -139,8 +141,8 @@ class MoeLayer(nn.Module):
         benchmarks/RESULTS.md; and dropless would give the capacity paths E / K times the
         tokens' buffers).
     block_size: rows of the largest block for 'sorted' dispatch, a power of two; each expert's
-      rows are padded to a tile of 16 rows (`block_tile`). None picks one from the shapes
-      (`default_block_size`).
+      rows are padded to a tile of block_size / 16 rows, at least 16 (`block_tile`). None picks
+      one from the shapes (`default_block_size`).
     activation: 'relu', 'gelu' or 'silu'. glu: gated experts (adds `wi_gate`).
     causal: the layer sits in a decoder. Routing then never looks at later tokens (see
       `routing.top_k_routing`), and experts-choose or batch-prioritized routing raise.

@@ -377,6 +377,8 @@ def test_auto_dispatch_and_block_sizes():
   assert layer.dispatch_method(sharded=False) == 'sorted'
   assert layer.dispatch_method(sharded=True) == 'indices'
   assert layer.clone(dispatch='einsum').dispatch_method(sharded=True) == 'einsum'
-  # The largest block: an expert's mean load rounded down to a power of two, in [16, 256].
-  assert [default_block_size(4096, e) for e in (8, 32, 128, 1024)] == [256, 128, 32, 16]
-  assert [block_tile(b) for b in (256, 16, 4)] == [16, 16, 4]
+  # The largest block: twice an expert's mean load rounded up to a power of two, in [16, 1024].
+  assert [default_block_size(4096, e) for e in (4, 8, 32, 100, 128, 1024)] == [
+      1024, 1024, 256, 128, 64, 16]
+  # The tile: a sixteenth of the block, at least 16 rows unless the block is smaller.
+  assert [block_tile(b) for b in (1024, 256, 16, 4)] == [64, 16, 16, 4]

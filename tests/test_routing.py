@@ -103,8 +103,9 @@ def test_sorted_dispatch_hand_case():
 
 @pytest.mark.parametrize('glu', [False, True])
 def test_block_expert_ffn_equals_each_rows_own_expert(glu):
-  """Blocks of 4, 2 and 1 rows (expert 0: 5 rows, expert 1: none, expert 2: 7): every row gets
-  its own expert's FFN, rows of no expert get zeros; gradients equal plain autodiff's."""
+  """Blocks of 4 rows, then one of the rest (expert 0: 5 rows = 4 + 1, expert 1: none, expert 2:
+  7 = 4 + 3): every row gets its own expert's FFN, rows of no expert get zeros; gradients equal
+  plain autodiff's."""
   num_experts, model_dim, hidden_dim, num_rows = 3, 4, 6, 16
   keys = jax.random.split(jax.random.key(0), 4)
   rows = jax.random.normal(keys[0], (num_rows, model_dim))
