@@ -25,8 +25,7 @@ test: $(STAMP)
 # benchmarks/RESULTS.md), train step vs dense twin, expert-parallel all-to-all volume and overhead.
 bench: $(STAMP)
 	$(PY) benchmarks/layer.py
-	$(PY) benchmarks/train_step.py --dispatch einsum
-	$(PY) benchmarks/train_step.py --dispatch auto --out benchmarks/results/train_step_auto.json
+	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/comm_volume.py
 
 clean:

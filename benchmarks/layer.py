@@ -6,9 +6,11 @@ dense FFN has width K x F: the same FLOPs per token as the MoE layer's experts. 
 every variant is compiled, then timed in turn, `--repeats` rounds, so all ratios come from one
 run; the median is reported. Also: peak memory of each compiled step (`memory_analysis()`), and
 the floor: max(FLOPs / measured matmul rate, expert-weight bytes read and written / measured copy
-bandwidth), the time no implementation can beat on this machine.
+bandwidth), the time no implementation can beat on this machine. A last row per (E, K), "experts
+alone, balanced", runs the E expert FFNs on exactly T * K / E tokens each (no routing, dispatch or
+padding): the best a per-expert matmul can do on this backend.
 
-  python benchmarks/layer.py [--repeats 5] [--experts 8 32 128] [--ks 1 2]
+  python benchmarks/layer.py [--repeats 5] [--experts 8 32 128] [--ks 1 2] [--group_size 512]
 Writes benchmarks/results/layer.json and puts the markdown table into benchmarks/RESULTS.md.
 """
 import argparse
@@ -25,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moejax import MoeLayer, collect_aux_losses  # noqa: E402
+from moejax import MoeLayer, collect_aux_losses, expert_ffn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, LENGTH, MODEL_DIM, HIDDEN_DIM, GROUP_SIZE, CAPACITY_FACTOR = 8, 512, 512, 2048, 512, 1.25
@@ -33,13 +35,14 @@ BATCH, LENGTH, MODEL_DIM, HIDDEN_DIM, GROUP_SIZE, CAPACITY_FACTOR = 8, 512, 512,
 VARIANTS = (('einsum', {'dispatch': 'einsum'}), ('indices', {'dispatch': 'indices'}),
             ('sorted', {'dispatch': 'sorted'}),
             ('sorted dropless', {'dispatch': 'sorted', 'train_capacity_factor': None}))
+BALANCED = 'experts alone, balanced'  # the reference row of `balanced_step`
 
 
-def moe_step(num_experts: int, k: int, overrides: dict):
+def moe_step(num_experts: int, k: int, overrides: dict, group_size: int = GROUP_SIZE):
   """(jitted fwd+bwd of the layer, its args, expert-weight bytes)."""
   fields = {'train_capacity_factor': CAPACITY_FACTOR, **overrides}
   layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=HIDDEN_DIM, num_selected_experts=k,
-                   group_size=GROUP_SIZE, **fields)
+                   group_size=group_size, **fields)
   x = jax.random.normal(jax.random.key(0), (BATCH, LENGTH, MODEL_DIM))
   params = nn.unbox(layer.init(jax.random.key(1), x, True))['params']
 
@@ -48,6 +51,22 @@ def moe_step(num_experts: int, k: int, overrides: dict):
     return jnp.sum(out) + collect_aux_losses(state)['load_balancing_loss']
   weight_bytes = sum(w.nbytes for w in jax.tree.leaves(params['experts']))
   return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x), weight_bytes
+
+
+def balanced_step(num_experts: int, k: int):
+  """(jitted fwd+bwd of the E expert FFNs alone on exactly T * K / E tokens each, its args, weight
+  bytes): no router, dispatch, combine or padding. What any dispatch method would cost if routing
+  were free and perfectly balanced, with this backend's batched matmuls."""
+  layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=HIDDEN_DIM)
+  x = jax.random.normal(jax.random.key(0), (BATCH, LENGTH, MODEL_DIM))
+  weights = nn.unbox(layer.init(jax.random.key(1), x, True))['params']['experts']
+  buffers = x.reshape(num_experts, -1, MODEL_DIM)
+  buffers = jnp.concatenate([buffers] * k, axis=1)  # Shape: [E, T * K / E, D]
+
+  def loss(weights, buffers):
+    return jnp.sum(expert_ffn(buffers, weights, activation='relu', dtype=jnp.float32))
+  weight_bytes = sum(w.nbytes for w in jax.tree.leaves(weights))
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), (weights, buffers), weight_bytes
 
 
 def dense_step(hidden_dim: int):
@@ -79,6 +98,23 @@ def machine_rates() -> tuple[float, float]:
   return flops / median_s(matmul, (a, b), 7), 2 * big.nbytes / median_s(copy, (big,), 7)
 
 
+def write_rates(nbytes: int = 256 * 2**20) -> tuple[float, float]:
+  """(bytes/s writing freshly allocated memory, bytes/s rewriting the same memory): the first
+  write to a page costs a page fault, which on some VMs dominates. Every step's large outputs and
+  temporaries are fresh allocations."""
+  fresh, touched = [], []
+  for _ in range(3):
+    start = time.perf_counter()
+    buffer = np.empty(nbytes // 4, np.float32)
+    buffer.fill(1.0)
+    fresh.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    buffer.fill(2.0)
+    touched.append(time.perf_counter() - start)
+    del buffer
+  return nbytes / float(np.median(fresh)), nbytes / float(np.median(touched))
+
+
 def median_s(fn, args, repeats: int) -> float:
   jax.block_until_ready(fn(*args))
   times = []
@@ -102,14 +138,17 @@ def time_in_turn(steps: dict, repeats: int) -> dict[str, float]:
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def measure(num_experts: int, k: int, repeats: int, matmul_rate: float, bandwidth: float):
+def measure(num_experts: int, k: int, repeats: int, matmul_rate: float, bandwidth: float,
+            group_size: int):
   tokens = BATCH * LENGTH
   steps, weight_bytes, peaks = {}, {}, {}
   fn, args, weight_bytes['dense'] = dense_step(k * HIDDEN_DIM)
   steps['dense'] = (fn, args)
   for name, overrides in VARIANTS:
-    fn, args, weight_bytes[name] = moe_step(num_experts, k, overrides)
+    fn, args, weight_bytes[name] = moe_step(num_experts, k, overrides, group_size)
     steps[name] = (fn, args)
+  fn, args, weight_bytes[BALANCED] = balanced_step(num_experts, k)
+  steps[BALANCED] = (fn, args)
   for name, (fn, args) in steps.items():
     peaks[name] = peak_bytes(fn, args)
   seconds = time_in_turn(steps, repeats)
@@ -119,7 +158,7 @@ def measure(num_experts: int, k: int, repeats: int, matmul_rate: float, bandwidt
   floor_s = max(flops / rate, 3 * weight_bytes['sorted'] / bandwidth)
   dense_excl = peaks['dense'] - 2 * weight_bytes['dense']
   rows = []
-  for name, _ in VARIANTS:
+  for name in [name for name, _ in VARIANTS] + [BALANCED]:
     excl = peaks[name] - 2 * weight_bytes[name]  # the weights and their gradients
     rows.append({'dispatch': name, 'num_experts': num_experts, 'k': k,
                  'moe_ms': 1e3 * seconds[name], 'dense_ms': 1e3 * seconds['dense'],
@@ -150,21 +189,26 @@ def main():
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--experts', type=int, nargs='+', default=[8, 32, 128])
   parser.add_argument('--ks', type=int, nargs='+', default=[1, 2])
+  parser.add_argument('--group_size', type=int, default=GROUP_SIZE,
+                      help='tokens per routing group (the einsum path costs O(S) per token)')
   parser.add_argument('--out', default=str(ROOT / 'benchmarks/results/layer.json'))
   parser.add_argument('--results', default=str(ROOT / 'benchmarks/RESULTS.md'),
-                      help='markdown file whose layer table is replaced')
+                      help="markdown file whose layer table is replaced ('' for none)")
   args = parser.parse_args()
   matmul_rate, bandwidth = machine_rates()
+  fresh_rate, touched_rate = write_rates()
   header = (f'{platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} '
             f'{jax.default_backend()}; float32 matmul {matmul_rate / 1e9:.0f} GFLOP/s, copy '
-            f'{bandwidth / 1e9:.1f} GB/s (read+write); x [{BATCH}, {LENGTH}, {MODEL_DIM}], '
-            f'F={HIDDEN_DIM}, groups of {GROUP_SIZE}, capacity factor {CAPACITY_FACTOR}, '
+            f'{bandwidth / 1e9:.1f} GB/s (read+write), writes to fresh pages '
+            f'{fresh_rate / 1e9:.1f} GB/s and to touched ones {touched_rate / 1e9:.1f} GB/s; '
+            f'x [{BATCH}, {LENGTH}, {MODEL_DIM}], '
+            f'F={HIDDEN_DIM}, groups of {args.group_size}, capacity factor {CAPACITY_FACTOR}, '
             f'fwd+bwd, median of {args.repeats}')
   print(header, flush=True)
   rows = []
   for num_experts in args.experts:
     for k in args.ks:
-      new = measure(num_experts, k, args.repeats, matmul_rate, bandwidth)
+      new = measure(num_experts, k, args.repeats, matmul_rate, bandwidth, args.group_size)
       for r in new:
         print(f'E={num_experts:<4} k={k} {r["dispatch"]:<16} {r["moe_ms"]:8.1f} ms  dense '
               f'{r["dense_ms"]:7.1f} ms  ratio {r["ratio"]:.3f}  floor {r["floor_ratio"]:.2f}  '
@@ -176,7 +220,8 @@ def main():
   table = markdown(rows, header)
   print()
   print(table)
-  write_table(Path(args.results), table)
+  if args.results:
+    write_table(Path(args.results), table)
 
 
 def write_table(results: Path, table: str):

@@ -137,9 +137,9 @@ class MoeLayer(nn.Module):
       'sorted': dispatched tokens sorted by expert into blocks of `block_size` rows; the experts
         run block by block, so empty capacity slots cost nothing. Under an expert-parallel mesh
         the all-to-all needs [E, G, C, D] buffers: it runs as 'indices'.
-      'auto': 'einsum' on TPU, else 'sorted' (the fastest measured on CPU at E = 8 and 32, see
-        benchmarks/RESULTS.md; and dropless would give the capacity paths E / K times the
-        tokens' buffers).
+      'auto': 'einsum' on TPU, else 'sorted' (the fastest measured on CPU at E = 8, 32 and
+        128, top-1 and top-2, see benchmarks/RESULTS.md; and dropless would give the capacity
+        paths E / K times the tokens' buffers).
     block_size: rows of the largest block for 'sorted' dispatch, a power of two; each expert's
       rows are padded to a tile of block_size / 16 rows, at least 16 (`block_tile`). None picks
       one from the shapes (`default_block_size`).
