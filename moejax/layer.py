@@ -26,7 +26,7 @@ import numpy as np
 
 from moejax import routing, sharding
 from moejax.dispatch import DISPATCH_METHODS, SortedDispatcher, make_dispatcher
-from moejax.experts import ACTIVATIONS, ExpertWeights, block_expert_ffn, expert_ffn, expert_init
+from moejax.experts import ACTIVATIONS, ExpertWeights, block_expert_ffn, expert_ffn
 from moejax.experts import LOGICAL_AXES as EXPERT_AXES
 
 ROUTING_METHODS = ('tokens_choose', 'experts_choose', 'dense')
