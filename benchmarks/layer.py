@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moejax import MoeLayer, collect_aux_losses, expert_ffn  # noqa: E402
+from moejax import ExpertWeights, MoeLayer, collect_aux_losses, expert_ffn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, LENGTH, MODEL_DIM, HIDDEN_DIM, GROUP_SIZE, CAPACITY_FACTOR = 8, 512, 512, 2048, 512, 1.25
@@ -57,10 +57,10 @@ def balanced_step(num_experts: int, k: int):
   """(jitted fwd+bwd of the E expert FFNs alone on exactly T * K / E tokens each, its args, weight
   bytes): no router, dispatch, combine or padding. What any dispatch method would cost if routing
   were free and perfectly balanced, with this backend's batched matmuls."""
-  layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=HIDDEN_DIM)
-  x = jax.random.normal(jax.random.key(0), (BATCH, LENGTH, MODEL_DIM))
-  weights = nn.unbox(layer.init(jax.random.key(1), x, True))['params']['experts']
-  buffers = x.reshape(num_experts, -1, MODEL_DIM)
+  experts = ExpertWeights(num_experts, HIDDEN_DIM)
+  weights = nn.unbox(experts.init(jax.random.key(1), MODEL_DIM))['params']
+  buffers = jax.random.normal(jax.random.key(0), (num_experts, BATCH * LENGTH // num_experts,
+                                                  MODEL_DIM))
   buffers = jnp.concatenate([buffers] * k, axis=1)  # Shape: [E, T * K / E, D]
 
   def loss(weights, buffers):

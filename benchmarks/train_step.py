@@ -52,20 +52,15 @@ def step_runner(config):
 
 def routing_overhead_ms(config, steps: int) -> tuple[float, float]:
   """(one MoE layer fwd+bwd, its experts alone fwd+bwd) in ms at the model's shapes."""
-  m = config.model
-  dtype = jnp.dtype(m.dtype)
-  layer = MoeLayer(num_experts=m.num_experts, expert_hidden_dim=m.ffn_dim,
-                   num_selected_experts=m.num_selected_experts,
-                   train_capacity_factor=m.train_capacity_factor,
-                   eval_capacity_factor=m.eval_capacity_factor,
-                   min_expert_capacity=m.min_expert_capacity, group_size=m.group_size,
-                   dispatch=m.dispatch, dtype=dtype)
+  m = model_config(config, ByteTokenizer.vocab_size)
+  layer = MoeLayer(**m.moe_kwargs())  # the model's own MoE layer (a decoder's: causal)
   x = jax.random.normal(jax.random.key(0), (config.train.batch_size, config.data.length,
-                                            m.model_dim), dtype)
+                                            m.model_dim), m.compute_dtype)
   params = nn.unbox(layer.init(jax.random.key(1), x, True))['params']
+  rngs = {name: jax.random.key(2) for name in ('dropout', 'jitter', 'gating')}
 
   def layer_loss(params, x):
-    out, state = layer.apply({'params': params}, x, False, mutable=['intermediates'])
+    out, state = layer.apply({'params': params}, x, False, mutable=['intermediates'], rngs=rngs)
     return jnp.sum(out.astype(jnp.float32)) + collect_aux_losses(state)['load_balancing_loss']
   full = median_s(jax.jit(jax.grad(layer_loss, argnums=(0, 1))), (params, x), steps)
 
@@ -75,10 +70,10 @@ def routing_overhead_ms(config, steps: int) -> tuple[float, float]:
     rows = num_tokens * m.num_selected_experts // m.num_experts
   else:  # the experts run on the whole [E, G * C, D] capacity buffers
     rows = num_groups * layer.capacity(num_tokens // num_groups, deterministic=False)
-  buffers = jnp.ones((m.num_experts, rows, m.model_dim), dtype)
+  buffers = jnp.ones((m.num_experts, rows, m.model_dim), m.compute_dtype)
 
   def experts_loss(weights, buffers):
-    out = expert_ffn(buffers, weights, activation=m.activation, dtype=dtype)
+    out = expert_ffn(buffers, weights, activation=m.activation, dtype=m.compute_dtype)
     return jnp.sum(out.astype(jnp.float32))
   experts = median_s(jax.jit(jax.grad(experts_loss, argnums=(0, 1))),
                      (params['experts'], buffers), steps)
