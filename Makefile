@@ -4,14 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench venv clean
+.PHONY: run test test-fast bench venv clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,tf]'
 	touch $(STAMP)
 
 # Trains the default Switch decoder on tiny shakespeare (resumes runs/switch_tiny if it exists).
@@ -20,6 +20,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The edit-test loop: everything not marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m 'not slow'
 
 # Layer vs FLOP-matched dense FFN (writes benchmarks/results/layer.json and its table into
 # benchmarks/RESULTS.md), train step vs dense twin, expert-parallel all-to-all volume and overhead.

@@ -14,7 +14,6 @@ import time
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -35,7 +34,7 @@ def measure(num_experts: int, k: int, data: int, expert: int) -> dict:
   specs = sharding.param_specs(variables)
   params = jax.tree.map(
       lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec)),
-      nn.unbox(variables), specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+      variables, specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
   with jax.set_mesh(mesh):
     hlo = jax.jit(lambda p, x: layer.apply(p, x, True)).lower(params, x).compile().as_text()
   leaving = (expert - 1) / expert
@@ -58,7 +57,7 @@ def step_ms(num_experts: int, mesh_shape: tuple[int, int] | None, repeats: int =
     return jnp.sum(out) + collect_aux_losses(state)['load_balancing_loss']
   step = jax.jit(jax.grad(loss))
   if mesh_shape is None:
-    params, mesh = nn.unbox(variables), None
+    params, mesh = variables, None
   else:
     mesh = sharding.make_mesh(data=mesh_shape[0], expert=mesh_shape[1])
     params, x = sharding.shard_params(variables, mesh), sharding.shard_batch(x, mesh)

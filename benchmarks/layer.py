@@ -1,6 +1,6 @@
 """MoE layer forward+backward time against a FLOP-matched dense FFN, for every dispatch method.
 
-Shapes (issue #5): x [8, 512, 512] float32 (4,096 tokens), F = 2048, ReLU experts, routing groups
+Shapes: x [8, 512, 512] float32 (4,096 tokens), F = 2048, ReLU experts, routing groups
 of 512 tokens, training capacity factor 1.25 (and dropless), E in {8, 32, 128}, K in {1, 2}. The
 dense FFN has width K x F: the same FLOPs per token as the MoE layer's experts. For each (E, K)
 every variant is compiled, then timed in turn, `--repeats` rounds, so all ratios come from one
@@ -22,7 +22,6 @@ from pathlib import Path
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -44,7 +43,7 @@ def moe_step(num_experts: int, k: int, overrides: dict, group_size: int = GROUP_
   layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=HIDDEN_DIM, num_selected_experts=k,
                    group_size=group_size, **fields)
   x = jax.random.normal(jax.random.key(0), (BATCH, LENGTH, MODEL_DIM))
-  params = nn.unbox(layer.init(jax.random.key(1), x, True))['params']
+  params = layer.init(jax.random.key(1), x, True)['params']
 
   def loss(params, x):
     out, state = layer.apply({'params': params}, x, False, mutable=['intermediates'])
@@ -58,7 +57,7 @@ def balanced_step(num_experts: int, k: int):
   bytes): no router, dispatch, combine or padding. What any dispatch method would cost if routing
   were free and perfectly balanced, with this backend's batched matmuls."""
   experts = ExpertWeights(num_experts, HIDDEN_DIM)
-  weights = nn.unbox(experts.init(jax.random.key(1), MODEL_DIM))['params']
+  weights = experts.init(jax.random.key(1), MODEL_DIM)['params']
   buffers = jax.random.normal(jax.random.key(0), (num_experts, BATCH * LENGTH // num_experts,
                                                   MODEL_DIM))
   buffers = jnp.concatenate([buffers] * k, axis=1)  # Shape: [E, T * K / E, D]

@@ -18,12 +18,11 @@ from pathlib import Path
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from layer import median_s, time_in_turn  # noqa: E402  (benchmarks/layer.py)
-from moejax import MoeLayer, collect_aux_losses, expert_ffn  # noqa: E402
+from moejax import collect_aux_losses, expert_ffn  # noqa: E402
 from moejax.data.tokenizers import ByteTokenizer  # noqa: E402
 from moejax.models import make_model  # noqa: E402
 from moejax.train import (config_from_file, init_state, make_optimizer, make_train_step,  # noqa: E402
@@ -53,10 +52,10 @@ def step_runner(config):
 def routing_overhead_ms(config, steps: int) -> tuple[float, float]:
   """(one MoE layer fwd+bwd, its experts alone fwd+bwd) in ms at the model's shapes."""
   m = model_config(config, ByteTokenizer.vocab_size)
-  layer = MoeLayer(**m.moe_kwargs())  # the model's own MoE layer (a decoder's: causal)
+  layer = m.moe_layer(causal=True)  # the model's own MoE layer (a decoder's)
   x = jax.random.normal(jax.random.key(0), (config.train.batch_size, config.data.length,
                                             m.model_dim), m.compute_dtype)
-  params = nn.unbox(layer.init(jax.random.key(1), x, True))['params']
+  params = layer.init(jax.random.key(1), x, True)['params']
   rngs = {name: jax.random.key(2) for name in ('dropout', 'jitter', 'gating')}
 
   def layer_loss(params, x):
@@ -66,7 +65,7 @@ def routing_overhead_ms(config, steps: int) -> tuple[float, float]:
 
   num_tokens = x.shape[0] * x.shape[1]
   num_groups = num_tokens // (m.group_size or x.shape[1])
-  if layer.dispatch_method(sharded=False) == 'sorted':  # the experts see only dispatched rows
+  if layer.dispatch_method(sharded=False, deterministic=False) == 'sorted':  # the experts see only dispatched rows
     rows = num_tokens * m.num_selected_experts // m.num_experts
   else:  # the experts run on the whole [E, G * C, D] capacity buffers
     rows = num_groups * layer.capacity(num_tokens // num_groups, deterministic=False)

@@ -23,7 +23,7 @@ def member_log_probs(workdir: str, parts: list[list]) -> list[np.ndarray]:
   run, state = loop.load(saved_config(workdir), workdir)
   log_probs = jax.jit(functools.partial(token_log_probs, model=run.model))
   return [np.concatenate([
-      np.asarray(log_probs(state.params, batch, state.router_bias_state))[batch['weights'] > 0]
+      np.asarray(log_probs(state.params, batch, state.balancing_bias_state))[batch['weights'] > 0]
       for batch in batches]).astype(np.float64) for batches in parts]
 
 

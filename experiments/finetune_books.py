@@ -81,7 +81,7 @@ def main():
 
   def evaluate(split):
     tokens, labels = splits[split]
-    return accuracy_report(predict(logits_fn, state.params, state.router_bias_state, tokens),
+    return accuracy_report(predict(logits_fn, state.params, state.balancing_bias_state, tokens),
                            labels, NAMES)
 
   history = [{'step': 0, 'validation': evaluate('validation')}]

@@ -1,64 +1,93 @@
 """`moejax train | eval | sample`: run an experiment config, evaluate or sample a checkpoint.
 
   moejax train  --config experiments/configs/switch_tiny.py --workdir runs/x \
-                [--config.model.num_experts=16 ...]
-  moejax eval   --workdir runs/x [--step N]
+                [--config.model.num_experts=16 ...] [--print_config]
+  moejax eval   --workdir runs/x [--step N] [--config.model.eval_capacity_factor=None ...]
   moejax sample --workdir runs/x [--prompt "ROMEO:" --num_tokens 300 --temperature 0.8]
 
-`eval` and `sample` read the run's saved config.json unless --config is given.
+Every config field can be set with --config.<section>.<field>=VALUE (a Python literal, None, or
+text). `eval` and `sample` read the run's saved config.json (plus any overrides) unless --config
+names a file. A bad setting prints one line naming the field; --debug (or MOEJAX_DEBUG=1) shows
+the traceback.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 
-from absl import flags
-from ml_collections import config_dict, config_flags
-
-COMMANDS = ('train', 'eval', 'sample')
-
-
-def _flags() -> flags.FlagValues:
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'experiment config file (get_config())',
-                                  flag_values=values, lock_config=True)
-  flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics)', flag_values=values)
-  flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest)', flag_values=values)
-  flags.DEFINE_string('prompt', None, 'sample: text to continue (default: config.sample.prompt)',
-                      flag_values=values)
-  flags.DEFINE_integer('num_tokens', None, 'sample: tokens to generate', flag_values=values)
-  flags.DEFINE_float('temperature', None, 'sample: 0 is greedy', flag_values=values)
-  flags.DEFINE_integer('seed', 0, 'sample: rng seed', flag_values=values)
-  return values
+COMMANDS = {'train': 'train (or resume) a run from an experiment config',
+            'eval': "evaluate a run's checkpoint on the validation split, as JSON",
+            'sample': "generate text from a run's checkpoint"}
+OVERRIDE = '--config.'
 
 
-def _config(values: flags.FlagValues, command: str) -> config_dict.ConfigDict:
-  if values.config is not None:
-    return values.config
-  if command == 'train':
-    raise SystemExit('moejax train: give --config')
-  from moejax.train.config import saved_config  # imports JAX: after the arguments are checked
-  try:
-    return saved_config(values.workdir)
-  except FileNotFoundError as error:
-    raise SystemExit(f'moejax {command}: give --config ({error})') from None
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='moejax', description='Sparse Mixture-of-Experts Transformers in JAX/Flax.',
+      epilog='Set any config field with --config.<section>.<field>=VALUE, e.g. '
+             '--config.model.num_experts=16 or --config.model.eval_capacity_factor=None.')
+  commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+  for name, help_text in COMMANDS.items():
+    sub = commands.add_parser(name, help=help_text, description=help_text,
+                              epilog=parser.epilog)
+    sub.add_argument('--workdir', required=name != 'train',
+                     help='run directory (config.json, checkpoints/, metrics.jsonl)')
+    sub.add_argument('--config', required=name == 'train', metavar='FILE',
+                     help='experiment file whose get_config() returns the config'
+                          + ('' if name == 'train' else " (default: the run's config.json)"))
+    sub.add_argument('--debug', action='store_true',
+                     help='show tracebacks of config errors (also: MOEJAX_DEBUG=1)')
+    if name == 'train':
+      sub.add_argument('--print_config', action='store_true',
+                       help='print the resolved config and exit without training')
+    else:
+      sub.add_argument('--step', type=int, help='checkpoint step (default: the latest)')
+    if name == 'sample':
+      sub.add_argument('--prompt', help='text to continue (default: config.sample.prompt)')
+      sub.add_argument('--num_tokens', type=int, help='tokens to generate')
+      sub.add_argument('--temperature', type=float, help='0 is greedy')
+      sub.add_argument('--seed', type=int, default=0, help='rng seed')
+  return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv if argv is None else argv
-  if len(argv) < 2 or argv[1] not in COMMANDS:
-    print(__doc__, file=sys.stderr)
-    return 2
-  command, values = argv[1], _flags()
-  values([argv[0], *argv[2:]])
-  if not values.workdir:
-    raise SystemExit(f'moejax {command}: --workdir is required')
-  config = _config(values, command)
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """(the other arguments, [(field path, value text)]) from --config.<path>=VALUE (or
+  --config.<path> VALUE) arguments."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith(OVERRIDE):
+      path, sep, value = arg[len(OVERRIDE):].partition('=')
+      if not sep:
+        if i + 1 == len(argv):
+          raise SystemExit(f'moejax: {arg} needs a value ({arg}=VALUE)')
+        value, i = argv[i + 1], i + 1
+      overrides.append((path, value))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
 
-  from moejax.train import loop  # imports JAX and TensorFlow: after the arguments are checked
-  if command == 'train':
+
+def _config(args: argparse.Namespace, overrides: list[tuple[str, str]]):
+  """The run's config: the experiment file's (or the saved run's), overrides applied, checked."""
+  from moejax.train import config as config_lib  # imports JAX: after the arguments are checked
+  if args.config:
+    config = config_lib.config_from_file(args.config)
+  else:
+    config = config_lib.saved_config(args.workdir)
+  config = config_lib.apply_overrides(config, overrides)
+  config_lib.check_config(config)
+  return config
+
+
+def _run(args: argparse.Namespace, config) -> int:
+  from moejax.train import loop  # imports JAX and TensorFlow
+  if args.command == 'train':
     try:
-      summary = loop.train(config, values.workdir)
+      summary = loop.train(config, args.workdir)
     except loop.TrainingDiverged as error:
       print(f'moejax train: {error}', file=sys.stderr)
       return 1
@@ -68,24 +97,49 @@ def main(argv: list[str] | None = None) -> int:
             'Run the same command again to resume.')
       return 0
     run, state = summary['run'], summary['state']
+    prompt, num_tokens, temperature, seed = None, None, None, 0
   else:
-    run, state = loop.load(config, values.workdir, values.step)
-    if command == 'eval':
-      metrics = loop.evaluate(run, state.params, bias_state=state.router_bias_state)
+    run, state = loop.load(config, args.workdir, args.step)
+    if args.command == 'eval':
+      metrics = loop.evaluate(run, state.params, bias_state=state.balancing_bias_state)
       print(json.dumps({k: float(v) if getattr(v, 'ndim', 0) == 0 else list(map(float, v))
                         for k, v in metrics.items()}, indent=1))
       return 0
+    prompt, num_tokens, temperature, seed = (args.prompt, args.num_tokens, args.temperature,
+                                             args.seed)
   s = config.sample
-  prompt = s.prompt if values.prompt is None else values.prompt
+  prompt = s.prompt if prompt is None else prompt
   text = loop.sample_text(run, state.params, prompt,
-                          s.num_tokens if values.num_tokens is None else values.num_tokens,
-                          s.temperature if values.temperature is None else values.temperature,
-                          values.seed, state.router_bias_state)
+                          s.num_tokens if num_tokens is None else num_tokens,
+                          s.temperature if temperature is None else temperature,
+                          seed, state.balancing_bias_state)
   if config.task == 'span_corruption':
     print(f'--- sample (spans filled in for {loop.SENTINEL}) ---\n{prompt}\n{loop.SENTINEL} = {text}')
   else:
     print(f'--- sample (prompt {prompt!r}) ---\n{prompt}{text}')
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv[1:]
+  rest, overrides = split_overrides(argv)
+  args = _parser().parse_args(rest)
+  if args.command == 'train' and not (args.workdir or args.print_config):
+    print('moejax train: --workdir is required (unless --print_config)', file=sys.stderr)
+    return 2
+  debug = args.debug or os.environ.get('MOEJAX_DEBUG', '') not in ('', '0')
+  from moejax.checks import ConfigError
+  try:
+    config = _config(args, overrides)
+  except (ConfigError, FileNotFoundError) as error:
+    if debug:
+      raise
+    print(f'moejax {args.command}: {error}', file=sys.stderr)
+    return 2
+  if args.command == 'train' and args.print_config:
+    print(config.to_json(indent=2))
+    return 0
+  return _run(args, config)
 
 
 if __name__ == '__main__':

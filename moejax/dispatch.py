@@ -9,13 +9,18 @@ Three dispatchers, all giving the same numbers:
 - `SortedDispatcher`: only the dispatched choices, sorted by expert (each expert's rows padded to
   a small tile); the experts run on them block by block (`experts.block_expert_ffn`), so empty
   capacity slots cost nothing.
-The first two have `dispatch(tokens [G,S,D]) -> [E,G,C,D]` and `combine([E,G,C,D]) -> [G,S,D]`
-(what the expert-parallel all-to-all exchanges); `SortedDispatcher` has `dispatch -> [R, D]` and
-`combine([R, D])`.
+They come in two kinds, each with a written contract (a `typing.Protocol`):
+- `BufferDispatcher` (einsum, indices): `dispatch(tokens [G, S, D]) -> [E, G, C, D]` and
+  `combine([E, G, C, D]) -> [G, S, D]`. Buffers of a fixed shape, one per expert and group: what
+  the expert-parallel all-to-all exchanges between devices.
+- `RowDispatcher` (sorted): `dispatch_rows(tokens [G, S, D]) -> [R, D]` and
+  `combine_rows([R, D]) -> [G, S, D]`, with each expert's rows at `first_row[e]`, `row_count[e]`.
+  Rows whose number follows the tokens dispatched, not a capacity: they stay on their device.
 """
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +29,29 @@ from flax import struct
 from moejax.routing import RoutingDecision
 
 DISPATCH_METHODS = ('auto', 'einsum', 'indices', 'sorted')
+
+
+class BufferDispatcher(Protocol):
+  """Tokens to per-expert capacity buffers and back (exchangeable between devices)."""
+
+  def dispatch(self, tokens: jax.Array) -> jax.Array:
+    """tokens [G, S, D] -> buffers [E, G, C, D]; empty slots are zeros."""
+
+  def combine(self, outputs: jax.Array) -> jax.Array:
+    """expert outputs [E, G, C, D] -> [G, S, D], each token the weighted sum of its choices."""
+
+
+class RowDispatcher(Protocol):
+  """Tokens to rows sorted by expert and back (local to a device)."""
+  first_row: jax.Array  # Shape: [E], int32
+  row_count: jax.Array  # Shape: [E], int32, a multiple of `tile`
+  tile: int
+
+  def dispatch_rows(self, tokens: jax.Array) -> jax.Array:
+    """tokens [G, S, D] -> rows [R, D]; rows of no expert are zeros."""
+
+  def combine_rows(self, rows: jax.Array) -> jax.Array:
+    """expert outputs [R, D] -> [G, S, D], each token the weighted sum of its choices."""
 
 
 @jax.custom_vjp
@@ -57,7 +85,7 @@ def _choice_tokens(tokens: jax.Array, num_selected: int) -> jax.Array:
 
 
 @struct.dataclass
-class RowDispatcher:
+class _GatherDispatcher:
   """Dispatch by gathering token choices into the rows of a buffer, combine by gathering back.
 
   choice_row: [N] int32, the row of each token choice, R where it is not dispatched.
@@ -115,7 +143,7 @@ class EinsumDispatcher:
 
 
 @struct.dataclass
-class IndicesDispatcher(RowDispatcher):
+class IndicesDispatcher(_GatherDispatcher):
   """The [E, G, C, D] buffers of the einsum method, filled and read by gathers (`gather_rows`):
   never builds a [G, S, E, C] tensor. Row (e * G + g) * C + c is slot c of expert e in group g."""
   capacity: int = struct.field(pytree_node=False, default=0)
@@ -147,7 +175,7 @@ def num_rows(num_choices: int, num_experts: int, tile: int) -> int:
 
 
 @struct.dataclass
-class SortedDispatcher(RowDispatcher):
+class SortedDispatcher(_GatherDispatcher):
   """The dispatched choices sorted by expert into rows [R, D], each expert's rows padded to a
   whole number of tiles (so no tile is shared by two experts, as in MegaBlocks). Expert e owns
   rows first_row[e] .. first_row[e] + row_count[e] - 1; rows past the last expert's are empty.
@@ -183,7 +211,43 @@ class SortedDispatcher(RowDispatcher):
                row_count=row_count.astype(jnp.int32), tile=tile)
 
 
-def make_dispatcher(decision: RoutingDecision, method: str, dtype):
+def default_block_size(num_choices: int, num_experts: int) -> int:
+  """Rows of the largest block for 'sorted' dispatch: the power of two at or above twice an
+  expert's mean load, within [16, 1024]. With a capacity factor up to 2 every expert's rows then
+  fit in one block, so each expert's weights are read once a pass (see
+  `experts.block_expert_ffn`); dropless overflow goes through more blocks."""
+  mean_rows = max(num_choices / num_experts, 1.0)
+  return int(min(1024, max(16, 2 ** math.ceil(math.log2(2 * mean_rows)))))
+
+
+def block_tile(block_size: int) -> int:
+  """The unit each expert's rows are padded to for 'sorted' dispatch: block_size / 16, at least
+  16 rows (fewer only for smaller blocks). An expert's last block is a multiple of it, so there
+  are at most 16 block shapes to compile; the padding costs under tile / 2 rows per expert on
+  average (at 4,096 tokens and E = 8: 64-row tiles, about 6% more rows)."""
+  return min(block_size, max(16, block_size // 16))
+
+
+def auto_dispatch(backend: str, dropless: bool) -> str:
+  """What dispatch='auto' runs: the path measured fastest on `backend` (benchmarks/RESULTS.md has
+  the measurements).
+
+  CPU: 'sorted'. Fastest of the three in training (forward and backward) and in evaluation
+    (forward, eval capacity factor 2.0), at E = 8, 32 and 128, top-1 and top-2, at the benchmark
+    shape (4,096 tokens, D = 512, F = 2048) and at `make run`'s (8,192 tokens, D = 128, F = 512),
+    and by far when dropless (the capacity paths then carry E / K times the tokens).
+  TPU: 'einsum' (GShard's one-hot matmuls; not yet measured by moejax).
+  GPU and any other backend: 'einsum', or 'indices' when dropless ([G, S, E, S] one-hot tensors
+    are too large); 'sorted', a scan over experts, has only been measured on CPU.
+  """
+  if backend == 'cpu':
+    return 'sorted'
+  if backend == 'tpu' or not dropless:
+    return 'einsum'
+  return 'indices'
+
+
+def make_dispatcher(decision: RoutingDecision, method: str, dtype) -> BufferDispatcher:
   """The [E, G, C, D] dispatcher named `method` ('einsum' or 'indices') for `decision`."""
   if method == 'einsum':
     return EinsumDispatcher.from_decision(decision, dtype)

@@ -3,8 +3,8 @@
 Axis legend (DESIGN.md): E experts, G groups, C capacity, N tokens per expert, D model width,
 F expert hidden width. Weights follow Flax's (in, out) layout with a leading expert axis:
 `wi [E, D, F]` (and `wi_gate [E, D, F]` for GLU), `wo [E, F, D]`; no biases, as in T5 and Switch.
-They carry Flax logical axis names ('expert', 'embed', 'mlp'), which `moejax.sharding` maps to the
-mesh axes ('expert', None, 'model'); `nn.unbox(variables)` gives plain arrays.
+They are plain arrays; `moejax.sharding` names their axes by parameter path ('expert', 'embed',
+'mlp') and maps those to the mesh axes ('expert', None, 'model').
 """
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 
 ACTIVATIONS = {'relu': nn.relu, 'gelu': nn.gelu, 'silu': nn.silu}
-LOGICAL_AXES = {'wi': ('expert', 'embed', 'mlp'), 'wi_gate': ('expert', 'embed', 'mlp'),
-                'wo': ('expert', 'mlp', 'embed')}
 
 
 def expert_init(scale: float) -> nn.initializers.Initializer:
@@ -57,15 +55,12 @@ class ExpertWeights(nn.Module):
     glu: add `wi_gate` for a gated linear unit (T5.1.1, ST-MoE).
     init_scale: scale of the fan-in truncated-normal init (Switch used 0.1).
     param_dtype: storage dtype.
-    expert_axis: logical name of the leading E axis; None for shared experts, which every device
-      holds whole (their number need not divide the mesh's 'expert' axis).
   """
   num_experts: int
   hidden_dim: int
   glu: bool = False
   init_scale: float = 1.0
   param_dtype: Any = jnp.float32
-  expert_axis: str | None = 'expert'
 
   @nn.compact
   def __call__(self, model_dim: int) -> dict[str, jax.Array]:
@@ -74,9 +69,7 @@ class ExpertWeights(nn.Module):
     if self.glu:
       shapes['wi_gate'] = shapes['wi']
     init = expert_init(self.init_scale)
-    return {name: self.param(name, nn.with_logical_partitioning(
-                init, (self.expert_axis, *LOGICAL_AXES[name][1:])), shape, self.param_dtype)
-            for name, shape in shapes.items()}
+    return {name: self.param(name, init, shape, self.param_dtype) for name, shape in shapes.items()}
 
 
 def _hidden(activation: str, pre: jax.Array, gate_pre: jax.Array | None,

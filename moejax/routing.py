@@ -1,26 +1,34 @@
-"""Routers: router logits -> RoutingDecision (which expert, which slot, what weight), and aux losses.
+"""Routing decisions: router probabilities -> RoutingDecision (which expert, which slot, what
+weight), and the aux losses and statistics of a decision. Pure functions of arrays, no parameters
+(the routers that score tokens are `moejax.routers`).
 
-Axis legend (DESIGN.md): G routing groups, S tokens per group, E experts, K choices per token,
-C expert capacity per group, D model width.
+Axis legend (DESIGN.md): B batch, L length, G routing groups, S tokens per group, E experts,
+K choices per token, C expert capacity per group, D model width.
 
-Every function here computes in float32: routing decisions are made in full precision whatever the
-activation dtype (Switch's "selective precision"). A decision is held in *token-side* form: for each
-token, K (expert, slot, weight) choices. Tokens-choose routing has K = num_selected_experts;
-experts-choose and dense routing have K = E (choice k of a token is "expert k").
+Everything here computes in float32. A decision is held in *token-side* form: for each token, K
+(expert, slot, weight) choices. Tokens-choose routing has K = num_selected_experts; experts-choose
+and dense routing have K = E (choice k of a token is "expert k").
 
-Routers (token -> logits [G, S, E]): `RouterLogits` (linear, Switch), `CosineRouterLogits` (X-MoE),
-`DistanceRouterLogits` (Gaussian kernel around learned centroids), `hash_logits` (fixed by token id,
-Roller et al.); `gumbel_straight_through` turns logits into hard top-1 gating. `top_k_routing` also
-takes top-p ("dynamic") choices and DeepSeek-V3's balancing bias (`balancing_bias_update`).
+- `group_tokens`: x [B, L, D] -> routing groups [G, S, D].
+- `top_k_routing`: tokens choose experts (Switch top-1, arXiv:2101.03961; GShard top-2,
+  arXiv:2006.16668), with top-p ("dynamic") choices, batch-prioritized order (V-MoE,
+  arXiv:2106.05974), random routing (GShard) and selection scores (DeepSeek-V3's balancing bias,
+  arXiv:2412.19437).
+- `experts_choose_routing` (Zhou et al., arXiv:2202.09368), `dense_routing`.
+- `load_balancing_loss` (Switch eq. 4), `router_z_loss` (ST-MoE eq. 5, arXiv:2202.08906), and the
+  statistics the layer reports: `expert_usage`, `fraction_dropped`, `router_confidence`.
 """
 from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from moejax.checks import ConfigError
+
+LOAD_BALANCING_SCALES = ('per_choice', 'per_token')
 
 
 @struct.dataclass
@@ -45,6 +53,32 @@ class RoutingDecision:
   num_experts: int = struct.field(pytree_node=False)
 
 
+def group_tokens(x: jax.Array, padding_mask: jax.Array | None, group_size: int | None,
+                 owner: str = 'MoeLayer') -> tuple[jax.Array, jax.Array]:
+  """x [B, L, D] -> tokens [G, S, D] and valid [G, S] (bool); S = group_size, or L when None.
+
+  Groups are consecutive runs of the B * L tokens in batch-major order, so a group may span the end
+  of one sequence and the start of the next when S does not divide L.
+  """
+  if x.ndim != 3:
+    raise ValueError(f'{owner} input must have rank 3 [batch, length, model_dim]; '
+                     f'got shape {x.shape}.')
+  batch, length, model_dim = x.shape
+  if padding_mask is None:
+    padding_mask = jnp.ones((batch, length), jnp.bool_)
+  elif padding_mask.shape != (batch, length):
+    raise ValueError(f'{owner} padding_mask must have shape [batch, length] = '
+                     f'{(batch, length)} (True for real tokens); got {padding_mask.shape}.')
+  size = length if group_size is None else group_size
+  num_tokens = batch * length
+  if num_tokens % size:
+    raise ConfigError('group_size', group_size,
+                      f'it must divide the batch * length = {batch} * {length} = {num_tokens} '
+                      f'tokens (pad the batch, or pick a divisor)', owner)
+  tokens = x.reshape(num_tokens // size, size, model_dim)
+  return tokens, padding_mask.reshape(num_tokens // size, size).astype(jnp.bool_)
+
+
 def expert_capacity(tokens_per_group: int, num_experts: int, num_selected_experts: int,
                     capacity_factor: float, min_expert_capacity: int) -> int:
   """C = ceil(capacity_factor * S * K / E), at least `min_expert_capacity`, at most S.
@@ -56,150 +90,6 @@ def expert_capacity(tokens_per_group: int, num_experts: int, num_selected_expert
   return min(max(capacity, min_expert_capacity), tokens_per_group)
 
 
-ROUTERS = ('linear', 'cosine', 'distance', 'gumbel', 'hash')
-HASH_PRIME = 2654435761  # Knuth's multiplicative-hash prime, ~2^32 / golden ratio
-
-
-def jitter(module: nn.Module, tokens: jax.Array, jitter_noise: float,
-           deterministic: bool) -> jax.Array:
-  """float32 tokens [G, S, D], times U(1 - eps, 1 + eps) noise (rng stream `jitter`) in training."""
-  tokens = tokens.astype(jnp.float32)
-  if jitter_noise > 0 and not deterministic:
-    tokens = tokens * jax.random.uniform(module.make_rng('jitter'), tokens.shape, jnp.float32,
-                                         1.0 - jitter_noise, 1.0 + jitter_noise)
-  return tokens
-
-
-class RouterLogits(nn.Module):
-  """Linear router in float32: tokens [G, S, D] -> logits [G, S, E].
-
-  Attributes:
-    num_experts: E.
-    use_bias: add a learned bias [E].
-    init_scale: scale of the truncated-normal fan-in init of the kernel [D, E] (Switch used 0.1).
-    jitter_noise: multiply a float32 copy of the input by U(1 - eps, 1 + eps) (rng stream
-      `jitter`) when not deterministic; 0 disables it.
-  """
-  num_experts: int
-  use_bias: bool = False
-  init_scale: float = 1.0
-  jitter_noise: float = 0.0
-
-  @nn.compact
-  def __call__(self, tokens: jax.Array, deterministic: bool) -> jax.Array:
-    tokens = jitter(self, tokens, self.jitter_noise, deterministic)  # Shape: [G, S, D]
-    dense = float32_dense(self.num_experts, self.init_scale, self.use_bias, 'dense')
-    return dense(tokens)  # Shape: [G, S, E], float32
-
-
-def float32_dense(features: int, init_scale: float, use_bias: bool, name: str) -> nn.Dense:
-  """A float32 router projection [D] -> [features]: truncated-normal fan-in kernel [D, features]
-  (logical axes ('embed', None)), optional zero bias."""
-  kernel_init = nn.initializers.variance_scaling(init_scale, 'fan_in', 'truncated_normal')
-  return nn.Dense(features, use_bias=use_bias, dtype=jnp.float32, param_dtype=jnp.float32,
-                  name=name, kernel_init=nn.with_logical_partitioning(kernel_init, ('embed', None)),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
-
-
-def l2_normalize(x: jax.Array, axis: int) -> jax.Array:
-  """x / ||x|| along `axis` (the norm floored at 1e-6, so |result| <= 1 always)."""
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + 1e-12)
-
-
-class CosineRouterLogits(nn.Module):
-  """X-MoE's cosine router in float32: tokens [G, S, D] -> logits [G, S, E] = cos(W x, e_i) / tau.
-
-  Tokens are projected to `dim` (X-MoE: 16) by W [D, dim]; the projected tokens and the expert
-  embeddings [dim, E] are L2-normalized, so |logits| <= 1 / tau, tau = exp(log_temperature) a
-  learned scalar (init `init_temperature`, X-MoE's 0.07).
-
-  Attributes:
-    num_experts: E.
-    dim: the routing dimension.
-    init_scale: truncated-normal fan-in init scale of W and of the expert embeddings.
-    jitter_noise: as in `RouterLogits`.
-    init_temperature: tau at init.
-  """
-  num_experts: int
-  dim: int = 16
-  init_scale: float = 1.0
-  jitter_noise: float = 0.0
-  init_temperature: float = 0.07
-
-  @nn.compact
-  def __call__(self, tokens: jax.Array, deterministic: bool) -> jax.Array:
-    tokens = jitter(self, tokens, self.jitter_noise, deterministic)  # Shape: [G, S, D]
-    projected = float32_dense(self.dim, self.init_scale, False, 'projection')(tokens)
-    # Shape: [G, S, dim]
-    init = nn.initializers.variance_scaling(self.init_scale, 'fan_in', 'truncated_normal')
-    embeddings = self.param('expert_embeddings', nn.with_logical_partitioning(init, (None, None)),
-                            (self.dim, self.num_experts), jnp.float32)  # Shape: [dim, E]
-    log_temperature = self.param(
-        'log_temperature', nn.with_logical_partitioning(
-            nn.initializers.constant(math.log(self.init_temperature)), ()), (), jnp.float32)
-    cosine = jnp.einsum('gsr,re->gse', l2_normalize(projected, -1),
-                        l2_normalize(embeddings, 0))  # Shape: [G, S, E], in [-1, 1]
-    return cosine / jnp.exp(log_temperature)
-
-
-class DistanceRouterLogits(nn.Module):
-  """Gaussian-kernel router in float32: logits [G, S, E] = -||x - c_e||^2 / (2 sigma^2).
-
-  c_e [E, D] are learned centroids (normal, variance `init_scale`: the scale of normalized
-  tokens), sigma = exp(log_sigma) a learned bandwidth (init sqrt(D), so logit gaps start
-  small). softmax(logits) is the normalized kernel: the closest centroid gets the most weight.
-
-  Attributes:
-    num_experts: E.
-    init_scale: variance of the centroids at init.
-    jitter_noise: as in `RouterLogits`.
-  """
-  num_experts: int
-  init_scale: float = 1.0
-  jitter_noise: float = 0.0
-
-  @nn.compact
-  def __call__(self, tokens: jax.Array, deterministic: bool) -> jax.Array:
-    tokens = jitter(self, tokens, self.jitter_noise, deterministic)  # Shape: [G, S, D]
-    model_dim = tokens.shape[-1]
-    init = nn.initializers.normal(math.sqrt(self.init_scale))
-    centroids = self.param('centroids', nn.with_logical_partitioning(init, (None, 'embed')),
-                           (self.num_experts, model_dim), jnp.float32)  # Shape: [E, D]
-    log_sigma = self.param('log_sigma', nn.with_logical_partitioning(
-        nn.initializers.constant(0.5 * math.log(model_dim)), ()), (), jnp.float32)
-    squared_distance = (jnp.sum(tokens**2, -1, keepdims=True)
-                        - 2 * jnp.einsum('gsd,ed->gse', tokens, centroids)
-                        + jnp.sum(centroids**2, -1))  # Shape: [G, S, E]
-    return -jnp.maximum(squared_distance, 0.0) / (2 * jnp.exp(2 * log_sigma))
-
-
-def hash_logits(token_ids: jax.Array, num_experts: int) -> jax.Array:
-  """Hash routing (Roller et al.): token ids [G, S] -> logits [G, S, E], 0 at the expert
-  (id * HASH_PRIME) % E (uint32 arithmetic) and -1e9 elsewhere, so the softmax is exactly one-hot.
-
-  Fixed, not learned, and independent of the token vector: a token id always goes to one expert.
-  """
-  expert = (token_ids.astype(jnp.uint32) * jnp.uint32(HASH_PRIME)) % jnp.uint32(num_experts)
-  hot = jax.nn.one_hot(expert.astype(jnp.int32), num_experts, dtype=jnp.bool_)  # [G, S, E]
-  return jnp.where(hot, 0.0, -1e9).astype(jnp.float32)
-
-
-def gumbel_straight_through(logits: jax.Array, temperature: float,
-                            noise_rng: jax.Array | None) -> jax.Array:
-  """Hard Gumbel-softmax gating [G, S, E] from logits [G, S, E] (float32).
-
-  Forward: the one-hot of argmax(logits + g), g ~ Gumbel(0, 1) drawn from `noise_rng` (None: no
-  noise, evaluation). Backward: the gradient of softmax((logits + g) / temperature) (the
-  straight-through estimator). Routed top-1, the chosen expert's combine weight is 1.
-  """
-  logits = logits.astype(jnp.float32)
-  if noise_rng is not None:
-    logits = logits + jax.random.gumbel(noise_rng, logits.shape, jnp.float32)
-  soft = jax.nn.softmax(logits / temperature, axis=-1)  # Shape: [G, S, E]
-  hard = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-  return hard + soft - jax.lax.stop_gradient(soft)
-
-
 def top_p_mask(top_probs: jax.Array, top_p: float) -> jax.Array:
   """Top-p ("dynamic") routing: bool [G, S, K], the fewest of a token's K choices, most probable
   first (`top_probs` [G, S, K] sorted descending), whose probabilities sum to >= top_p.
@@ -209,15 +99,6 @@ def top_p_mask(top_probs: jax.Array, top_p: float) -> jax.Array:
   """
   before = jnp.cumsum(top_probs, axis=-1) - top_probs  # Shape: [G, S, K]
   return before + 1e-6 < top_p
-
-
-def balancing_bias_update(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
-  """DeepSeek-V3 auxiliary-loss-free balancing: bias_e + rate * sign(mean_e' load - load_e).
-
-  bias, load: [..., E] (load: each expert's share of the token choices, or counts). Under-used
-  experts gain score, over-used ones lose it. Applied outside the gradient, after each step.
-  """
-  return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
 
 
 def _slot_positions(choice_mask: jax.Array) -> jax.Array:
@@ -362,21 +243,33 @@ def _token_weights(valid: jax.Array) -> jax.Array:
   return valid / jnp.maximum(jnp.sum(valid), 1.0)
 
 
-def load_balancing_loss(probs: jax.Array, decision: RoutingDecision,
-                        valid: jax.Array) -> jax.Array:
+def load_balancing_loss(probs: jax.Array, decision: RoutingDecision, valid: jax.Array,
+                        scale: str = 'per_choice') -> jax.Array:
   """Switch Transformer eq. 4 without its coefficient: E * sum_i f_i * P_i, per group.
 
-  f_i: fraction of the group's token choices that went to expert i (before capacity drops);
-  P_i: mean router probability of expert i over the group's valid tokens. Groups are weighted by
-  their number of valid tokens (equally when nothing is padded). Equals 1.0 under uniform routing
-  for every K. probs: [G, S, E] float32; valid: [G, S] bool. Returns a float32 scalar.
+  P_i: mean router probability of expert i over the group's valid tokens. f_i: how much of the
+  group's routing went to expert i (chosen choices, before capacity drops any), by `scale`:
+    'per_choice' (moejax's default): the fraction of the group's token *choices*, so sum_i f_i = 1
+      and the loss is 1.0 under uniform routing for every K;
+    'per_token' (GShard, flaxformer, ST-MoE's top-K): the number of choices per valid *token*, so
+      sum_i f_i = K and the loss is K under uniform routing, K times 'per_choice' when every token
+      makes all K choices. A coefficient from those papers ports as is with this scale.
+  For K = 1 the two are equal. Groups are weighted by their number of valid tokens (equally when
+  nothing is padded). probs: [G, S, E] float32; valid: [G, S] bool. Returns a float32 scalar.
   """
+  if scale not in LOAD_BALANCING_SCALES:
+    raise ConfigError('load_balancing_loss_scale', scale,
+                      f'it must be one of {LOAD_BALANCING_SCALES}', 'load_balancing_loss')
   num_experts = probs.shape[-1]
   valid_f = valid.astype(jnp.float32)
   tokens_per_group = jnp.sum(valid_f, axis=1)  # Shape: [G]
   mean_probs = (jnp.sum(probs * valid_f[..., None], axis=1)
                 / jnp.maximum(tokens_per_group, 1.0)[:, None])  # Shape: [G, E]
-  per_group = num_experts * jnp.sum(expert_usage(decision) * mean_probs, axis=-1)  # Shape: [G]
+  routed = expert_usage(decision)  # Shape: [G, E], per choice
+  if scale == 'per_token':
+    choices = jnp.sum(decision.chosen, axis=(1, 2), dtype=jnp.float32)  # Shape: [G]
+    routed = routed * (choices / jnp.maximum(tokens_per_group, 1.0))[:, None]
+  per_group = num_experts * jnp.sum(routed * mean_probs, axis=-1)  # Shape: [G]
   return jnp.sum(per_group * tokens_per_group) / jnp.maximum(jnp.sum(tokens_per_group), 1.0)
 
 

@@ -4,7 +4,7 @@ Mesh axes: 'data' and 'expert' both split the batch (tokens); 'expert' also spli
 'model' splits each expert's hidden width F (Megatron-style: one psum after the second matmul).
 
   mesh = moejax.sharding.make_mesh(data=2, expert=4)        # 8 devices
-  params = moejax.sharding.shard_params(variables, mesh)     # experts sharded on their E axis
+  params = moejax.sharding.shard_params(variables, mesh)     # experts split on their E axis
   batch = moejax.sharding.shard_batch(local_batch, mesh)     # batch over ('data', 'expert')
   with jax.set_mesh(mesh):
     y = jax.jit(model.apply)(params, batch)                  # MoE layers run expert-parallel
@@ -13,12 +13,18 @@ Inside a MoE layer each device routes its own groups and fills buffers [E, G_loc
 all-to-all over 'expert' sends each expert's slice to the device that owns it, giving
 [E / n_expert, n_expert * G_local, C, D]; the local experts run; a second all-to-all sends the
 results back, and each device combines its own tokens.
+
+Parameters are plain arrays (no metadata boxes), so a MoeLayer drops into any Flax model and any
+`nn.scan`. Their logical axis names come from their path: `logical_axes(tree)` names the axes of
+every moejax parameter in any tree (a whole model's params, a scanned stack's, an optimizer state
+mirroring them), and `param_specs` maps the names to mesh axes by `LOGICAL_AXIS_RULES`.
 """
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,11 +34,24 @@ from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ('data', 'expert', 'model')
 BATCH_AXES = ('data', 'expert')
-# Flax logical axis name -> mesh axes. Users with their own meshes can pass their own rules to
-# `nn.logical_to_mesh_sharding`; the names on moejax's parameters are the keys here.
-# 'layers' is the axis nn.scan adds (scan with metadata_params={nn.PARTITION_NAME: 'layers'}).
+# Flax logical axis name -> mesh axes. Users with their own meshes pass `logical_axes(params)` and
+# their own rules to `nn.logical_to_mesh`. 'layers' names the leading axes nn.scan adds.
 LOGICAL_AXIS_RULES = (('batch', BATCH_AXES), ('expert', 'expert'), ('mlp', 'model'),
                       ('embed', None), ('layers', None))
+# Logical axes of a MoeLayer's parameters, by the end of their path. The routed experts' E axis is
+# 'expert'; shared experts ('shared_experts') are held whole by every device.
+PARAM_AXES = {
+    ('experts', 'wi'): ('expert', 'embed', 'mlp'),
+    ('experts', 'wi_gate'): ('expert', 'embed', 'mlp'),
+    ('experts', 'wo'): ('expert', 'mlp', 'embed'),
+    ('shared_experts', 'wi'): (None, 'embed', 'mlp'),
+    ('shared_experts', 'wi_gate'): (None, 'embed', 'mlp'),
+    ('shared_experts', 'wo'): (None, 'mlp', 'embed'),
+    ('router', 'dense', 'kernel'): ('embed', None),
+    ('router', 'projection', 'kernel'): ('embed', None),
+    ('router', 'centroids'): (None, 'embed'),
+}
+EXPERT_WEIGHT_AXES = {name[-1]: axes for name, axes in PARAM_AXES.items() if name[0] == 'experts'}
 
 
 def make_mesh(data: int = -1, expert: int = 1, model: int = 1,
@@ -63,14 +82,35 @@ def active_mesh():
   return mesh
 
 
-def param_specs(variables) -> Mapping:
-  """PartitionSpecs over the mesh axes for a (boxed) variables tree, from the logical names."""
-  return nn.logical_to_mesh(nn.get_partition_spec(variables), LOGICAL_AXIS_RULES)
+def key_name(key) -> Any:
+  """The name of one entry of a pytree key path (dict key, attribute or index)."""
+  return getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', None)))
+
+
+def logical_axes(tree) -> Any:
+  """A tree like `tree` of logical axis names (a `PartitionSpec` per array): moejax's parameters
+  by `PARAM_AXES` (matched on the end of their path), with 'layers' for each extra leading axis a
+  scan added; every other array all None (replicated). Works on any model holding MoeLayers, and
+  on anything that mirrors its params' paths (optimizer moments)."""
+  def names(path, leaf):
+    keys = tuple(str(key_name(k)) for k in path)
+    ndim = np.ndim(leaf)
+    for suffix, axes in PARAM_AXES.items():
+      if keys[-len(suffix):] == suffix and ndim >= len(axes):
+        return P(*('layers',) * (ndim - len(axes)), *axes)
+    return P(*(None,) * ndim)
+  return jax.tree_util.tree_map_with_path(names, nn.unbox(tree))
+
+
+def param_specs(tree) -> Any:
+  """PartitionSpecs over the mesh axes for a params (or variables) tree: `logical_axes` mapped
+  by `LOGICAL_AXIS_RULES`."""
+  return nn.logical_to_mesh(logical_axes(tree), LOGICAL_AXIS_RULES)
 
 
 def shard_params(variables, mesh: Mesh):
-  """Unboxed copy of `variables` placed on `mesh`: expert weights split on E over 'expert' (and F
-  over 'model'), everything else replicated."""
+  """`variables` placed on `mesh`: expert weights split on E over 'expert' (and F over 'model'),
+  everything else replicated."""
   shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(variables),
                            is_leaf=lambda x: isinstance(x, P))
   return jax.device_put(nn.unbox(variables), shardings)
@@ -135,16 +175,16 @@ def device_rng(rng: jax.Array | None) -> jax.Array | None:
   return None if rng is None else jax.random.fold_in(rng, jax.lax.axis_index(MESH_AXES))
 
 
-def shard_map_layer(fn: Callable, mesh, weight_axes: dict[str, tuple]) -> Callable:
+def shard_map_layer(fn: Callable, mesh, weight_names) -> Callable:
   """`fn(tokens, probs, valid, weights, draws, rng) -> (out, decision)` run per device.
 
   Per-group arrays ([G, ...]: tokens, probs, valid, draws, out and every decision array) are
-  split over the batch axes; each expert weight by its logical axes (`weight_axes`, one entry per
-  weight passed); the rng is replicated.
+  split over the batch axes; each expert weight (`weight_names`: those passed) by its logical
+  axes; the rng is replicated.
   """
   batch = P(BATCH_AXES)
-  weight_specs = {name: P(*nn.logical_to_mesh_axes(axes, LOGICAL_AXIS_RULES))
-                  for name, axes in weight_axes.items()}
+  weight_specs = {name: P(*nn.logical_to_mesh_axes(EXPERT_WEIGHT_AXES[name], LOGICAL_AXIS_RULES))
+                  for name in weight_names}
   return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, batch, weight_specs, batch, P()),
                        out_specs=(batch, batch))
 

@@ -1,7 +1,6 @@
 """Shared by the tests: the smoke config (loaded as the CLI loads it), a layer's init and apply."""
 import os
 
-import flax.linen as nn
 import jax
 
 from moejax.train.config import config_from_file
@@ -20,8 +19,8 @@ def smoke_config(data_dir, **train):
 
 
 def init_layer(layer, x, **kwargs):
-  """Unboxed variables of a layer initialized on x [B, L, D] (deterministic)."""
-  return nn.unbox(layer.init(jax.random.key(42), x, True, **kwargs))
+  """Variables of a layer initialized on x [B, L, D] (deterministic)."""
+  return layer.init(jax.random.key(42), x, True, **kwargs)
 
 
 def apply_layer(layer, variables, x, deterministic=True, **kwargs):

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import apply_layer, init_layer
 from moejax import MoeLayer, collect_aux_losses, collect_routing_metrics
-from moejax.layer import block_tile, default_block_size
+from moejax.dispatch import auto_dispatch, block_tile, default_block_size
 
 D, F = 8, 16
 DISPATCHES = ['einsum', 'indices', 'sorted']
@@ -370,13 +370,20 @@ def test_importing_the_layer_does_not_import_tensorflow():
 
 
 def test_auto_dispatch_and_block_sizes():
-  """'auto' is sorted off TPU (these tests run on CPU), and the sorted path becomes 'indices' under
-  an expert-parallel mesh, whose all-to-all exchanges [E, G, C, D] buffers."""
+  """'auto' picks the path measured fastest per backend: sorted for CPU training, never the
+  per-expert scan on GPU (not measured there); the sorted path becomes 'indices' under an
+  expert-parallel mesh, whose all-to-all exchanges [E, G, C, D] buffers."""
   assert jax.default_backend() == 'cpu'
   layer = MoeLayer(num_experts=4, expert_hidden_dim=F)
-  assert layer.dispatch_method(sharded=False) == 'sorted'
-  assert layer.dispatch_method(sharded=True) == 'indices'
-  assert layer.clone(dispatch='einsum').dispatch_method(sharded=True) == 'einsum'
+  assert layer.dispatch_method(sharded=False, deterministic=False) == 'sorted'
+  assert layer.dispatch_method(sharded=True, deterministic=False) == 'indices'
+  assert layer.clone(dispatch='einsum').dispatch_method(sharded=True, deterministic=False) == 'einsum'
+  assert layer.dispatch_method(sharded=False, deterministic=True) == 'sorted'
+  for dropless in (False, True):
+    assert auto_dispatch('cpu', dropless) == 'sorted'
+    assert auto_dispatch('tpu', dropless) == 'einsum'
+  assert auto_dispatch('gpu', dropless=False) == 'einsum'
+  assert auto_dispatch('gpu', dropless=True) == 'indices'
   # The largest block: twice an expert's mean load rounded up to a power of two, in [16, 1024].
   assert [default_block_size(4096, e) for e in (4, 8, 32, 100, 128, 1024)] == [
       1024, 1024, 256, 128, 64, 16]

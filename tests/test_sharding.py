@@ -173,16 +173,25 @@ def test_sharding_errors():
   assert dict(sharding.make_mesh(expert=4).shape) == {'data': 2, 'expert': 4, 'model': 1}
 
 
-def test_logical_axis_names_on_params():
-  layer = MoeLayer(num_experts=8, expert_hidden_dim=F, glu=True)
+def test_logical_axis_names_by_parameter_path():
+  layer = MoeLayer(num_experts=8, expert_hidden_dim=F, glu=True, num_shared_experts=1)
   variables = layer.init(jax.random.key(0), jnp.zeros((2, 4, D)), True)
-  logical = nn.get_partition_spec(variables)['params']
+  assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(variables))  # no boxes
+  logical = sharding.logical_axes(variables)['params']
   assert tuple(logical['experts']['wi']) == ('expert', 'embed', 'mlp')
   assert tuple(logical['experts']['wi_gate']) == ('expert', 'embed', 'mlp')
   assert tuple(logical['experts']['wo']) == ('expert', 'mlp', 'embed')
+  assert tuple(logical['shared_experts']['wi']) == (None, 'embed', 'mlp')  # held whole
   specs = sharding.param_specs(variables)['params']
   assert tuple(specs['experts']['wi']) == ('expert', None, 'model')
   assert tuple(specs['router']['dense']['kernel']) == (None, None)
+  # A leading (scan) axis is 'layers'; an optimizer moment at the same path gets the same names.
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a]), variables['params'])
+  assert tuple(sharding.param_specs({'blocks': stacked})['blocks']['experts']['wo']) == (
+      None, 'expert', 'model', None)
+  moments = {'mu': {'blocks': stacked}}
+  assert tuple(sharding.logical_axes(moments)['mu']['blocks']['experts']['wi']) == (
+      'layers', 'expert', 'embed', 'mlp')
 
 
 def test_process_rows_single_process():

@@ -1,5 +1,6 @@
-"""Issue #4 variants: routers (cosine, distance, Gumbel, hash, top-p), DeepSeek-V3 bias balancing,
-shared and fine-grained experts, Soft MoE. One contract test for all, one defining property each."""
+"""Routing and expert variants: routers (cosine, distance, Gumbel, hash, top-p), DeepSeek-V3 bias
+balancing, shared and fine-grained experts, Soft MoE. One contract test for all (on every dispatch
+path), one defining property each. Decisions are read from what the layer sows."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,9 @@ import optax
 import pytest
 
 from helpers import apply_layer, init_layer, smoke_config
-import moejax.layer
-from moejax import (ModelConfig, MoeLayer, SoftMoeLayer, collect_routing_metrics, fine_grained,
-                    make_model, per_token_flops, routing, sharding, update_balancing_biases)
+from moejax import (ModelConfig, MoeLayer, SoftMoeLayer, balancing_bias_update, collect_decisions,
+                    collect_routing_metrics, fine_grained, make_model, per_token_flops, routers,
+                    routing, sharding, update_balancing_biases)
 from moejax.train import loop
 from moejax.train.step import dummy_batch, init_state, train_step
 
@@ -43,34 +44,27 @@ def _layer(**overrides):
                      **overrides})
 
 
-class _DecisionSpy:
-  """Records the RoutingDecision the layer hands to `make_dispatcher`."""
-
-  def __init__(self, monkeypatch):
-    self.decisions = []
-    original = moejax.layer.make_dispatcher
-
-    def spy(decision, method, dtype):
-      self.decisions.append(decision)
-      return original(decision, method, dtype)
-    monkeypatch.setattr(moejax.layer, 'make_dispatcher', spy)
+def _apply_with_decision(layer, variables, x, **kwargs):
+  """(output, intermediates, the layer's RoutingDecision) of one evaluation-mode call."""
+  out, state = layer.apply(variables, x, True, mutable=['intermediates', 'decisions'], **kwargs)
+  (decision,) = collect_decisions(state).values()
+  return out, state, decision
 
 
+@pytest.mark.parametrize('dispatch', ['einsum', 'indices', 'sorted'])
 @pytest.mark.parametrize('name', list(VARIANTS))
-def test_contract_shape_padding_capacity_gradients(name, monkeypatch):
+def test_contract_shape_padding_capacity_gradients(name, dispatch):
   """Forced overflow (capacity factor 0.25) with padding: shape [B, L, D], padding never
   dispatched and zero, no expert buffer over C, gradients reach every learned router param."""
   layer = _layer(group_size=L, eval_capacity_factor=0.25, min_expert_capacity=1,
-                 **VARIANTS[name])
+                 **{**VARIANTS[name], 'dispatch': dispatch})
   x = _inputs()
   mask = jnp.ones((B, L), bool).at[0, 2].set(False).at[1, -3:].set(False)
   kwargs = dict(padding_mask=mask, token_ids=_token_ids() if name == 'hash' else None)
   variables = init_layer(layer, x, **kwargs)
-  spy = _DecisionSpy(monkeypatch)
-  out, state = apply_layer(layer, variables, x, **kwargs)
+  out, state, decision = _apply_with_decision(layer, variables, x, **kwargs)
   assert out.shape == (B, L, D)
   np.testing.assert_array_equal(out[~mask], 0.0)
-  (decision,) = spy.decisions
   assert not np.asarray(decision.chosen)[~np.asarray(mask)].any()
   assert not np.asarray(decision.dispatched)[~np.asarray(mask)].any()
   capacity = layer.capacity(L, deterministic=True)
@@ -94,7 +88,7 @@ def test_contract_shape_padding_capacity_gradients(name, monkeypatch):
 
 
 def test_cosine_logits_bounded_by_inverse_temperature():
-  router = routing.CosineRouterLogits(E, dim=4)
+  router = routers.CosineRouterLogits(E, dim=4)
   tokens = 1000.0 * jax.random.normal(jax.random.key(0), (3, 64, D))
   variables = router.init(jax.random.key(1), tokens, True)
   for temperature in (0.07, 0.5, 2.0):
@@ -106,7 +100,7 @@ def test_cosine_logits_bounded_by_inverse_temperature():
 
 
 def test_distance_router_is_a_gaussian_kernel_of_the_centroid_distance():
-  router = routing.DistanceRouterLogits(E)
+  router = routers.DistanceRouterLogits(E)
   tokens = jax.random.normal(jax.random.key(0), (2, 8, D))
   params = nn.unbox(router.init(jax.random.key(1), tokens, True))['params']
   logits = router.apply({'params': params}, tokens, True)
@@ -118,16 +112,14 @@ def test_distance_router_is_a_gaussian_kernel_of_the_centroid_distance():
   assert int(jnp.argmax(router.apply({'params': params}, on_centroid, True))) == 2
 
 
-def test_hash_routing_is_fixed_by_token_id_and_ignores_the_input(monkeypatch):
+def test_hash_routing_is_fixed_by_token_id_and_ignores_the_input():
   layer = _layer(router='hash', eval_capacity_factor=None)
   ids = _token_ids()
   x = _inputs()
   variables = init_layer(layer, x, token_ids=ids)
-  spy = _DecisionSpy(monkeypatch)
-  out, _ = apply_layer(layer, variables, x, token_ids=ids)
-  out_other, _ = apply_layer(layer, variables, 10 * _inputs(seed=5), token_ids=ids)
-  first, second = spy.decisions
-  expected = (np.asarray(ids, np.int64) * routing.HASH_PRIME) % 2**32 % E  # [B, L]
+  out, _, first = _apply_with_decision(layer, variables, x, token_ids=ids)
+  _, _, second = _apply_with_decision(layer, variables, 10 * _inputs(seed=5), token_ids=ids)
+  expected = (np.asarray(ids, np.int64) * routers.HASH_PRIME) % 2**32 % E  # [B, L]
   np.testing.assert_array_equal(first.expert_index[..., 0], expected.reshape(B, L))
   np.testing.assert_array_equal(second.expert_index, first.expert_index)
   # Each token gets its hashed expert's FFN with weight 1 (dropless).
@@ -137,7 +129,7 @@ def test_hash_routing_is_fixed_by_token_id_and_ignores_the_input(monkeypatch):
   np.testing.assert_allclose(out, formula, atol=1e-5, rtol=1e-5)
   # The same id goes to the same expert wherever it appears.
   same = jnp.full((B, L), 7)
-  assert len(set(np.asarray(jnp.argmax(routing.hash_logits(same, E), -1)).ravel())) == 1
+  assert len(set(np.asarray(jnp.argmax(routers.hash_logits(same, E), -1)).ravel())) == 1
   with pytest.raises(ValueError, match='token_ids'):
     apply_layer(layer, variables, x)
 
@@ -193,29 +185,29 @@ def test_bias_update_drives_usage_toward_uniform():
   bias = jnp.zeros(E)
   start = usage(bias)
   for _ in range(50):
-    bias = routing.balancing_bias_update(bias, usage(bias), rate=0.01)
+    bias = balancing_bias_update(bias, usage(bias), rate=0.01)
   end = usage(bias)
   ratio = lambda u: float(u.max() / u.min())  # noqa: E731
   assert ratio(start) > 5
   assert ratio(end) < 1.5 and ratio(end) < ratio(start) / 4
 
 
-def test_balancing_bias_selects_but_does_not_weight(monkeypatch):
+def test_balancing_bias_selects_but_does_not_weight():
   """A bias favouring expert 3 sends every token there; the combine weight is still the unbiased
   probability of expert 3."""
   layer = _layer(balancing_bias=True, eval_capacity_factor=None)
   x = _inputs()
   variables = init_layer(layer, x)
-  assert set(variables['router_bias_state']) == {'bias', 'load'}
-  biased = {**variables, 'router_bias_state': {'bias': jnp.array([0.0, 0.0, 0.0, 5.0]),
+  assert set(variables['balancing_bias_state']) == {'bias', 'load'}
+  biased = {**variables, 'balancing_bias_state': {'bias': jnp.array([0.0, 0.0, 0.0, 5.0]),
                                                'load': jnp.zeros(E)}}
-  out, state = layer.apply(biased, x, True, mutable=['intermediates', 'router_bias_state'])
-  np.testing.assert_allclose(state['router_bias_state']['load'], [0, 0, 0, 1])
+  out, state = layer.apply(biased, x, True, mutable=['intermediates', 'balancing_bias_state'])
+  np.testing.assert_allclose(state['balancing_bias_state']['load'], [0, 0, 0, 1])
   p = variables['params']
   prob3 = jax.nn.softmax(x @ p['router']['dense']['kernel'])[..., 3:]
   ffn3 = jax.nn.relu(x @ p['experts']['wi'][3]) @ p['experts']['wo'][3]
   np.testing.assert_allclose(out, prob3 * ffn3, atol=1e-5, rtol=1e-5)
-  updated = update_balancing_biases(state['router_bias_state'], rate=0.1)
+  updated = update_balancing_biases(state['balancing_bias_state'], rate=0.1)
   np.testing.assert_allclose(updated['bias'], [0.1, 0.1, 0.1, 4.9], rtol=1e-6)
 
 
@@ -227,13 +219,13 @@ def test_train_step_updates_the_balancing_bias(scan_layers):
   batch = dummy_batch(config, 2, 8)
   batch['targets'] = jax.random.randint(jax.random.key(1), (2, 8), 1, 32)
   state = init_state(model, tx, batch, 0)
-  biases = jax.tree.leaves(state.router_bias_state)
+  biases = jax.tree.leaves(state.balancing_bias_state)
   assert biases and all(np.all(b == 0) for b in biases)
   new_state, _ = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, alpha=0.0,
                                                  beta=0.0))(state, batch)
-  (layer_state,) = [v for k, v in jax.tree_util.tree_leaves_with_path(new_state.router_bias_state)
+  (layer_state,) = [v for k, v in jax.tree_util.tree_leaves_with_path(new_state.balancing_bias_state)
                     if 'bias' in jax.tree_util.keystr(k)]
-  (load,) = [v for k, v in jax.tree_util.tree_leaves_with_path(new_state.router_bias_state)
+  (load,) = [v for k, v in jax.tree_util.tree_leaves_with_path(new_state.balancing_bias_state)
              if 'load' in jax.tree_util.keystr(k)]
   np.testing.assert_allclose(load.sum(-1), 1.0, rtol=1e-6)  # this batch's usage was recorded
   np.testing.assert_allclose(layer_state, 0.01 * np.sign(load.mean(-1, keepdims=True) - load),
@@ -317,8 +309,8 @@ def test_variants_under_an_expert_parallel_mesh_equal_one_device():
                     dict(balancing_bias=True, num_shared_experts=1, num_selected_experts=2)):
     layer = _layer(**overrides)
     variables = layer.init(jax.random.key(0), x, True)
-    if 'router_bias_state' in variables:
-      variables = {**variables, 'router_bias_state': {'bias': jnp.arange(E) / 10.0,
+    if 'balancing_bias_state' in variables:
+      variables = {**variables, 'balancing_bias_state': {'bias': jnp.arange(E) / 10.0,
                                                       'load': jnp.zeros(E)}}
     apply = jax.jit(lambda v, x: layer.apply(v, x, True))
     expected = apply(nn.unbox(variables), x)
@@ -351,11 +343,6 @@ def test_bad_variant_config_errors_name_the_field(overrides, field):
     _layer(**overrides)
 
 
-def test_model_config_rejects_hash_router():
-  with pytest.raises(ValueError, match='model.router='):
-    ModelConfig(vocab_size=32, router='hash')
-
-
 def test_loop_trains_evaluates_and_samples_a_bias_balanced_model(tmp_path):
   """The bias state travels through training, checkpoints, evaluation and sampling."""
   config = smoke_config(tmp_path / 'tfds', num_steps=4)
@@ -363,13 +350,13 @@ def test_loop_trains_evaluates_and_samples_a_bias_balanced_model(tmp_path):
   summary = loop.train(config, str(tmp_path / 'run'), quiet=True)
   state = summary['state']
   biases = [np.asarray(leaf) for path, leaf in
-            jax.tree_util.tree_leaves_with_path(state.router_bias_state)
+            jax.tree_util.tree_leaves_with_path(state.balancing_bias_state)
             if 'bias' in jax.tree_util.keystr(path)]
   assert biases and any(np.abs(bias).max() > 0 for bias in biases)  # the updates ran
   assert np.isfinite(summary['eval']['nll'])
   run, restored = loop.load(config, str(tmp_path / 'run'))
-  jax.tree.map(np.testing.assert_array_equal, restored.router_bias_state, state.router_bias_state)
-  evaluated = loop.evaluate(run, restored.params, bias_state=restored.router_bias_state)
+  jax.tree.map(np.testing.assert_array_equal, restored.balancing_bias_state, state.balancing_bias_state)
+  evaluated = loop.evaluate(run, restored.params, bias_state=restored.balancing_bias_state)
   np.testing.assert_allclose(evaluated['nll'], summary['eval']['nll'], rtol=1e-6)
-  text = loop.sample_text(run, restored.params, 'The', 5, 0.0, 0, restored.router_bias_state)
+  text = loop.sample_text(run, restored.params, 'The', 5, 0.0, 0, restored.balancing_bias_state)
   assert isinstance(text, str)

@@ -1,21 +1,38 @@
 """Data: TFDS datasets (local text files or any registered name), tokenizers, packing, span corruption.
 
-The only part of moejax that imports TensorFlow.
+The only part of moejax that imports TensorFlow, and only when a pipeline name is first used
+(`moejax.data.train_batches`, ...): the tokenizers (`moejax.data.tokenizers`) do not need it, so
+sampling and the tokenizer ids load without it.
 """
+import importlib
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads: no C++ info logs
 
-from moejax.data.local_text import LocalText, local_text_builder
-from moejax.data.pipeline import (chars_per_token, documents, eval_batches, model_vocab_size,
-                                  pack, span_corrupt, span_corruption_lengths, tokenizer_for,
-                                  train_batches)
 from moejax.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, make_tokenizer,
                                     train_sentencepiece)
 
-__all__ = [
-    'ByteTokenizer', 'LocalText', 'SentencePieceTokenizer', 'chars_per_token', 'documents',
-    'eval_batches', 'local_text_builder', 'make_tokenizer', 'model_vocab_size', 'pack',
-    'span_corrupt', 'span_corruption_lengths', 'tokenizer_for', 'train_batches',
-    'train_sentencepiece',
-]
+# name -> the submodule that defines it; those submodules import TensorFlow (datasets).
+_WITH_TENSORFLOW = {
+    'LocalText': 'local_text', 'local_text_builder': 'local_text',
+    'chars_per_token': 'pipeline', 'documents': 'pipeline', 'eval_batches': 'pipeline',
+    'model_vocab_size': 'pipeline', 'pack': 'pipeline', 'span_corrupt': 'pipeline',
+    'span_corruption_lengths': 'pipeline', 'tokenizer_for': 'pipeline',
+    'train_batches': 'pipeline',
+}
+
+
+def __getattr__(name):
+  if name not in _WITH_TENSORFLOW:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  try:
+    module = importlib.import_module(f'{__name__}.{_WITH_TENSORFLOW[name]}')
+  except ImportError as error:
+    raise ImportError(f'moejax.data.{name} needs TensorFlow and tensorflow-datasets ({error}); '
+                      "install them with: pip install 'moejax[tf]' (or tensorflow on macOS "
+                      'and Colab)') from error
+  return getattr(module, name)
+
+
+__all__ = ['ByteTokenizer', 'SentencePieceTokenizer', 'make_tokenizer', 'train_sentencepiece',
+           *_WITH_TENSORFLOW]

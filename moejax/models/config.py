@@ -1,29 +1,54 @@
 """ModelConfig: every field of a Transformer model, checked once, hashable (a Flax module field).
 
-`ModelConfig.from_dict(config.model)` turns the `model` section of an experiment config into one; an
-unknown or badly typed field is an error that names it.
+The MoE fields are not copied here: they are MoeLayer's own fields, with its defaults, added to
+ModelConfig from `MoeLayer` itself (all but those a model sets: `MOE_FIELDS_SET_BY_MODEL`). A
+config is checked when it is built, by the model's own rules and by the layers' (each MoE layer
+of each stack is constructed), and an error names the field as the user wrote it
+(`model.top_p=0.0 is invalid: ...`).
+
+`ModelConfig.from_dict(config.model)` turns the `model` section of an experiment config into one.
 """
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 
+from moejax import layer as layer_lib
+from moejax.checks import ConfigError
+from moejax.layer import MoeLayer
+from moejax.soft_moe import SoftMoeLayer
+
 KINDS = ('decoder', 'encoder_decoder')
 POSITIONS = ('rotary', 'relative')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# MoeLayer fields a model sets from its own fields (model name -> layer name), or per stack.
+MOE_FIELDS_SET_BY_MODEL = {'ffn_dim': 'expert_hidden_dim', 'activation': 'activation',
+                           'glu': 'glu', 'router_dtype': 'router_dtype',
+                           'balancing_bias_rate': 'balancing_bias', 'dtype': 'dtype',
+                           'causal': 'causal', 'param_dtype': 'param_dtype'}
+MOE_DEFAULTS = {'num_experts': 8}  # MoeLayer fields without a default there
+# Fields only an encoder may use: a causal decoder stack of an encoder-decoder leaves them out.
+ENCODER_ONLY = {'routing': ('experts_choose',), 'batch_prioritized': (True,)}
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class _ModelFields:
   """A decoder-only LM or a T5-style encoder-decoder with a configurable MoE layout.
 
   Layout: block i (0-based, in each stack) has a sparse FFN when `moe_every > 0` and
   `(i + 1) % moe_every == 0`: `moe_every=2` is Switch's every other FFN, 1 makes all sparse, 0 none.
   `dense_baseline=True` replaces each sparse FFN by a dense FFN of width (K + shared) * F, the
   FLOP-matched twin (same per-token FLOPs up to the router's 2 * D * E).
+
+  The MoE fields (`num_experts`, `num_selected_experts`, `routing`, capacity factors, `dispatch`,
+  `router`, ...) are MoeLayer's, documented there. In an encoder-decoder, encoder-only settings
+  (`routing='experts_choose'`, `batch_prioritized`) route the encoder; its causal decoder then
+  routes tokens-choose in sequence order. A decoder-only model refuses them.
   """
   vocab_size: int                     # V; the training code sets it from the tokenizer
   kind: str = 'decoder'
@@ -38,63 +63,116 @@ class ModelConfig:
   positions: str | None = None        # None: 'rotary' for decoders, 'relative' (T5) otherwise
   relative_buckets: int = 32
   relative_max_distance: int = 128
-  # Mixture of experts.
+  # Mixture of experts: the layout and what the model sets in its MoE layers.
   moe_every: int = 2
   dense_baseline: bool = False
-  num_experts: int = 8                # E
-  num_selected_experts: int = 1       # K
-  normalize_weights: bool = False     # top-K combine weights renormalized to sum to 1
-  train_capacity_factor: float | None = 1.25  # None: dropless
-  eval_capacity_factor: float | None = 2.0
-  min_expert_capacity: int = 4
-  group_size: int | None = None
-  dispatch: str = 'einsum'
-  router_init_scale: float = 1.0
-  init_scale: float = 1.0
-  jitter_noise: float = 0.0
-  expert_dropout: float = 0.0
-  router: str = 'linear'              # 'linear', 'cosine', 'distance', 'gumbel' (not 'hash': the
-                                      # models do not pass token ids to their MoE layers)
-  top_p: float | None = None          # top-p routing, capped at K
-  num_shared_experts: int = 0         # experts every token goes through besides its routed ones
   balancing_bias_rate: float = 0.0    # > 0: DeepSeek-V3 bias balancing, updated at this rate
+  router_dtype: str = 'float32'       # the routers' compute dtype (Switch: float32)
+  soft_moe: bool = False              # the encoder's sparse FFNs are Soft MoE (encoder_decoder)
+  slots_per_expert: int = 1           # Soft MoE's P
   # Implementation.
   scan_layers: bool = False
   remat: bool = False
-  dtype: str = 'float32'              # compute dtype; params are float32, the router float32
+  dtype: str = 'float32'              # compute dtype; params are float32
+
+
+def _moe_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+  """(name, type, field) of every MoeLayer field a model does not set, with MoeLayer's default
+  (or MOE_DEFAULTS'), for `dataclasses.make_dataclass`."""
+  set_by_model = set(MOE_FIELDS_SET_BY_MODEL.values()) | {'parent', 'name'}
+  fields = []
+  for field in dataclasses.fields(MoeLayer):
+    if field.name in set_by_model:
+      continue
+    default = MOE_DEFAULTS.get(field.name, field.default)
+    fields.append((field.name, field.type, dataclasses.field(default=default)))
+  return fields
+
+
+def _field_type(annotation: Any, namespace: dict) -> tuple[type, ...]:
+  """The types a field of this annotation accepts: ('int | None' -> (int, NoneType))."""
+  hint = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
+  if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+    return typing.get_args(hint)
+  return (hint,)
+
+
+class _ModelConfigChecks:
+  """The checks and derived values of ModelConfig (its fields are made below)."""
 
   def __post_init__(self):
+    self._check_types()
+    self._check_model()
+    self._check_layers()
+
+  def _check_types(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      allowed = _field_type(field.type, {**vars(layer_lib), **globals()})
+      if Any in allowed:
+        continue
+      ok = any(isinstance(value, t) and not (t is int and isinstance(value, bool))
+               for t in allowed)
+      if not ok and float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        object.__setattr__(self, field.name, float(value))  # 2 -> 2.0 for a float field
+        ok = True
+      if not ok:
+        names = ' or '.join('None' if t is type(None) else t.__name__ for t in allowed)
+        raise ConfigError(field.name, value, f'it must be {names}', 'model')
+
+  def _check_model(self):
     def bad(field, allowed):
-      return ValueError(f'model.{field}={getattr(self, field)!r} is invalid: {allowed}.')
+      return ConfigError(field, getattr(self, field), allowed, 'model')
     if self.kind not in KINDS:
       raise bad('kind', f'it must be one of {KINDS}')
     if self.positions is not None and self.positions not in POSITIONS:
       raise bad('positions', f'it must be one of {POSITIONS} or None')
-    if self.dtype not in DTYPES:
-      raise bad('dtype', f'it must be one of {tuple(DTYPES)}')
-    for field in ('vocab_size', 'num_layers', 'model_dim', 'num_heads', 'ffn_dim'):
+    for field in ('dtype', 'router_dtype'):
+      if getattr(self, field) not in DTYPES:
+        raise bad(field, f'it must be one of {tuple(DTYPES)}')
+    for field in ('vocab_size', 'num_layers', 'model_dim', 'num_heads', 'ffn_dim',
+                  'slots_per_expert'):
       if getattr(self, field) < 1:
         raise bad(field, 'it must be >= 1')
+    if self.head_dim is not None and self.head_dim < 1:
+      raise bad('head_dim', 'it must be >= 1, or None')
     if self.head_dim is None and self.model_dim % self.num_heads:
       raise bad('num_heads', f'it must divide model_dim={self.model_dim} (or set head_dim)')
+    if not 0 <= self.dropout_rate < 1:
+      raise bad('dropout_rate', 'it must be in [0, 1)')
     if self.moe_every < 0:
       raise bad('moe_every', 'it must be >= 0 (0: no sparse layers)')
     if self.scan_layers and self.num_layers % self.period:
       raise bad('num_layers', f'with scan_layers it must be a multiple of moe_every={self.period}')
-    if self.moe_every and not 1 <= self.num_selected_experts <= self.num_experts:
-      raise bad('num_selected_experts', f'it must be in [1, num_experts={self.num_experts}]')
-    if self.router == 'hash':
-      raise bad('router', 'the models do not pass token ids to their MoE layers; use MoeLayer('
-                "router='hash') with token_ids directly")
     if self.balancing_bias_rate < 0:
       raise bad('balancing_bias_rate', 'it must be >= 0 (0: off)')
+    if self.kind == 'decoder':
+      for field, encoder_only in ENCODER_ONLY.items():
+        if getattr(self, field) in encoder_only:
+          raise bad(field, 'it looks at later tokens of a group: only an encoder may use it '
+                    "(kind='encoder_decoder' routes its encoder this way)")
+      if self.soft_moe:
+        raise bad('soft_moe', 'every slot mixes all tokens of a group, later ones included: '
+                  "only an encoder may use it (kind='encoder_decoder')")
+
+  def _check_layers(self):
+    """Build each stack's MoE layer, so the layers' own rules check the fields."""
+    if not self.moe_every:
+      return
+    model_name = {layer: model for model, layer in MOE_FIELDS_SET_BY_MODEL.items()}
+    try:
+      for causal in ((True,) if self.kind == 'decoder' else (False, True)):
+        self.moe_layer(causal)
+    except ConfigError as error:
+      raise error.renamed('model', model_name.get(error.field, error.field)) from None
 
   @classmethod
   def from_dict(cls, fields: Mapping[str, Any]) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
-      raise ValueError(f'unknown model config fields {unknown}; known: {sorted(known)}')
+      raise ConfigError(unknown[0], fields[unknown[0]], f'no such field; known: {sorted(known)}',
+                        'model')
     return cls(**fields)
 
   def to_dict(self) -> dict[str, Any]:
@@ -110,7 +188,8 @@ class ModelConfig:
     return DTYPES[self.dtype]
 
   @property
-  def heads_dim(self) -> int:
+  def attention_head_dim(self) -> int:
+    """A: head_dim, or model_dim // num_heads when it is None."""
     return self.head_dim or self.model_dim // self.num_heads
 
   @property
@@ -121,20 +200,24 @@ class ModelConfig:
     """Whether block `layer` of a stack has a (possibly dense-baseline) MoE FFN slot."""
     return self.moe_every > 0 and (layer + 1) % self.moe_every == 0
 
-  def moe_kwargs(self) -> dict[str, Any]:
-    """MoeLayer fields (all but `causal`, which depends on the stack)."""
-    return dict(num_experts=self.num_experts, expert_hidden_dim=self.ffn_dim,
-                num_selected_experts=self.num_selected_experts,
-                normalize_weights=self.normalize_weights,
-                train_capacity_factor=self.train_capacity_factor,
-                eval_capacity_factor=self.eval_capacity_factor,
-                min_expert_capacity=self.min_expert_capacity, group_size=self.group_size,
-                dispatch=self.dispatch, activation=self.activation, glu=self.glu,
-                router_init_scale=self.router_init_scale, init_scale=self.init_scale,
-                jitter_noise=self.jitter_noise, expert_dropout=self.expert_dropout,
-                router=self.router, top_p=self.top_p,
-                num_shared_experts=self.num_shared_experts,
-                balancing_bias=self.balancing_bias_rate > 0, dtype=self.compute_dtype)
+  def moe_kwargs(self, causal: bool = True) -> dict[str, Any]:
+    """MoeLayer fields of a stack's MoE layers (causal: a decoder stack)."""
+    kwargs = {name: getattr(self, name) for name, _, _ in _moe_fields()}
+    if causal and self.kind == 'encoder_decoder':  # encoder-only settings route the encoder
+      kwargs.update(routing='tokens_choose' if self.routing == 'experts_choose'
+                    else self.routing, batch_prioritized=False)
+    return dict(kwargs, expert_hidden_dim=self.ffn_dim, activation=self.activation, glu=self.glu,
+                router_dtype=DTYPES[self.router_dtype], balancing_bias=self.balancing_bias_rate > 0,
+                dtype=self.compute_dtype, causal=causal)
+
+  def moe_layer(self, causal: bool, name: str | None = None):
+    """The MoE layer of a stack: a MoeLayer, or in an encoder with `soft_moe` a SoftMoeLayer."""
+    if self.soft_moe and not causal:
+      return SoftMoeLayer(self.num_experts, self.ffn_dim, slots_per_expert=self.slots_per_expert,
+                          group_size=self.group_size, activation=self.activation, glu=self.glu,
+                          causal=False, init_scale=self.init_scale, dtype=self.compute_dtype,
+                          name=name)
+    return MoeLayer(**self.moe_kwargs(causal), name=name)
 
   @property
   def dense_baseline_width(self) -> int:
@@ -142,23 +225,34 @@ class ModelConfig:
     return (self.num_selected_experts + self.num_shared_experts) * self.ffn_dim
 
 
+ModelConfig = dataclasses.make_dataclass(
+    'ModelConfig', _moe_fields(), bases=(_ModelConfigChecks, _ModelFields), frozen=True,
+    namespace={'__doc__': _ModelFields.__doc__, '__module__': __name__})
+
+
 def per_token_flops(config: ModelConfig, length: int, target_length: int | None = None) -> float:
   """Forward-pass matmul FLOPs per (target) token, by formula (2 FLOPs per multiply-add).
 
   A sparse FFN costs K (+ shared) expert FFNs of width F plus the router (2 * D * E); its dense
-  baseline one FFN of width (K + shared) * F. Top-p routing is counted at its cap K. Attention
+  baseline one FFN of width (K + shared) * F. Top-p routing is counted at its cap K. A Soft MoE
+  layer (the encoder's, with `soft_moe`) costs its slot logits, dispatch and combine (2 * D * N
+  each, N = E * P slots) and N / S expert FFNs per token (S: the group size). Attention
   scores count all L keys, as XLA does for a masked full product. For the encoder-decoder,
   `length` is the encoder's and `target_length` the decoder's; encoder FLOPs are spread over the
   target tokens.
   """
-  d, inner = config.model_dim, config.num_heads * config.heads_dim
+  d, inner = config.model_dim, config.num_heads * config.attention_head_dim
   ffn_mats = 3 if config.glu else 2
 
-  def ffn(layer):
+  def ffn(layer, encoder):
     if not config.is_sparse(layer):
       return 2 * ffn_mats * d * config.ffn_dim
     if config.dense_baseline:
       return 2 * ffn_mats * d * config.dense_baseline_width
+    if encoder and config.soft_moe:
+      slots = config.num_experts * config.slots_per_expert
+      group = config.group_size or length
+      return 3 * 2 * d * slots + slots / group * 2 * ffn_mats * d * config.ffn_dim
     k = config.num_selected_experts + config.num_shared_experts
     return k * 2 * ffn_mats * d * config.ffn_dim + 2 * d * config.num_experts
 
@@ -166,7 +260,8 @@ def per_token_flops(config: ModelConfig, length: int, target_length: int | None 
     attention = 2 * 4 * d * inner + 2 * 2 * keys * inner
     if cross_keys is not None:  # q, out per target token; k, v per encoder token
       attention += 2 * 2 * d * inner * (1 + cross_ratio) + 2 * 2 * cross_keys * inner
-    return sum(attention + ffn(i) for i in range(config.num_layers))
+    return sum(attention + ffn(i, cross_keys is None and config.kind == 'encoder_decoder')
+               for i in range(config.num_layers))
 
   logits = 2 * d * config.vocab_size
   if config.kind == 'decoder':

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from moejax.experts import ACTIVATIONS
-from moejax.layer import MoeLayer
+from moejax.balancing import BIAS_COLLECTION
+from moejax.intermediates import DECISIONS
 from moejax.models.config import ModelConfig
 
 
@@ -74,12 +75,12 @@ class Attention(nn.Module):
                bias: jax.Array | None) -> jax.Array:
     """x [B, L, D], kv [B, M, D], mask [B, 1, L, M] (True: attend), bias [1, H, L, M] or None."""
     cfg = self.config
-    dense = lambda name: nn.DenseGeneral((cfg.num_heads, cfg.heads_dim), use_bias=False,
+    dense = lambda name: nn.DenseGeneral((cfg.num_heads, cfg.attention_head_dim), use_bias=False,
                                          dtype=cfg.compute_dtype, name=name)
     q, k, v = dense('query')(x), dense('key')(kv), dense('value')(kv)  # Shapes: [B, L|M, H, A]
     if self.use_rotary:
       q, k = rotary(q), rotary(k)
-    logits = jnp.einsum('blha,bmha->bhlm', q, k).astype(jnp.float32) / math.sqrt(cfg.heads_dim)
+    logits = jnp.einsum('blha,bmha->bhlm', q, k).astype(jnp.float32) / math.sqrt(cfg.attention_head_dim)
     if bias is not None:
       logits = logits + bias
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)  # Shape: [B, H, L, M]
@@ -130,8 +131,9 @@ class Block(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x, padding_mask, self_bias, encoded=None, encoded_mask=None):
-    """x [B, L, D], padding_mask [B, L]; encoded [B, M, D], encoded_mask [B, M] when cross."""
+  def __call__(self, x, padding_mask, self_bias, encoded=None, encoded_mask=None, token_ids=None):
+    """x [B, L, D], padding_mask [B, L]; encoded [B, M, D], encoded_mask [B, M] when cross;
+    token_ids [B, L]: the stack's input ids (hash routing reads them)."""
     cfg = self.config
     norm = lambda name: nn.RMSNorm(dtype=cfg.compute_dtype, name=name)
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
@@ -146,8 +148,8 @@ class Block(nn.Module):
           h, encoded, full_mask(padding_mask, encoded_mask), None))
     h = norm('pre_ffn_norm')(x)
     if self.sparse and not cfg.dense_baseline:
-      y = MoeLayer(causal=self.causal, **cfg.moe_kwargs(), name='moe')(
-          h, self.deterministic, padding_mask=padding_mask)
+      y = cfg.moe_layer(self.causal, name='moe')(h, self.deterministic,
+                                                  padding_mask=padding_mask, token_ids=token_ids)
     else:
       width = cfg.dense_baseline_width if self.sparse else cfg.ffn_dim
       y = Mlp(cfg, width, name='mlp')(h)
@@ -162,19 +164,19 @@ class Unit(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x, padding_mask, self_bias, encoded, encoded_mask):
+  def __call__(self, x, padding_mask, self_bias, encoded, encoded_mask, token_ids):
     for i in range(self.config.period):
       x = Block(self.config, self.config.is_sparse(i), self.causal, self.cross_attention,
                 self.deterministic, name=f'block_{i}')(
-                    x, padding_mask, self_bias, encoded, encoded_mask)
+                    x, padding_mask, self_bias, encoded, encoded_mask, token_ids)
     return x
 
 
 class _ScannedUnit(Unit):
   """Unit with nn.scan's (carry, inputs) -> (carry, outputs) signature."""
 
-  def __call__(self, x, padding_mask, self_bias, encoded, encoded_mask):
-    return super().__call__(x, padding_mask, self_bias, encoded, encoded_mask), None
+  def __call__(self, x, padding_mask, self_bias, encoded, encoded_mask, token_ids):
+    return super().__call__(x, padding_mask, self_bias, encoded, encoded_mask, token_ids), None
 
 
 class Stack(nn.Module):
@@ -184,24 +186,24 @@ class Stack(nn.Module):
   cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, padding_mask, deterministic: bool, encoded=None, encoded_mask=None):
+  def __call__(self, x, padding_mask, deterministic: bool, encoded=None, encoded_mask=None,
+               token_ids=None):
     cfg = self.config
     bias = None
     if cfg.position_kind == 'relative':
       bias = RelativePositionBias(cfg, bidirectional=not self.causal, name='relative_bias')(
           x.shape[1], x.shape[1])  # Shape: [1, H, L, L]
     num_units = cfg.num_layers // cfg.period
-    args = (padding_mask, bias, encoded, encoded_mask)
+    args = (padding_mask, bias, encoded, encoded_mask, token_ids)
     if cfg.scan_layers:
       unit = _ScannedUnit
       if cfg.remat:
         unit = nn.remat(unit, prevent_cse=False)
-      scanned = nn.scan(unit, variable_axes={'params': 0, 'intermediates': 0,
-                                             'router_bias_state': 0},
+      scanned = nn.scan(unit, variable_axes={'params': 0, 'intermediates': 0, DECISIONS: 0,
+                                             BIAS_COLLECTION: 0},
                         split_rngs={'params': True, 'dropout': True, 'jitter': True,
                                     'gating': True},
-                        in_axes=(nn.broadcast,) * len(args), length=num_units,
-                        metadata_params={nn.PARTITION_NAME: 'layers'})
+                        in_axes=(nn.broadcast,) * len(args), length=num_units)
       x, _ = scanned(cfg, self.causal, self.cross_attention, deterministic, name='units')(x, *args)
     else:
       unit = nn.remat(Unit) if cfg.remat else Unit
@@ -227,7 +229,7 @@ class DecoderLM(nn.Module):
     cfg = self.config
     x = nn.Embed(cfg.vocab_size, cfg.model_dim, embedding_init=nn.initializers.normal(1.0),
                  dtype=cfg.compute_dtype, name='embed')(inputs)  # Shape: [B, L, D]
-    x = Stack(cfg, causal=True, name='decoder')(x, padding_mask, deterministic)
+    x = Stack(cfg, causal=True, name='decoder')(x, padding_mask, deterministic, token_ids=inputs)
     return nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32,
                     name='logits')(x.astype(jnp.float32))  # Shape: [B, L, V]
 
@@ -247,9 +249,10 @@ class EncoderDecoder(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.model_dim, embedding_init=nn.initializers.normal(1.0),
                      dtype=cfg.compute_dtype, name='embed')
     encoded = Stack(cfg, causal=False, name='encoder')(
-        embed(inputs), inputs_mask, deterministic)  # Shape: [B, M, D]
+        embed(inputs), inputs_mask, deterministic, token_ids=inputs)  # Shape: [B, M, D]
     x = Stack(cfg, causal=True, cross_attention=True, name='decoder')(
-        embed(decoder_inputs), decoder_mask, deterministic, encoded, inputs_mask)  # [B, L, D]
+        embed(decoder_inputs), decoder_mask, deterministic, encoded, inputs_mask,
+        token_ids=decoder_inputs)  # Shape: [B, L, D]
     return nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32,
                     name='logits')(x.astype(jnp.float32))  # Shape: [B, L, V]
 

@@ -6,7 +6,8 @@ reads data through `moejax.data`, which does; import it explicitly.
 from moejax.train.checkpoint import Checkpoints, ShapeMismatchError, check_compatible
 from moejax.train.config import config_from_file, default_config, model_config, saved_config
 from moejax.train.optim import learning_rate_schedule, make_optimizer
-from moejax.train.sharding import batch_sharding, make_mesh, param_specs, state_shardings
+from moejax.sharding import batch_sharding, make_mesh
+from moejax.train.sharding import param_specs, state_shardings
 from moejax.train.step import (TrainState, cross_entropy, eval_step, init_state, make_eval_step,
                                make_train_step, shift_right, token_log_probs, train_step)
 

@@ -2,16 +2,19 @@
 
 An experiment is a Python file whose `get_config()` returns `default_config()` with its own values
 (see experiments/configs/); every field can be overridden on the command line
-(`--config.model.num_experts=16`).
+(`--config.model.num_experts=16`, `--config.model.eval_capacity_factor=None`): `apply_overrides`.
+`check_config` checks a config when it is built, naming the field of any error.
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
 
 import ml_collections
 
+from moejax.checks import ConfigError
 from moejax.models import ModelConfig
 
 
@@ -70,10 +73,84 @@ def default_config() -> ml_collections.ConfigDict:
 
 def config_from_file(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of an experiment file (what `moejax train --config path` runs)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no experiment config file {path}')
   spec = importlib.util.spec_from_file_location('experiment_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def parse_value(text: str):
+  """A command-line value: a Python literal (3, 1e-3, True, None, 'text', (1, 2)), else the text."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: list[tuple[str, str]]) -> ml_collections.ConfigDict:
+  """`config` with each (dotted field path, value text) set: ('model.top_p', '0.5').
+
+  The field must exist; 'None' sets it to None; a value is converted to the field's type (an int
+  for a float field, any text for a string field); a field whose default is None takes the
+  literal's type. A wrong type is a ConfigError naming the field.
+  """
+  for path, text in overrides:
+    *sections, field = path.split('.')
+    owner, node = 'config', config
+    for section in sections:
+      if section not in node or not isinstance(node[section], ml_collections.ConfigDict):
+        raise ConfigError(section, text, 'no such config section', owner)
+      owner, node = section if owner == 'config' else f'{owner}.{section}', node[section]
+    if field not in node:
+      raise ConfigError(field, text, f'no such field; {owner} has {sorted(node.keys())}', owner)
+    value = _typed(node[field], parse_value(text), text)
+    try:
+      if value is _MISMATCH:
+        raise TypeError
+      node[field] = value
+    except (TypeError, ValueError):
+      expected = node.get_ref(field).get_type().__name__
+      raise ConfigError(field, parse_value(text), f'it must be {expected}', owner) from None
+  return config
+
+
+_MISMATCH = object()
+
+
+def _typed(current, value, text: str):
+  """`value` in the type of the field's `current` value (a field now None: as parsed), or
+  _MISMATCH."""
+  if value is None or current is None:
+    return value
+  if isinstance(current, str):
+    return text
+  if isinstance(current, bool) or isinstance(value, bool):
+    return value if isinstance(current, bool) and isinstance(value, bool) else _MISMATCH
+  if isinstance(current, float) and isinstance(value, int):
+    return float(value)
+  return value if isinstance(value, type(current)) else _MISMATCH
+
+
+def check_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The model config a run would build (vocabulary size 1 until the data sets it), so that a bad
+  field fails here, before any data or compilation, with the field named (`model.top_p=...`)."""
+  return model_config(config, vocab_size=1)
+
+
+def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with its local paths absolute (data source, vocabulary, TFDS and upcycling
+  directories), so a saved run evaluates and samples from any directory."""
+  fields = (('data', 'source'), ('data', 'spm_model'), ('data', 'data_dir'),
+            ('upcycle', 'from_workdir'))
+  for section, field in fields:
+    if section in config and config[section].get(field):
+      path = config[section][field]
+      if section != 'data' or field != 'source' or os.path.exists(path):  # else a TFDS name
+        config[section][field] = os.path.abspath(path)
+  return config
 
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
@@ -89,8 +166,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
   """The run's ModelConfig: config.model plus the vocabulary size of the data."""
   expected_kind = {'lm': 'decoder', 'span_corruption': 'encoder_decoder'}
   if config.task not in expected_kind:
-    raise ValueError(f'task={config.task!r} is invalid: it must be one of {tuple(expected_kind)}.')
+    raise ConfigError('task', config.task, f'it must be one of {tuple(expected_kind)}', 'config')
   if config.model.kind != expected_kind[config.task]:
-    raise ValueError(f'task={config.task!r} needs model.kind={expected_kind[config.task]!r}; '
-                     f'got {config.model.kind!r}.')
+    raise ConfigError('kind', config.model.kind, f'task={config.task!r} needs '
+                      f'model.kind={expected_kind[config.task]!r}', 'model')
   return ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': vocab_size})

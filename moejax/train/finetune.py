@@ -25,10 +25,10 @@ def classification_batch(tokens: np.ndarray, labels: np.ndarray, label_ids: np.n
           'loss_weights': loss_weights}
 
 
-def class_logits(params, batch: Batch, router_bias_state=None, *, model,
+def class_logits(params, batch: Batch, balancing_bias_state=None, *, model,
                  label_ids: jax.Array) -> jax.Array:
   """[B, C]: the logits of each class's label token after the text (eval mode)."""
-  logits, _, _ = forward(model, params, batch, True, bias_state=router_bias_state)
+  logits, _, _ = forward(model, params, batch, True, bias_state=balancing_bias_state)
   return logits[:, -1, jnp.asarray(label_ids)]  # Shape: [B, C]
 
 

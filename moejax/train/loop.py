@@ -23,9 +23,9 @@ from moejax import sharding as moe_sharding
 from moejax.models import make_model, per_token_flops
 from moejax.train import sharding
 from moejax.train.checkpoint import Checkpoints
-from moejax.train.config import model_config, saved_config
+from moejax.train.config import absolute_paths, model_config, saved_config
 from moejax.train.metrics import MetricWriter
-from moejax.train.optim import make_optimizer
+from moejax.train.optim import learning_rate_schedule, make_optimizer
 from moejax.train.sampling import generate
 from moejax.train.step import (dummy_batch, has_moe, init_state, make_eval_step,
                                make_train_step)
@@ -99,7 +99,9 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   vocab_size = data_lib.model_vocab_size(tokenizer, config.data, config.task)
   model_cfg = model_config(config, vocab_size)
   mesh_shape = (config.mesh.data, config.mesh.expert, config.mesh.model)
-  mesh = sharding.make_mesh(*mesh_shape) if np.prod(mesh_shape) > 1 else None
+  mesh = None
+  if np.prod(mesh_shape) > 1:
+    mesh = moe_sharding.make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint.every_steps,
                             config.checkpoint.keep)
   return Run(config, workdir, tokenizer, model_cfg, make_model(model_cfg),
@@ -127,7 +129,7 @@ def stop_requests():
 
 def evaluate(run: Run, params, eval_step=None, bias_state=None) -> dict:
   """Validation metrics over the eval split (eval capacity factor); nats per token and per char.
-  bias_state: the train state's `router_bias_state` (models with balancing biases)."""
+  bias_state: the train state's `balancing_bias_state` (models with balancing biases)."""
   cfg = run.config
   eval_step = eval_step or run.eval_step(params)
   totals = {}
@@ -186,7 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
   cfg, tcfg = config, config.train
   run = open_run(config, workdir)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json(indent=2))
+    f.write(absolute_paths(config.copy_and_resolve_references()).to_json(indent=2))
   state, position = restore_or_init(run)
   start = int(jax.device_get(state.step))
   train_step = make_train_step(run.model, run.tx, tcfg.load_balancing_loss_coef,
@@ -195,6 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
   batches = data_lib.train_batches(cfg.data, run.tokenizer, cfg.task, tcfg.batch_size, cfg.seed,
                                    start=position)
   writer = MetricWriter(workdir)
+  schedule = learning_rate_schedule(tcfg)
   tokens_per_step = tcfg.batch_size * cfg.data.length
   step_seconds, train_dropped, stopped_by, eval_metrics = [], [], None, {}
   progress = tqdm(range(start, tcfg.num_steps), initial=start, total=tcfg.num_steps,
@@ -207,6 +210,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
       metrics = jax.device_get(metrics)
       step_seconds.append(time.perf_counter() - tic)
       metrics['tokens_per_sec'] = tokens_per_step / step_seconds[-1]
+      metrics['learning_rate'] = float(schedule(step))  # the schedule's rate at this step
       train_dropped.append(float(metrics.get('fraction_dropped', 0.0)))
       if (step + 1) % tcfg.log_every == 0 or metrics['skipped']:
         writer.write(step + 1, 'train', metrics)
@@ -219,7 +223,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
             f'stopping. The last good checkpoint (step {run.checkpoints.latest_step()}) is in '
             f'{run.checkpoints.manager.directory}.')
       if (step + 1) % cfg.eval.every_steps == 0 and step + 1 < tcfg.num_steps:
-        eval_metrics = evaluate(run, state.params, eval_step, state.router_bias_state)
+        eval_metrics = evaluate(run, state.params, eval_step, state.balancing_bias_state)
         writer.write(step + 1, 'eval', eval_metrics)
         progress.write(f'step {step + 1}: validation loss {eval_metrics["nll"]:.4f} nats/token')
       run.checkpoints.save(state, step + 1, run.model_config)
@@ -228,7 +232,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
         break
   end = int(jax.device_get(state.step))
   if stopped_by is None and end == tcfg.num_steps:
-    eval_metrics = evaluate(run, state.params, eval_step, state.router_bias_state)
+    eval_metrics = evaluate(run, state.params, eval_step, state.balancing_bias_state)
     writer.write(end, 'eval', eval_metrics)
   run.checkpoints.save(state, end, run.model_config, force=True)
   run.checkpoints.wait()

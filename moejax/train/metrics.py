@@ -1,4 +1,4 @@
-"""Per-layer routing metrics from the `intermediates` collection, and the metric writers."""
+"""The metric writers: metrics.jsonl and TensorBoard event files."""
 from __future__ import annotations
 
 import json
@@ -6,31 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
-from flax import traverse_util
-
-PER_LAYER = ('expert_usage', 'fraction_dropped', 'router_z_loss')
-
-
-def per_layer_metrics(intermediates: Any) -> dict[str, jax.Array]:
-  """{'<metric>/<layer>': value} for every MoE layer: e.g. 'expert_usage/decoder/unit_0/block_1'
-  -> [E]. Scanned stacks (param path '.../units/...', values with a leading unit axis) are
-  unstacked into 'unit_<i>' so a layer has the same name with and without nn.scan."""
-  out = {}
-  for path, values in traverse_util.flatten_dict(intermediates).items():
-    name = path[-1]
-    if name not in PER_LAYER:
-      continue
-    (value,) = values  # one call per layer and step
-    layer = [p for p in path[:-1] if p not in ('intermediates', 'moe')]
-    if 'units' in layer:
-      i = layer.index('units')
-      for u in range(value.shape[0]):
-        out['/'.join([name, *layer[:i], f'unit_{u}', *layer[i + 1:]])] = value[u]
-    else:
-      out['/'.join([name, *layer])] = value
-  return out
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

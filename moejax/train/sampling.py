@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.data.tokenizers import EOS_ID, PAD_ID
-from moejax.layer import BIAS_COLLECTION
+from moejax.balancing import BIAS_COLLECTION
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
@@ -33,7 +33,7 @@ def generate(model: nn.Module, params, prompt: np.ndarray, num_tokens: int, leng
              temperature: float, seed: int, bias_state=None) -> np.ndarray:
   """`num_tokens` new token ids after `prompt` (decoder LM), or from the encoder reading
   `prompt` (encoder-decoder; it stops at EOS). `length`: the window L. bias_state: the MoE
-  layers' 'router_bias_state' collection, for models with balancing biases."""
+  layers' 'balancing_bias_state' collection, for models with balancing biases."""
   variables = {'params': params}
   if bias_state is not None:
     variables[BIAS_COLLECTION] = bias_state

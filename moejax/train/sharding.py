@@ -1,8 +1,7 @@
 """Where the train state and the batches live on a ('data', 'expert', 'model') mesh.
 
-The params follow `moejax.sharding`'s partition rules (from the logical axis names on the
-weights: expert weights [E, D, F] split along E over 'expert' and F over 'model', the rest
-replicated). Any other array of the state that mirrors a param (an optimizer moment of the same
+The params follow `moejax.sharding`'s partition rules (logical axis names by parameter path:
+expert weights [E, D, F] split along E over 'expert' and F over 'model', the rest replicated). Any other array of the state that mirrors a param (an optimizer moment of the same
 shape at the same path) gets that param's sharding; everything else (step, rng, Adafactor's
 factored moments) is replicated. Batches split along B over ('data', 'expert').
 """
@@ -17,24 +16,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moejax import sharding as moe_sharding
 from moejax.train.step import model_inputs
 
-batch_sharding = moe_sharding.batch_sharding
-
-
-def make_mesh(data: int = 1, expert: int = 1, model: int = 1) -> Mesh:
-  """A moejax mesh over the first data * expert * model devices."""
-  return moe_sharding.make_mesh(data, expert, model,
-                                devices=jax.devices()[:data * expert * model])
-
 
 def param_specs(model: nn.Module, batch: dict) -> Any:
   """PartitionSpecs of the model's params (abstract init: nothing is computed)."""
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                            *model_inputs(model.config, batch), True))
-  return moe_sharding.param_specs(boxed)['params']
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                             *model_inputs(model.config, batch), True))
+  return moe_sharding.param_specs(shapes['params'])
 
 
 def _names(path) -> tuple:
-  return tuple(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', None))) for k in path)
+  return tuple(moe_sharding.key_name(k) for k in path)
 
 
 def state_shardings(state: Any, specs: Any, mesh: Mesh) -> Any:

@@ -5,14 +5,14 @@ A step whose loss or gradient is not finite leaves params and optimizer state un
 counted (`nonfinite_in_a_row`, `nonfinite_total`); the loop decides when to give up.
 
 DeepSeek-V3 auxiliary-loss-free balancing (`ModelConfig.balancing_bias_rate > 0`): the MoE layers'
-non-trainable 'router_bias_state' collection lives in `TrainState.router_bias_state` (None for
+non-trainable 'balancing_bias_state' collection lives in `TrainState.balancing_bias_state` (None for
 models without it). Each train step runs the forward pass with that collection mutable (the layers
 record their expert load), then, outside the gradient,
 
   bias_state = update_balancing_biases(bias_state, model.config.balancing_bias_rate)
 
 moves each layer's bias by rate * sign(mean load - load_e). Evaluation reads the bias:
-`eval_step(params, batch, state.router_bias_state, model=model)`.
+`eval_step(params, batch, state.balancing_bias_state, model=model)`.
 """
 from __future__ import annotations
 
@@ -28,10 +28,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax import sharding
-from moejax.layer import (BIAS_COLLECTION, collect_aux_losses, collect_routing_metrics,
-                          update_balancing_biases)
+from moejax.balancing import BIAS_COLLECTION, update_balancing_biases
+from moejax.intermediates import collect_aux_losses, collect_routing_metrics, per_layer_metrics
 from moejax.models import ModelConfig
-from moejax.train.metrics import per_layer_metrics
 
 Batch = dict[str, jax.Array]
 
@@ -44,7 +43,7 @@ class TrainState:
   rng: jax.Array                 # uint32 [2], base key; step s uses fold_in(rng, s)
   nonfinite_in_a_row: jax.Array  # int32 []
   nonfinite_total: jax.Array     # int32 []
-  router_bias_state: Any = None  # the MoE layers' balancing biases and loads, or None
+  balancing_bias_state: Any = None  # the MoE layers' balancing biases and loads, or None
 
 
 def has_moe(config: ModelConfig) -> bool:
@@ -89,7 +88,7 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, batch: Batch,
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(rng), nonfinite_in_a_row=zero, nonfinite_total=zero,
-                    router_bias_state=variables.get(BIAS_COLLECTION))
+                    balancing_bias_state=variables.get(BIAS_COLLECTION))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
@@ -101,7 +100,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> 
 def forward(model: nn.Module, params, batch: Batch, deterministic: bool, rng=None,
             bias_state=None, record_load: bool = False):
   """(logits [B, L, V], MoE metrics: the aux losses, routing metrics and per-layer ones, and the
-  'router_bias_state' collection: with `record_load`, holding this batch's expert loads)."""
+  'balancing_bias_state' collection: with `record_load`, holding this batch's expert loads)."""
   rngs = {}
   if rng is not None:
     rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(('dropout', 'jitter',
@@ -118,6 +117,7 @@ def forward(model: nn.Module, params, batch: Batch, deterministic: bool, rng=Non
     return logits, {'load_balancing_loss': zero, 'router_z_loss': zero}, bias_state
   routing = collect_routing_metrics(state)
   return logits, {**collect_aux_losses(state), 'fraction_dropped': routing['fraction_dropped'],
+                  'router_confidence': routing['router_confidence'],
                   **per_layer_metrics(state['intermediates'])}, bias_state
 
 
@@ -128,7 +128,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
   def loss_fn(params):
     logits, moe, bias_state = forward(model, params, batch, False, rng,
-                                      state.router_bias_state, record_load=True)
+                                      state.balancing_bias_state, record_load=True)
     nll = cross_entropy(logits, batch['targets'], loss_weights(batch))
     loss = nll + alpha * moe['load_balancing_loss'] + beta * moe['router_z_loss']
     return loss, ({'nll': nll, **moe}, bias_state)
@@ -147,7 +147,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
       step=state.step + 1,
       params=keep_if_finite(params, state.params),
       opt_state=keep_if_finite(opt_state, state.opt_state),
-      router_bias_state=keep_if_finite(bias_state, state.router_bias_state),
+      balancing_bias_state=keep_if_finite(bias_state, state.balancing_bias_state),
       nonfinite_in_a_row=(state.nonfinite_in_a_row + 1) * nonfinite,
       nonfinite_total=state.nonfinite_total + nonfinite)
   metrics = {'loss': loss, 'grad_norm': grad_norm, 'skipped': nonfinite,
@@ -155,11 +155,11 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   return new_state, metrics
 
 
-def eval_step(params, batch: Batch, router_bias_state=None, *,
+def eval_step(params, batch: Batch, balancing_bias_state=None, *,
               model: nn.Module) -> dict[str, jax.Array]:
   """Sums over the batch's real tokens (eval capacity factor: deterministic=True).
-  router_bias_state: the train state's, for models with balancing biases."""
-  logits, moe, _ = forward(model, params, batch, True, bias_state=router_bias_state)
+  balancing_bias_state: the train state's, for models with balancing biases."""
+  logits, moe, _ = forward(model, params, batch, True, bias_state=balancing_bias_state)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
   weights = loss_weights(batch)  # Shape: [B, L]
   tokens = jnp.sum(weights)
@@ -167,11 +167,11 @@ def eval_step(params, batch: Batch, router_bias_state=None, *,
           **{name: value * tokens for name, value in moe.items()}}
 
 
-def token_log_probs(params, batch: Batch, router_bias_state=None, *,
+def token_log_probs(params, batch: Batch, balancing_bias_state=None, *,
                     model: nn.Module) -> jax.Array:
   """log p(target) [B, L] of every position, as evaluation computes it (deterministic, the eval
   capacity factor); padding positions are included: mask them with batch['weights']."""
-  logits, _, _ = forward(model, params, batch, True, bias_state=router_bias_state)
+  logits, _, _ = forward(model, params, batch, True, bias_state=balancing_bias_state)
   return -optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
 
 
@@ -200,7 +200,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, alpha: f
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh | None = None, param_shardings: Any = None):
-  """Jitted `eval_step(params, batch, router_bias_state=None)` (the bias replicated on a mesh)."""
+  """Jitted `eval_step(params, batch, balancing_bias_state=None)` (the bias replicated on a mesh)."""
   step = functools.partial(eval_step, model=model)
   if mesh is None:
     return jax.jit(step)
