@@ -6,8 +6,8 @@ eval capacity factor 2.0 (MoeLayer's default) and dropless; E in {8, 32, 128}, K
 methods of one (E, K) are compiled, then timed round-robin, `--repeats` rounds, medians reported
 beside the FLOP-matched dense FFN's forward pass.
 
-`--shape tiny` times the shape `make run` evaluates instead: x [64, 128, 128] (8,192 tokens), F = 512,
-one group per sequence (S = 128), so an expert's capacity is a few tokens.
+`--shape tiny` times the shape `make run` evaluates instead: x [64, 128, 128] (8,192 tokens),
+F = 512, one group per sequence (S = 128), so an expert's capacity is a few tokens.
 
   python benchmarks/eval_dispatch.py [--repeats 7] [--experts 8 32 128] [--ks 1 2] [--shape tiny]
 Writes benchmarks/results/eval_dispatch[_tiny].json and prints a markdown table.
@@ -88,14 +88,14 @@ def main():
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump({'machine': header, 'rows': rows}, f, indent=1)
-  print(f'\n{header}\n\n| E | k | eval capacity factor | einsum | indices | sorted | fastest |\n'
-        '|---|---|---|---|---|---|---|')
+  print(f'\n{header}\n\n| E | K | eval capacity factor | dense ms | einsum | indices | sorted | '
+        'fastest |\n|---|---|---|---|---|---|---|---|')
   for i in range(0, len(rows), len(METHODS)):
     group = rows[i:i + len(METHODS)]
     best = min(group, key=lambda r: r['moe_ms'])
     cells = ' | '.join(f'{r["moe_ms"]:.1f} ms ({r["ratio"]:.2f})' for r in group)
     print(f'| {group[0]["num_experts"]} | {group[0]["k"]} | {group[0]["capacity_factor"]} | '
-          f'{cells} | {best["dispatch"]} |')
+          f'{group[0]["dense_ms"]:.1f} | {cells} | {best["dispatch"]} |')
 
 
 if __name__ == '__main__':

@@ -65,7 +65,8 @@ def routing_overhead_ms(config, steps: int) -> tuple[float, float]:
 
   num_tokens = x.shape[0] * x.shape[1]
   num_groups = num_tokens // (m.group_size or x.shape[1])
-  if layer.dispatch_method(sharded=False, deterministic=False) == 'sorted':  # the experts see only dispatched rows
+  if layer.dispatch_method(sharded=False, deterministic=False) == 'sorted':
+    # the experts see only the dispatched rows
     rows = num_tokens * m.num_selected_experts // m.num_experts
   else:  # the experts run on the whole [E, G * C, D] capacity buffers
     rows = num_groups * layer.capacity(num_tokens // num_groups, deterministic=False)

@@ -6,7 +6,6 @@ layer's outputs and metrics: expert usage, the fraction of choices dropped by ca
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import moejax

@@ -14,7 +14,3 @@ class ConfigError(ValueError):
   def __init__(self, field: str, value: Any, reason: str, owner: str = 'MoeLayer'):
     self.field, self.value, self.reason, self.owner = field, value, reason, owner
     super().__init__(f'{owner}.{field}={value!r} is invalid: {reason}.')
-
-  def renamed(self, owner: str, field: str | None = None) -> ConfigError:
-    """The same error under another owner (and field name)."""
-    return ConfigError(field or self.field, self.value, self.reason, owner)

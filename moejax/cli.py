@@ -114,7 +114,8 @@ def _run(args: argparse.Namespace, config) -> int:
                           s.temperature if temperature is None else temperature,
                           seed, state.balancing_bias_state)
   if config.task == 'span_corruption':
-    print(f'--- sample (spans filled in for {loop.SENTINEL}) ---\n{prompt}\n{loop.SENTINEL} = {text}')
+    print(f'--- sample (spans filled in for {loop.SENTINEL}) ---\n{prompt}\n'
+          f'{loop.SENTINEL} = {text}')
   else:
     print(f'--- sample (prompt {prompt!r}) ---\n{prompt}{text}')
   return 0

@@ -20,7 +20,7 @@ They come in two kinds, each with a written contract (a `typing.Protocol`):
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from moejax.routing import RoutingDecision
 DISPATCH_METHODS = ('auto', 'einsum', 'indices', 'sorted')
 
 
+@runtime_checkable
 class BufferDispatcher(Protocol):
   """Tokens to per-expert capacity buffers and back (exchangeable between devices)."""
 
@@ -41,6 +42,7 @@ class BufferDispatcher(Protocol):
     """expert outputs [E, G, C, D] -> [G, S, D], each token the weighted sum of its choices."""
 
 
+@runtime_checkable
 class RowDispatcher(Protocol):
   """Tokens to rows sorted by expert and back (local to a device)."""
   first_row: jax.Array  # Shape: [E], int32
@@ -247,10 +249,14 @@ def auto_dispatch(backend: str, dropless: bool) -> str:
   return 'indices'
 
 
-def make_dispatcher(decision: RoutingDecision, method: str, dtype) -> BufferDispatcher:
-  """The [E, G, C, D] dispatcher named `method` ('einsum' or 'indices') for `decision`."""
+def make_dispatcher(decision: RoutingDecision, method: str, dtype,
+                    tile: int = 16) -> BufferDispatcher | RowDispatcher:
+  """The dispatcher named `method` for `decision`: a BufferDispatcher ('einsum', 'indices') or a
+  RowDispatcher ('sorted', each expert's rows padded to whole tiles of `tile` rows)."""
   if method == 'einsum':
     return EinsumDispatcher.from_decision(decision, dtype)
   if method == 'indices':
     return IndicesDispatcher.from_decision(decision, dtype)
+  if method == 'sorted':
+    return SortedDispatcher.from_decision(decision, dtype, tile)
   raise ValueError(f'dispatch={method!r} is not one of {DISPATCH_METHODS}')

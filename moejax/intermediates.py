@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from moejax.routing import RoutingDecision
 
@@ -32,7 +32,7 @@ DECISIONS = 'decisions'  # the collection a layer sows its RoutingDecision into,
 def _plain(tree: Any) -> Any:
   """Nested dicts of arrays from a linen variables dict or an NNX `State` / `Variable`."""
   if hasattr(tree, 'to_pure_dict'):  # nnx.State
-    return tree.to_pure_dict()
+    return nnx.to_pure_dict(tree)
   if hasattr(tree, 'get_value') and not isinstance(tree, Mapping):  # an nnx.Variable
     return tree.get_value()
   return tree
@@ -115,7 +115,7 @@ def per_layer_metrics(intermediates: Any) -> dict[str, jax.Array]:
 
 def collect_decisions(state: Any) -> dict[str, RoutingDecision]:
   """{layer name: RoutingDecision} of every MoE layer call, from what
-  `model.apply(..., mutable=['decisions'])` returns (or the NNX state of that collection).
+  `model.apply(..., mutable=['decisions'])` returns.
 
   Each decision holds [G, S, K] arrays: expert_index, position, weight, chosen, dispatched.
   Layers of a scanned stack are unstacked (names as in `per_layer_metrics`); under nn.scan, give

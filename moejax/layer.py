@@ -1,6 +1,7 @@
 """MoeLayer: a drop-in replacement for a Transformer FFN block, [B, L, D] -> [B, L, D].
 
-Data flow (axis letters as in DESIGN.md), one method per step, in this order below:
+Data flow (axis letters as in DESIGN.md); `__call__` reads top to bottom, and the methods after it
+follow the data through the layer:
   x [B, L, D] -> tokens [G, S, D] -> router logits [G, S, E] -> probabilities -> RoutingDecision
   -> dispatch -> expert buffers [E, G*C, D] (or expert-sorted rows [R, D]) -> experts -> combine
   -> [G, S, D] -> [B, L, D]
@@ -23,8 +24,8 @@ import jax.numpy as jnp
 from moejax import routers, routing, sharding
 from moejax.balancing import BIAS_COLLECTION
 from moejax.checks import ConfigError
-from moejax.dispatch import (DISPATCH_METHODS, SortedDispatcher, auto_dispatch, block_tile,
-                             default_block_size, make_dispatcher)
+from moejax.dispatch import (DISPATCH_METHODS, BufferDispatcher, RowDispatcher, auto_dispatch,
+                             block_tile, default_block_size, make_dispatcher)
 from moejax.experts import ACTIVATIONS, ExpertWeights, block_expert_ffn, expert_ffn
 from moejax.intermediates import DECISIONS
 
@@ -71,8 +72,8 @@ class MoeLayer(nn.Module):
       'sorted': dispatched tokens sorted by expert into blocks of `block_size` rows; the experts
         run block by block, so empty capacity slots cost nothing. Under an expert-parallel mesh
         the all-to-all needs [E, G, C, D] buffers: it runs as 'indices'.
-      'auto': the fastest path measured on this backend for this shape
-        (`moejax.dispatch.auto_dispatch`; the measurements are in benchmarks/RESULTS.md).
+      'auto': the fastest path measured on this backend (`moejax.dispatch.auto_dispatch`: sorted
+        on CPU, einsum on TPU and GPU, indices there when C = S; benchmarks/RESULTS.md).
     block_size: rows of the largest block for 'sorted' dispatch, a power of two; each expert's
       rows are padded to a tile of block_size / 16 rows, at least 16 (`dispatch.block_tile`).
       None picks one from the shapes (`dispatch.default_block_size`).
@@ -154,9 +155,11 @@ class MoeLayer(nn.Module):
     self._check_router_config()
     super().__post_init__()
 
+  def _bad(self, field: str, allowed: str) -> ConfigError:
+    return ConfigError(field, getattr(self, field), allowed, type(self).__name__)
+
   def _check_config(self):
-    def bad(field, allowed):
-      return ConfigError(field, getattr(self, field), allowed, type(self).__name__)
+    bad = self._bad
     if not isinstance(self.num_experts, int) or self.num_experts < 1:
       raise bad('num_experts', 'it must be an integer >= 1')
     if self.expert_hidden_dim < 1:
@@ -200,8 +203,7 @@ class MoeLayer(nn.Module):
       raise bad('load_balancing_loss_scale', f'it must be one of {routing.LOAD_BALANCING_SCALES}')
 
   def _check_router_config(self):
-    def bad(field, allowed):
-      return ConfigError(field, getattr(self, field), allowed, type(self).__name__)
+    bad = self._bad
     if self.router not in routers.ROUTERS:
       raise bad('router', f'it must be one of {routers.ROUTERS}')
     if self.router in ('gumbel', 'hash') and (self.routing != 'tokens_choose'
@@ -246,8 +248,9 @@ class MoeLayer(nn.Module):
     method = self.dispatch
     if method == 'auto':
       factor = self.eval_capacity_factor if deterministic else self.train_capacity_factor
-      method = auto_dispatch(jax.default_backend(),
-                             dropless=factor is None and self.routing == 'tokens_choose')
+      # Dense routing, like dropless, gives every expert C = S slots per group.
+      dropless = self.routing == 'dense' or (factor is None and self.routing == 'tokens_choose')
+      method = auto_dispatch(jax.default_backend(), dropless)
     return 'indices' if sharded and method == 'sorted' else method
 
   @nn.compact
@@ -328,34 +331,6 @@ class MoeLayer(nn.Module):
     bias = self.variable(BIAS_COLLECTION, 'bias', jnp.zeros, (self.num_experts,), jnp.float32)
     return {'probs': probs, 'selection': probs + jax.lax.stop_gradient(bias.value)}
 
-  def _route_and_run(self, tokens: jax.Array, scores: dict[str, jax.Array], valid: jax.Array,
-                     weights: dict[str, jax.Array], draws: jax.Array | None,
-                     dropout_rng: jax.Array | None, *, deterministic: bool,
-                     sharded: bool) -> tuple[jax.Array, routing.RoutingDecision]:
-    """Route, dispatch, run the experts, combine: tokens [G, S, D] -> [G, S, D], and the decision.
-
-    scores: 'probs' [G, S, E], what routing weights by (and ranks by, unless 'selection'
-    [G, S, E] is given). A pure function of its arrays. With `sharded`, it runs on each device
-    inside `jax.shard_map` on that device's groups, and the expert buffers travel to the devices
-    that own their experts and back with two all-to-alls.
-    """
-    decision = self._route(scores, valid, draws, deterministic)
-    method = self.dispatch_method(sharded, deterministic)
-    if method == 'sorted':
-      return self._run_sorted(tokens, decision, weights, dropout_rng), decision
-    dispatcher = make_dispatcher(decision, method, self.dtype)
-    buffers = dispatcher.dispatch(tokens.astype(self.dtype))  # Shape: [E, G, C, D]
-    if sharded:
-      buffers = sharding.to_expert_devices(buffers)  # Shape: [E_local, n_expert * G, C, D]
-      dropout_rng = sharding.device_rng(dropout_rng)
-    expert_out = expert_ffn(einops.rearrange(buffers, 'e g c d -> e (g c) d'), weights,
-                            activation=self.activation, dtype=self.dtype,
-                            dropout_rate=self.expert_dropout, dropout_rng=dropout_rng)
-    expert_out = einops.rearrange(expert_out, 'e (g c) d -> e g c d', c=buffers.shape[2])
-    if sharded:
-      expert_out = sharding.from_expert_devices(expert_out)  # Shape: [E, G, C, D]
-    return dispatcher.combine(expert_out), decision  # Shape: [G, S, D]
-
   def _route(self, scores: dict[str, jax.Array], valid: jax.Array, draws: jax.Array | None,
              deterministic: bool) -> routing.RoutingDecision:
     probs = scores['probs']  # Shape: [G, S, E]
@@ -370,12 +345,49 @@ class MoeLayer(nn.Module):
         batch_prioritized=self.batch_prioritized, random_routing_draws=draws,
         selection_scores=scores.get('selection'), top_p=self.top_p)
 
-  def _run_sorted(self, tokens: jax.Array, decision: routing.RoutingDecision,
-                  weights: dict[str, jax.Array], dropout_rng: jax.Array | None) -> jax.Array:
+  def _route_and_run(self, tokens: jax.Array, scores: dict[str, jax.Array], valid: jax.Array,
+                     weights: dict[str, jax.Array], draws: jax.Array | None,
+                     dropout_rng: jax.Array | None, *, deterministic: bool,
+                     sharded: bool) -> tuple[jax.Array, routing.RoutingDecision]:
+    """Route, dispatch, run the experts, combine: tokens [G, S, D] -> [G, S, D], and the decision.
+
+    scores: 'probs' [G, S, E], what routing weights by (and ranks by, unless 'selection'
+    [G, S, E] is given). A pure function of its arrays. With `sharded`, it runs on each device
+    inside `jax.shard_map` on that device's groups, and the expert buffers travel to the devices
+    that own their experts and back with two all-to-alls.
+    """
+    decision = self._route(scores, valid, draws, deterministic)
+    block_size = self.block_size or default_block_size(decision.expert_index.size,
+                                                       self.num_experts)
+    dispatcher = make_dispatcher(decision, self.dispatch_method(sharded, deterministic),
+                                 self.dtype, tile=block_tile(block_size))
+    if isinstance(dispatcher, RowDispatcher):
+      out = self._run_rows(tokens, dispatcher, weights, dropout_rng, block_size)
+    else:
+      out = self._run_buffers(tokens, dispatcher, weights, dropout_rng, sharded)
+    return out, decision  # Shape: [G, S, D]
+
+  def _run_buffers(self, tokens: jax.Array, dispatcher: BufferDispatcher,
+                   weights: dict[str, jax.Array], dropout_rng: jax.Array | None,
+                   sharded: bool) -> jax.Array:
+    """tokens [G, S, D] -> [G, S, D] through [E, G, C, D] capacity buffers, exchanged between
+    devices when `sharded`."""
+    buffers = dispatcher.dispatch(tokens.astype(self.dtype))  # Shape: [E, G, C, D]
+    if sharded:
+      buffers = sharding.to_expert_devices(buffers)  # Shape: [E_local, n_expert * G, C, D]
+      dropout_rng = sharding.device_rng(dropout_rng)
+    expert_out = expert_ffn(einops.rearrange(buffers, 'e g c d -> e (g c) d'), weights,
+                            activation=self.activation, dtype=self.dtype,
+                            dropout_rate=self.expert_dropout, dropout_rng=dropout_rng)
+    expert_out = einops.rearrange(expert_out, 'e (g c) d -> e g c d', c=buffers.shape[2])
+    if sharded:
+      expert_out = sharding.from_expert_devices(expert_out)  # Shape: [E, G, C, D]
+    return dispatcher.combine(expert_out)
+
+  def _run_rows(self, tokens: jax.Array, dispatcher: RowDispatcher,
+                weights: dict[str, jax.Array], dropout_rng: jax.Array | None,
+                block_size: int) -> jax.Array:
     """tokens [G, S, D] -> [G, S, D] through expert blocks of the dispatched rows only."""
-    num_choices = decision.expert_index.size
-    block_size = self.block_size or default_block_size(num_choices, self.num_experts)
-    dispatcher = SortedDispatcher.from_decision(decision, self.dtype, block_tile(block_size))
     rows = dispatcher.dispatch_rows(tokens.astype(self.dtype))  # Shape: [R, D]
     rows = block_expert_ffn(rows, dispatcher.first_row, dispatcher.row_count, weights,
                             block_size=block_size, tile=dispatcher.tile,

@@ -13,6 +13,8 @@ the model width, so its parameters are `nnx.Param`s like any NNX module's (`nnx.
 sows (aux losses, routing metrics) lands in `nnx.Intermediate` variables: pop them after each
 call (they accumulate otherwise). Training-time noise draws from the `nnx.Rngs` streams named as
 in linen: 'dropout' (expert dropout), 'jitter' (router noise), 'gating' (random routing, Gumbel).
+With `balancing_bias=True`, training calls record the expert load and
+`layer.update_balancing_bias(rate)` moves the bias (DeepSeek-V3), outside the gradient.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import layer as linen_layer
-from moejax.balancing import BIAS_COLLECTION
+from moejax.balancing import BIAS_COLLECTION, balancing_bias_update
 
 
 class MoeLayer(nnx.Module):
@@ -38,12 +40,24 @@ class MoeLayer(nnx.Module):
   """
 
   def __init__(self, model_dim: int, *, rngs: nnx.Rngs, **fields: Any):
-    self.linen = linen_layer.MoeLayer(**fields)
-    self.moe = nnx.bridge.ToNNX(self.linen, rngs=rngs)
+    self.moe = nnx.bridge.ToNNX(linen_layer.MoeLayer(**fields), rngs=rngs)
     length = self.linen.group_size or 1
     x = jnp.zeros((1, length, model_dim), jnp.float32)
     token_ids = jnp.zeros((1, length), jnp.int32) if self.linen.router == 'hash' else None
     nnx.bridge.lazy_init(self.moe, x, True, token_ids=token_ids)
+
+  @property
+  def linen(self) -> linen_layer.MoeLayer:
+    """The linen layer this one runs (its fields)."""
+    return self.moe.to_nnx__module
+
+  def update_balancing_bias(self, rate: float):
+    """With `balancing_bias`: bias += rate * sign(mean load - load), from the expert load the last
+    training call recorded (`moejax.balancing`)."""
+    if not self.linen.balancing_bias:
+      raise ValueError('update_balancing_bias needs MoeLayer(balancing_bias=True)')
+    bias, load = self.moe.bias.get_value(), self.moe.load.get_value()
+    self.moe.bias.set_value(balancing_bias_update(bias, load, rate))
 
   def __call__(self, x: jax.Array, deterministic: bool, padding_mask: jax.Array | None = None,
                token_ids: jax.Array | None = None) -> jax.Array:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -63,7 +64,7 @@ def group_tokens(x: jax.Array, padding_mask: jax.Array | None, group_size: int |
   if x.ndim != 3:
     raise ValueError(f'{owner} input must have rank 3 [batch, length, model_dim]; '
                      f'got shape {x.shape}.')
-  batch, length, model_dim = x.shape
+  batch, length, _ = x.shape
   if padding_mask is None:
     padding_mask = jnp.ones((batch, length), jnp.bool_)
   elif padding_mask.shape != (batch, length):
@@ -75,8 +76,10 @@ def group_tokens(x: jax.Array, padding_mask: jax.Array | None, group_size: int |
     raise ConfigError('group_size', group_size,
                       f'it must divide the batch * length = {batch} * {length} = {num_tokens} '
                       f'tokens (pad the batch, or pick a divisor)', owner)
-  tokens = x.reshape(num_tokens // size, size, model_dim)
-  return tokens, padding_mask.reshape(num_tokens // size, size).astype(jnp.bool_)
+  tokens = einops.rearrange(x, 'b l d -> (b l) d')  # Shape: [B * L, D]
+  tokens = einops.rearrange(tokens, '(g s) d -> g s d', s=size)  # Shape: [G, S, D]
+  valid = einops.rearrange(padding_mask, 'b l -> (b l)')
+  return tokens, einops.rearrange(valid, '(g s) -> g s', s=size).astype(jnp.bool_)
 
 
 def expert_capacity(tokens_per_group: int, num_experts: int, num_selected_experts: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -77,12 +78,11 @@ class SoftMoeLayer(nn.Module):
     dispatch = jax.nn.softmax(jnp.where(valid[..., None], logits, -1e9), axis=1)  # over tokens
     combine = jax.nn.softmax(logits, axis=-1)  # Shape: [G, S, E * P], over slots
     slots = jnp.einsum('gsn,gsd->ngd', dispatch.astype(self.dtype), tokens.astype(self.dtype))
-    # Shape: [E * P, G, D] -> [E, P * G, D]
-    slots = slots.reshape(self.num_experts, self.slots_per_expert * num_groups, model_dim)
+    slots = einops.rearrange(slots, '(e p) g d -> e (p g) d', e=self.num_experts)  # [E, P*G, D]
     weights = ExpertWeights(self.num_experts, self.expert_hidden_dim, glu=self.glu,
                             init_scale=self.init_scale, param_dtype=self.param_dtype,
                             name='experts')(model_dim)
     outputs = expert_ffn(slots, weights, activation=self.activation, dtype=self.dtype)
-    outputs = outputs.reshape(num_slots, num_groups, model_dim)  # Shape: [E * P, G, D]
+    outputs = einops.rearrange(outputs, 'e (p g) d -> (e p) g d', g=num_groups)  # [E * P, G, D]
     out = jnp.einsum('gsn,ngd->gsd', combine.astype(self.dtype), outputs)  # Shape: [G, S, D]
     return jnp.where(valid[..., None], out, 0).astype(self.dtype).reshape(x.shape)

@@ -22,7 +22,6 @@ def main():
   os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices}'
   os.environ['JAX_PLATFORMS'] = 'cpu'
 
-  import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import numpy as np

@@ -46,7 +46,7 @@ def test_the_moe_fields_are_the_layers_own():
                   if f.name not in ('parent', 'name')}
   model_fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
   for name, default in layer_fields.items():
-    if name in MOE_FIELDS_SET_BY_MODEL.values():
+    if name in MOE_FIELDS_SET_BY_MODEL:
       continue
     assert model_fields[name] == MOE_DEFAULTS.get(name, default), name
   assert ModelConfig(vocab_size=V).dispatch == MoeLayer.dispatch == 'auto'
@@ -139,8 +139,10 @@ def test_gumbel_temperature_changes_the_router_gradient_not_the_forward_pass():
 
 
 def test_block_size_gives_the_same_numbers_and_must_be_a_power_of_two():
+  config = _config(dispatch='sorted', block_size=16)
+  assert config.moe_layer(causal=True).block_size == 16
   logits, params, _, _ = _run(_config(dispatch='sorted'))
-  small, _, _, _ = _run(_config(dispatch='sorted', block_size=16), params=params)
+  small, _, _, _ = _run(config, params=params)
   np.testing.assert_allclose(small, logits, rtol=1e-5, atol=1e-5)
   with pytest.raises(ConfigError, match=r'^model\.block_size=24'):
     _config(block_size=24)

@@ -1,38 +1,37 @@
 """Installable where researchers work: no TensorFlow in the base install (Colab brings its own),
-a TensorFlow extra with wheels on each platform, and imports that do not load TensorFlow."""
+a TensorFlow extra that names a package with wheels on each platform, and imports that do not load
+TensorFlow. Read from the installed package's metadata: what pip sees."""
 import os
 import subprocess
 import sys
-import tomllib
+from importlib import metadata
 
 from packaging.requirements import Requirement
 
-from helpers import REPO
-
-PLATFORMS = {  # PEP 508 environments: tensorflow-cpu publishes Linux x86-64 wheels only
-    'linux x86_64': {'sys_platform': 'linux', 'platform_machine': 'x86_64'},
-    'linux aarch64': {'sys_platform': 'linux', 'platform_machine': 'aarch64'},
-    'macos arm64': {'sys_platform': 'darwin', 'platform_machine': 'arm64'},
-    'macos x86_64': {'sys_platform': 'darwin', 'platform_machine': 'x86_64'},
+# PEP 508 environments, and the TensorFlow distribution that has wheels there (checked against
+# PyPI with `pip install --dry-run --only-binary=:all: --platform ...`, 2026-11-28).
+PLATFORMS = {
+    ('linux', 'x86_64'): 'tensorflow-cpu',
+    ('linux', 'aarch64'): 'tensorflow',
+    ('darwin', 'arm64'): 'tensorflow',
+    ('darwin', 'x86_64'): 'tensorflow',  # 2.16 is the last with macOS x86-64 wheels
 }
 
 
-def _project():
-  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
-    return tomllib.load(f)['project']
-
-
-def _names(requirements, environment):
-  return {r.name for r in map(Requirement, requirements)
-          if r.marker is None or r.marker.evaluate(environment)}
+def _required(environment: dict) -> dict[str, Requirement]:
+  requirements = map(Requirement, metadata.requires('moejax'))
+  return {r.name: r for r in requirements if r.marker is None or r.marker.evaluate(environment)}
 
 
 def test_tensorflow_is_an_extra_with_one_package_per_platform():
-  project = _project()
-  assert not {'tensorflow', 'tensorflow-cpu'} & _names(project['dependencies'], {})
-  for name, environment in PLATFORMS.items():
-    expected = {'tensorflow-cpu'} if name == 'linux x86_64' else {'tensorflow'}
-    assert _names(project['optional-dependencies']['tf'], environment) == expected, name
+  base = _required({'extra': ''})
+  assert not {'tensorflow', 'tensorflow-cpu'} & set(base)
+  for (system, machine), package in PLATFORMS.items():
+    environment = {'sys_platform': system, 'platform_machine': machine}
+    with_tf = set(_required({**environment, 'extra': 'tf'})) - set(base)
+    assert with_tf == {package}, (system, machine, with_tf)
+  intel_mac = _required({'sys_platform': 'darwin', 'platform_machine': 'x86_64', 'extra': 'tf'})
+  assert not intel_mac['tensorflow'].specifier.contains('2.17.0')
 
 
 def test_the_layer_models_and_sampling_import_without_tensorflow():

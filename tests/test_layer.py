@@ -377,7 +377,8 @@ def test_auto_dispatch_and_block_sizes():
   layer = MoeLayer(num_experts=4, expert_hidden_dim=F)
   assert layer.dispatch_method(sharded=False, deterministic=False) == 'sorted'
   assert layer.dispatch_method(sharded=True, deterministic=False) == 'indices'
-  assert layer.clone(dispatch='einsum').dispatch_method(sharded=True, deterministic=False) == 'einsum'
+  einsum = layer.clone(dispatch='einsum')
+  assert einsum.dispatch_method(sharded=True, deterministic=False) == 'einsum'
   assert layer.dispatch_method(sharded=False, deterministic=True) == 'sorted'
   for dropless in (False, True):
     assert auto_dispatch('cpu', dropless) == 'sorted'

@@ -145,3 +145,19 @@ def test_bad_model_config_names_the_field(fields, message):
 def test_unknown_model_field_is_named():
   with pytest.raises(ValueError, match='num_expert'):
     ModelConfig.from_dict({**TINY, 'num_expert': 3})
+
+
+def test_soft_moe_encoder_flops_by_formula_match_the_compiled_model():
+  """per_token_flops counts an encoder's Soft MoE layers (slot logits, dispatch, combine and
+  E * P / S expert FFNs per token): the formula's difference between a Soft MoE encoder with
+  4 x 4 slots and one with 4 x 1 slots is XLA's."""
+  def both(slots):
+    config = ModelConfig(**{**TINY, 'num_layers': 2}, kind='encoder_decoder', soft_moe=True,
+                         slots_per_expert=slots)
+    return per_token_flops(config, 32, 32), _forward_flops(config)
+  few, many = both(1), both(4)
+  by_formula, compiled = many[0] - few[0], many[1] - few[1]
+  assert by_formula > 0
+  # The formula counts matmuls; XLA also counts the two softmaxes over the slots (6% here).
+  np.testing.assert_allclose(by_formula, compiled, rtol=0.1)
+  assert compiled > by_formula

@@ -248,3 +248,28 @@ def test_expert_capacity_formula():
   assert routing.expert_capacity(10, 4, 1, 1.0, 1) == 3  # ceil(2.5)
   assert routing.expert_capacity(16, 64, 1, 1.0, 4) == 4  # the minimum
   assert routing.expert_capacity(8, 1, 1, 1.25, 4) == 8  # never more than S
+
+
+def test_load_balancing_loss_scales_per_choice_and_per_token_by_hand():
+  # E = 4, top-2: tokens take experts (0, 1), (2, 3), (1, 0), (3, 2), each expert 2 of the 8
+  # choices, and every expert's mean probability is 0.25: 1 per choice, K = 2 per token.
+  probs = jnp.array([[[.4, .3, .2, .1], [.1, .2, .4, .3], [.3, .4, .1, .2], [.2, .1, .3, .4]]])
+  valid = jnp.ones((1, 4), bool)
+  decision = routing.top_k_routing(probs, valid, num_selected_experts=2, capacity=4, causal=True)
+  np.testing.assert_allclose(routing.expert_usage(decision), [[0.25] * 4])
+  assert float(routing.load_balancing_loss(probs, decision, valid)) == pytest.approx(1.0)
+  assert float(routing.load_balancing_loss(probs, decision, valid, 'per_token')) == (
+      pytest.approx(2.0))
+  # Top-p = 0.75 with K = 2: token 0 (0.6, 0.4) takes both experts, token 1 (0.9, 0.1) only
+  # expert 0. Counts (2, 1) over 3 choices and 2 tokens; mean probabilities P = (0.75, 0.25).
+  probs = jnp.array([[[0.6, 0.4], [0.9, 0.1]]])
+  valid = jnp.ones((1, 2), bool)
+  decision = routing.top_k_routing(probs, valid, num_selected_experts=2, capacity=2, causal=True,
+                                   top_p=0.75)
+  per_choice = 2 * (2 / 3 * 0.75 + 1 / 3 * 0.25)  # f = counts / choices
+  per_token = 2 * (2 / 2 * 0.75 + 1 / 2 * 0.25)   # f = counts / tokens (flaxformer's top-K f)
+  assert float(routing.load_balancing_loss(probs, decision, valid)) == pytest.approx(per_choice)
+  assert float(routing.load_balancing_loss(probs, decision, valid, 'per_token')) == (
+      pytest.approx(per_token))
+  with pytest.raises(ValueError, match='load_balancing_loss_scale'):
+    routing.load_balancing_loss(probs, decision, valid, 'per_group')

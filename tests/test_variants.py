@@ -223,10 +223,9 @@ def test_train_step_updates_the_balancing_bias(scan_layers):
   assert biases and all(np.all(b == 0) for b in biases)
   new_state, _ = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, alpha=0.0,
                                                  beta=0.0))(state, batch)
-  (layer_state,) = [v for k, v in jax.tree_util.tree_leaves_with_path(new_state.balancing_bias_state)
-                    if 'bias' in jax.tree_util.keystr(k)]
-  (load,) = [v for k, v in jax.tree_util.tree_leaves_with_path(new_state.balancing_bias_state)
-             if 'load' in jax.tree_util.keystr(k)]
+  leaves = jax.tree_util.tree_leaves_with_path(new_state.balancing_bias_state)
+  (layer_state,) = [v for k, v in leaves if 'bias' in jax.tree_util.keystr(k)]
+  (load,) = [v for k, v in leaves if 'load' in jax.tree_util.keystr(k)]
   np.testing.assert_allclose(load.sum(-1), 1.0, rtol=1e-6)  # this batch's usage was recorded
   np.testing.assert_allclose(layer_state, 0.01 * np.sign(load.mean(-1, keepdims=True) - load),
                              atol=1e-7)
@@ -355,7 +354,8 @@ def test_loop_trains_evaluates_and_samples_a_bias_balanced_model(tmp_path):
   assert biases and any(np.abs(bias).max() > 0 for bias in biases)  # the updates ran
   assert np.isfinite(summary['eval']['nll'])
   run, restored = loop.load(config, str(tmp_path / 'run'))
-  jax.tree.map(np.testing.assert_array_equal, restored.balancing_bias_state, state.balancing_bias_state)
+  jax.tree.map(np.testing.assert_array_equal, restored.balancing_bias_state,
+               state.balancing_bias_state)
   evaluated = loop.evaluate(run, restored.params, bias_state=restored.balancing_bias_state)
   np.testing.assert_allclose(evaluated['nll'], summary['eval']['nll'], rtol=1e-6)
   text = loop.sample_text(run, restored.params, 'The', 5, 0.0, 0, restored.balancing_bias_state)

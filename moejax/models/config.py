@@ -26,11 +26,12 @@ from moejax.soft_moe import SoftMoeLayer
 KINDS = ('decoder', 'encoder_decoder')
 POSITIONS = ('rotary', 'relative')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# MoeLayer fields a model sets from its own fields (model name -> layer name), or per stack.
-MOE_FIELDS_SET_BY_MODEL = {'ffn_dim': 'expert_hidden_dim', 'activation': 'activation',
+# MoeLayer fields a model sets itself: layer field -> the model field it comes from (None: the
+# model decides, `causal` per stack and `param_dtype` float32).
+MOE_FIELDS_SET_BY_MODEL = {'expert_hidden_dim': 'ffn_dim', 'activation': 'activation',
                            'glu': 'glu', 'router_dtype': 'router_dtype',
-                           'balancing_bias_rate': 'balancing_bias', 'dtype': 'dtype',
-                           'causal': 'causal', 'param_dtype': 'param_dtype'}
+                           'balancing_bias': 'balancing_bias_rate', 'dtype': 'dtype',
+                           'causal': None, 'param_dtype': None}
 MOE_DEFAULTS = {'num_experts': 8}  # MoeLayer fields without a default there
 # Fields only an encoder may use: a causal decoder stack of an encoder-decoder leaves them out.
 ENCODER_ONLY = {'routing': ('experts_choose',), 'batch_prioritized': (True,)}
@@ -48,7 +49,9 @@ class _ModelFields:
   The MoE fields (`num_experts`, `num_selected_experts`, `routing`, capacity factors, `dispatch`,
   `router`, ...) are MoeLayer's, documented there. In an encoder-decoder, encoder-only settings
   (`routing='experts_choose'`, `batch_prioritized`) route the encoder; its causal decoder then
-  routes tokens-choose in sequence order. A decoder-only model refuses them.
+  routes tokens-choose in sequence order. A decoder-only model refuses them. With `soft_moe`, the
+  encoder's Soft MoE layers take `num_experts`, `slots_per_expert`, `group_size`, `init_scale` and
+  the FFN fields; the routing fields apply to the decoder's MoE layers only.
   """
   vocab_size: int                     # V; the training code sets it from the tokenizer
   kind: str = 'decoder'
@@ -79,7 +82,7 @@ class _ModelFields:
 def _moe_fields() -> list[tuple[str, Any, dataclasses.Field]]:
   """(name, type, field) of every MoeLayer field a model does not set, with MoeLayer's default
   (or MOE_DEFAULTS'), for `dataclasses.make_dataclass`."""
-  set_by_model = set(MOE_FIELDS_SET_BY_MODEL.values()) | {'parent', 'name'}
+  set_by_model = set(MOE_FIELDS_SET_BY_MODEL) | {'parent', 'name'}
   fields = []
   for field in dataclasses.fields(MoeLayer):
     if field.name in set_by_model:
@@ -159,12 +162,12 @@ class _ModelConfigChecks:
     """Build each stack's MoE layer, so the layers' own rules check the fields."""
     if not self.moe_every:
       return
-    model_name = {layer: model for model, layer in MOE_FIELDS_SET_BY_MODEL.items()}
     try:
       for causal in ((True,) if self.kind == 'decoder' else (False, True)):
         self.moe_layer(causal)
     except ConfigError as error:
-      raise error.renamed('model', model_name.get(error.field, error.field)) from None
+      field = MOE_FIELDS_SET_BY_MODEL.get(error.field, error.field) or error.field
+      raise ConfigError(field, getattr(self, field, error.value), error.reason, 'model') from None
 
   @classmethod
   def from_dict(cls, fields: Mapping[str, Any]) -> ModelConfig:

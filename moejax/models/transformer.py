@@ -80,7 +80,8 @@ class Attention(nn.Module):
     q, k, v = dense('query')(x), dense('key')(kv), dense('value')(kv)  # Shapes: [B, L|M, H, A]
     if self.use_rotary:
       q, k = rotary(q), rotary(k)
-    logits = jnp.einsum('blha,bmha->bhlm', q, k).astype(jnp.float32) / math.sqrt(cfg.attention_head_dim)
+    logits = (jnp.einsum('blha,bmha->bhlm', q, k).astype(jnp.float32)
+              / math.sqrt(cfg.attention_head_dim))
     if bias is not None:
       logits = logits + bias
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)  # Shape: [B, H, L, M]

@@ -16,6 +16,7 @@ import ml_collections
 
 from moejax.checks import ConfigError
 from moejax.models import ModelConfig
+from moejax.train.optim import make_optimizer
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -126,7 +127,7 @@ def _typed(current, value, text: str):
   if value is None or current is None:
     return value
   if isinstance(current, str):
-    return text
+    return value if isinstance(value, str) else text  # 'x' (quoted) or x
   if isinstance(current, bool) or isinstance(value, bool):
     return value if isinstance(current, bool) and isinstance(value, bool) else _MISMATCH
   if isinstance(current, float) and isinstance(value, int):
@@ -135,8 +136,14 @@ def _typed(current, value, text: str):
 
 
 def check_config(config: ml_collections.ConfigDict) -> ModelConfig:
-  """The model config a run would build (vocabulary size 1 until the data sets it), so that a bad
-  field fails here, before any data or compilation, with the field named (`model.top_p=...`)."""
+  """The model config a run would build (vocabulary size 1 until the data sets it), after
+  building its optimizer and checking its mesh, so that a bad field fails here, before any data or
+  compilation, with the field named (`model.top_p=...`, `train.schedule=...`)."""
+  make_optimizer(config.train)
+  for axis in ('data', 'expert', 'model'):
+    size = config.mesh[axis]
+    if not isinstance(size, int) or size < 1:
+      raise ConfigError(axis, size, 'it must be an integer >= 1', 'mesh')
   return model_config(config, vocab_size=1)
 
 

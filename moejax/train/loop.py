@@ -210,7 +210,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) 
       metrics = jax.device_get(metrics)
       step_seconds.append(time.perf_counter() - tic)
       metrics['tokens_per_sec'] = tokens_per_step / step_seconds[-1]
-      metrics['learning_rate'] = float(schedule(step))  # the schedule's rate at this step
+      # The rate of this step's update: skipped (non-finite) steps do not advance the optimizer.
+      applied = step - int(metrics['nonfinite_total']) + int(metrics['skipped'])
+      metrics['learning_rate'] = float(schedule(applied))
       train_dropped.append(float(metrics.get('fraction_dropped', 0.0)))
       if (step + 1) % tcfg.log_every == 0 or metrics['skipped']:
         writer.write(step + 1, 'train', metrics)

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moejax.checks import ConfigError
+
 
 def learning_rate_schedule(train) -> optax.Schedule:
   """'rsqrt': T5's inverse square root, lr * sqrt(warmup / max(step, warmup)) (constant for the
@@ -18,8 +20,8 @@ def learning_rate_schedule(train) -> optax.Schedule:
                                               end_value=lr / 10)
   if train.schedule == 'constant':
     return optax.constant_schedule(lr)
-  raise ValueError(f"train.schedule={train.schedule!r} is invalid: it must be 'rsqrt', 'cosine' "
-                   "or 'constant'.")
+  raise ConfigError('schedule', train.schedule, "it must be 'rsqrt', 'cosine' or 'constant'",
+                    'train')
 
 
 def _decay_mask(params):
@@ -36,6 +38,5 @@ def make_optimizer(train) -> optax.GradientTransformation:
     optimizer = optax.adafactor(schedule, weight_decay_rate=train.weight_decay or None,
                                 weight_decay_mask=_decay_mask)
   else:
-    raise ValueError(f"train.optimizer={train.optimizer!r} is invalid: it must be 'adamw' or "
-                     "'adafactor'.")
+    raise ConfigError('optimizer', train.optimizer, "it must be 'adamw' or 'adafactor'", 'train')
   return optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), optimizer)

@@ -1,9 +1,10 @@
 """Where the train state and the batches live on a ('data', 'expert', 'model') mesh.
 
 The params follow `moejax.sharding`'s partition rules (logical axis names by parameter path:
-expert weights [E, D, F] split along E over 'expert' and F over 'model', the rest replicated). Any other array of the state that mirrors a param (an optimizer moment of the same
-shape at the same path) gets that param's sharding; everything else (step, rng, Adafactor's
-factored moments) is replicated. Batches split along B over ('data', 'expert').
+expert weights [E, D, F] split along E over 'expert' and F over 'model', the rest replicated).
+Any other array of the state that mirrors a param (an optimizer moment of the same shape at the
+same path) gets that param's sharding; everything else (step, rng, Adafactor's factored moments)
+is replicated. Batches split along B over ('data', 'expert').
 """
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, batch: Batch,
   """Fresh state: params from `seed` (rng stream 'params'), step 0. Jit it for placement."""
   params_rng, rng = jax.random.split(jax.random.key(seed))
   variables = model.init({'params': params_rng}, *model_inputs(model.config, batch), True)
-  params = nn.unbox(variables['params'])
+  params = variables['params']
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(rng), nonfinite_in_a_row=zero, nonfinite_total=zero,
@@ -200,7 +200,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, alpha: f
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh | None = None, param_shardings: Any = None):
-  """Jitted `eval_step(params, batch, balancing_bias_state=None)` (the bias replicated on a mesh)."""
+  """Jitted `eval_step(params, batch, balancing_bias_state=None)` (the bias replicated on a
+  mesh)."""
   step = functools.partial(eval_step, model=model)
   if mesh is None:
     return jax.jit(step)
