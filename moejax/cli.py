@@ -4,6 +4,7 @@
                 [--config.model.num_experts=16 ...] [--print_config]
   moejax eval   --workdir runs/x [--step N] [--config.model.eval_capacity_factor=None ...]
   moejax sample --workdir runs/x [--prompt "ROMEO:" --num_tokens 300 --temperature 0.8]
+  moejax analyze --workdir runs/x [--text FILE] [--out DIR] [--at_init]
 
 Every config field can be set with --config.<section>.<field>=VALUE (a Python literal, None, or
 text). `eval` and `sample` read the run's saved config.json (plus any overrides) unless --config
@@ -19,7 +20,9 @@ import sys
 
 COMMANDS = {'train': 'train (or resume) a run from an experiment config',
             'eval': "evaluate a run's checkpoint on the validation split, as JSON",
-            'sample': "generate text from a run's checkpoint"}
+            'sample': "generate text from a run's checkpoint",
+            'analyze': "which tokens go to which expert: routing.json and figures of a run's "
+                       'checkpoint'}
 OVERRIDE = '--config.'
 
 
@@ -44,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
                        help='print the resolved config and exit without training')
     else:
       sub.add_argument('--step', type=int, help='checkpoint step (default: the latest)')
+    if name == 'analyze':
+      sub.add_argument('--text', metavar='FILE',
+                       help='UTF-8 text to route (default: the start of the validation split)')
+      sub.add_argument('--out', metavar='DIR', help='output directory (default: WORKDIR/analysis)')
+      sub.add_argument('--max_tokens', type=int, default=4096, help='tokens of the text routed')
+      sub.add_argument('--at_init', action='store_true',
+                       help="route through the run's initial parameters (the untrained baseline)")
     if name == 'sample':
       sub.add_argument('--prompt', help='text to continue (default: config.sample.prompt)')
       sub.add_argument('--num_tokens', type=int, help='tokens to generate')
@@ -121,6 +131,32 @@ def _run(args: argparse.Namespace, config) -> int:
   return 0
 
 
+def _analyze(args: argparse.Namespace, config) -> int:
+  """Write routing.json and the figures; print where, and each layer's headline numbers."""
+  from moejax.analysis import analyze_run
+  text = None
+  if args.text:
+    try:
+      with open(args.text, encoding='utf-8') as f:
+        text = f.read()
+    except (OSError, UnicodeDecodeError) as error:
+      print(f'moejax analyze: cannot read --text {args.text}: {error}', file=sys.stderr)
+      return 2
+  out = args.out or os.path.join(args.workdir, 'analysis')
+  report = analyze_run(args.workdir, text, out, args.step, args.max_tokens, config, args.at_init)
+  print(f'routed {report["tokens"]} tokens at step {report["step"]} '
+        f'(eval capacity factor {report["eval_capacity_factor"]}); wrote {out}/routing.json, '
+        'colored_text.png/.html, class_usage.png, agreement.png'
+        + ('' if args.at_init else ', usage_over_training.png'))
+  for name, layer in report['layers'].items():
+    a, r = layer['agreement'], layer['router']
+    print(f'  {name:<24} same first choice {a["same_first"]:.1%} (chance '
+          f'{a["same_first_chance"]:.1%}), token purity {layer["token_purity"]:.1%}, '
+          f'entropy {r["entropy"]:.2f}/{r["max_entropy"]:.2f} '
+          f'nats, dropped {r["fraction_dropped"]:.2%}')
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv[1:]
   rest, overrides = split_overrides(argv)
@@ -140,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == 'train' and args.print_config:
     print(config.to_json(indent=2))
     return 0
+  if args.command == 'analyze':
+    return _analyze(args, config)
   return _run(args, config)
 
 

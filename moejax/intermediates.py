@@ -2,9 +2,9 @@
 
 Every MoeLayer call sows into the `intermediates` collection its 'load_balancing_loss',
 'router_z_loss', 'fraction_dropped', 'expert_usage' [E] and 'router_confidence', and, when the
-'decisions' collection is mutable, its `RoutingDecision` under 'decision'. These helpers find
-them in what any model returns, however deep and whether or not it uses `nn.scan` (whose layers
-carry a leading layer axis):
+'decisions' collection is mutable, its `RoutingDecision` under 'decision' and its router
+probabilities [G, S, E] under 'router_probs'. These helpers find them in what any model returns,
+however deep and whether or not it uses `nn.scan` (whose layers carry a leading layer axis):
 
   linen:  out, state = model.apply(variables, x, ..., mutable=['intermediates'])
   NNX:    out = model(x, ...); state = nnx.pop(model, nnx.Intermediate)
@@ -113,6 +113,22 @@ def per_layer_metrics(intermediates: Any) -> dict[str, jax.Array]:
   return out
 
 
+def _collect_per_layer(state: Any, name: str, per_call_ndim: int) -> dict[str, Any]:
+  """{layer name: value} of every value sown under `name` (one per layer call; a leading axis
+  beyond `per_call_ndim` is a scanned stack, unstacked and named as in `per_layer_metrics`)."""
+  out = {}
+  for path, values in traverse_util.flatten_dict(_plain(state)).items():
+    if path[-1] != name:
+      continue
+    for call, value in enumerate(_plain(values)):
+      ndim = jax.tree.leaves(value)[0].ndim
+      stacked = jax.tree.leaves(value)[0].shape[0] if ndim > per_call_ndim else None
+      for i, layer in enumerate(_layer_names(path[:-1], stacked)):
+        key = layer if call == 0 else f'{layer}#{call}'
+        out[key] = value if stacked is None else jax.tree.map(lambda a: a[i], value)
+  return out
+
+
 def collect_decisions(state: Any) -> dict[str, RoutingDecision]:
   """{layer name: RoutingDecision} of every MoE layer call, from what
   `model.apply(..., mutable=['decisions'])` returns.
@@ -121,13 +137,10 @@ def collect_decisions(state: Any) -> dict[str, RoutingDecision]:
   Layers of a scanned stack are unstacked (names as in `per_layer_metrics`); under nn.scan, give
   the scan `variable_axes={..., 'decisions': 0}`.
   """
-  out = {}
-  for path, values in traverse_util.flatten_dict(_plain(state)).items():
-    if path[-1] != 'decision':
-      continue
-    for call, decision in enumerate(_plain(values)):
-      stacked = decision.expert_index.shape[0] if decision.expert_index.ndim > 3 else None
-      for i, layer in enumerate(_layer_names(path[:-1], stacked)):
-        name = layer if call == 0 else f'{layer}#{call}'
-        out[name] = decision if stacked is None else jax.tree.map(lambda a: a[i], decision)
-  return out
+  return _collect_per_layer(state, 'decision', 3)
+
+
+def collect_router_probs(state: Any) -> dict[str, jax.Array]:
+  """{layer name: router probabilities [G, S, E]} of every MoE layer call, sown into the
+  'decisions' collection beside the decision (same names as `collect_decisions`)."""
+  return _collect_per_layer(state, 'router_probs', 3)

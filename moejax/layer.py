@@ -428,6 +428,7 @@ class MoeLayer(nn.Module):
       self.sow('intermediates', name, value)
     if not self.is_initializing():  # (init keeps 'intermediates' out of its variables, not this)
       self.sow(DECISIONS, 'decision', decision)
+      self.sow(DECISIONS, 'router_probs', probs)
     return metrics['expert_usage']
 
   def _record_load(self, usage: jax.Array):

@@ -29,12 +29,15 @@ def _train_args(workdir, data_dir, *overrides):
 
 def test_help_lists_the_commands_and_their_flags():
   top = _moejax('--help', timeout=60)
-  assert top.returncode == 0 and all(c in top.stdout for c in ('train', 'eval', 'sample'))
+  assert top.returncode == 0 and all(c in top.stdout for c in ('train', 'eval', 'sample',
+                                                               'analyze'))
   train = _moejax('train', '--help', timeout=60)
   assert train.returncode == 0
   for flag in ('--config', '--workdir', '--print_config', '--debug', '--config.<section>'):
     assert flag in train.stdout
   assert '--step' in _moejax('eval', '--help', timeout=60).stdout
+  analyze = _moejax('analyze', '--help', timeout=60).stdout
+  assert all(flag in analyze for flag in ('--text', '--out', '--at_init', '--max_tokens'))
 
 
 def test_a_config_error_is_one_line_naming_the_field(tmp_path):
