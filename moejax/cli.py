@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 COMMANDS = {'train': 'train (or resume) a run from an experiment config',
             'eval': "evaluate a run's checkpoint on the validation split, as JSON",
@@ -42,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
                           + ('' if name == 'train' else " (default: the run's config.json)"))
     sub.add_argument('--debug', action='store_true',
                      help='show tracebacks of config errors (also: MOEJAX_DEBUG=1)')
+    many = sub.add_argument_group(
+        'many processes', 'one of several processes of a job (auto-detected on SLURM, Open MPI '
+        'and multi-host TPU slices; else these flags or MOEJAX_COORDINATOR, '
+        'MOEJAX_NUM_PROCESSES, MOEJAX_PROCESS_ID)')
+    many.add_argument('--coordinator', metavar='HOST:PORT', help="process 0's address")
+    many.add_argument('--num_processes', type=int, help='processes in the job')
+    many.add_argument('--process_id', type=int, help="this process's index")
     if name == 'train':
       sub.add_argument('--print_config', action='store_true',
                        help='print the resolved config and exit without training')
@@ -89,45 +97,48 @@ def _config(args: argparse.Namespace, overrides: list[tuple[str, str]]):
   else:
     config = config_lib.saved_config(args.workdir)
   config = config_lib.apply_overrides(config, overrides)
+  if args.command == 'sample':  # its flags are config.sample's fields, checked with the rest
+    for field in ('prompt', 'num_tokens', 'temperature'):
+      if getattr(args, field) is not None:
+        config.sample[field] = getattr(args, field)
   config_lib.check_config(config)
   return config
 
 
 def _run(args: argparse.Namespace, config) -> int:
+  import jax
+
   from moejax.train import loop  # imports JAX and TensorFlow
+  print_ = print if jax.process_index() == 0 else lambda *_, **__: None  # one report per job
   if args.command == 'train':
     try:
       summary = loop.train(config, args.workdir)
     except loop.TrainingDiverged as error:
       print(f'moejax train: {error}', file=sys.stderr)
       return 1
-    print(loop.format_summary(summary))
+    print_(loop.format_summary(summary))
     if summary['stopped_by']:
-      print(f'stopped by {summary["stopped_by"]}; checkpoint saved at step {summary["step"]}. '
-            'Run the same command again to resume.')
+      print_(f'stopped by {summary["stopped_by"]}; checkpoint saved at step {summary["step"]}. '
+             'Run the same command again to resume.')
       return 0
-    run, state = summary['run'], summary['state']
-    prompt, num_tokens, temperature, seed = None, None, None, 0
+    run, state, seed = summary['run'], summary['state'], 0
   else:
     run, state = loop.load(config, args.workdir, args.step)
     if args.command == 'eval':
       metrics = loop.evaluate(run, state.params, bias_state=state.balancing_bias_state)
-      print(json.dumps({k: float(v) if getattr(v, 'ndim', 0) == 0 else list(map(float, v))
-                        for k, v in metrics.items()}, indent=1))
+      print_(json.dumps({k: float(v) if getattr(v, 'ndim', 0) == 0 else list(map(float, v))
+                         for k, v in metrics.items()}, indent=1))
       return 0
-    prompt, num_tokens, temperature, seed = (args.prompt, args.num_tokens, args.temperature,
-                                             args.seed)
+    seed = args.seed
   s = config.sample
-  prompt = s.prompt if prompt is None else prompt
-  text = loop.sample_text(run, state.params, prompt,
-                          s.num_tokens if num_tokens is None else num_tokens,
-                          s.temperature if temperature is None else temperature,
-                          seed, state.balancing_bias_state)
+  prompt = s.prompt
+  text = loop.sample_text(run, state.params, prompt, s.num_tokens, s.temperature, seed,
+                          state.balancing_bias_state)
   if config.task == 'span_corruption':
-    print(f'--- sample (spans filled in for {loop.SENTINEL}) ---\n{prompt}\n'
-          f'{loop.SENTINEL} = {text}')
+    print_(f'--- sample (spans filled in for {loop.SENTINEL}) ---\n{prompt}\n'
+           f'{loop.SENTINEL} = {text}')
   else:
-    print(f'--- sample (prompt {prompt!r}) ---\n{prompt}{text}')
+    print_(f'--- sample (prompt {prompt!r}) ---\n{prompt}{text}')
   return 0
 
 
@@ -165,20 +176,36 @@ def main(argv: list[str] | None = None) -> int:
     print('moejax train: --workdir is required (unless --print_config)', file=sys.stderr)
     return 2
   debug = args.debug or os.environ.get('MOEJAX_DEBUG', '') not in ('', '0')
+  from moejax import distributed  # before anything touches the devices
+  try:
+    distributed.initialize_from(args.coordinator, args.num_processes, args.process_id)
+  except ValueError as error:
+    print(f'moejax {args.command}: {error}', file=sys.stderr)
+    return 2
+  warnings.formatwarning = lambda message, category, *_, **__: (
+      f'moejax {args.command}: warning: {message}\n')
   from moejax.checks import ConfigError
+  from moejax.train.checkpoint import CheckpointError
+  from moejax.train.lock import WorkdirLocked
+  from moejax.train.metrics import MetricsWriteError
   try:
     config = _config(args, overrides)
-  except (ConfigError, FileNotFoundError) as error:
+    if args.command == 'train' and args.print_config:
+      print(config.to_json(indent=2))
+      return 0
+    if args.command == 'analyze':
+      return _analyze(args, config)
+    return _run(args, config)
+  except (ConfigError, FileNotFoundError) as error:  # a bad setting, path or dataset name
     if debug:
       raise
     print(f'moejax {args.command}: {error}', file=sys.stderr)
     return 2
-  if args.command == 'train' and args.print_config:
-    print(config.to_json(indent=2))
-    return 0
-  if args.command == 'analyze':
-    return _analyze(args, config)
-  return _run(args, config)
+  except (CheckpointError, WorkdirLocked, MetricsWriteError) as error:
+    if debug:
+      raise
+    print(f'moejax {args.command}: {error}', file=sys.stderr)
+    return 1
 
 
 if __name__ == '__main__':

@@ -4,8 +4,15 @@ On a Cloud TPU pod slice, a SLURM or Open MPI GPU cluster, call `initialize()` w
 (JAX finds the coordinator); on CPU hosts, or anywhere auto-detection fails, name them. Call it
 once per process, before anything else touches jax devices; then `jax.devices()` lists the devices
 of every process and a `moejax.sharding.make_mesh(...)` spans them all.
+
+`moejax train | eval | sample` call `initialize_from(...)`: explicit --coordinator /
+--num_processes / --process_id flags (or MOEJAX_COORDINATOR, MOEJAX_NUM_PROCESSES,
+MOEJAX_PROCESS_ID), else a detected multi-process launch (SLURM or Open MPI with more than one
+task, a multi-host TPU slice), else one process.
 """
 from __future__ import annotations
+
+import os
 
 import jax
 
@@ -18,3 +25,30 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id,
                              local_device_ids=local_device_ids)
+
+
+def launched_as_many() -> bool:
+  """Whether the environment says this is one of several processes that JAX can find itself."""
+  env = os.environ
+  tasks = max(int(env.get('SLURM_NTASKS') or 1), int(env.get('OMPI_COMM_WORLD_SIZE') or 1))
+  return tasks > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', '')
+
+
+def initialize_from(coordinator: str | None = None, num_processes: int | None = None,
+                    process_id: int | None = None) -> bool:
+  """Initialize jax.distributed when launched as one of several processes (explicit arguments,
+  the MOEJAX_* variables, or a detected cluster launch); returns whether it did."""
+  env = os.environ
+  coordinator = coordinator or env.get('MOEJAX_COORDINATOR')
+  if coordinator:
+    num_processes = num_processes or int(env.get('MOEJAX_NUM_PROCESSES', '0')) or None
+    process_id = process_id if process_id is not None else env.get('MOEJAX_PROCESS_ID')
+    if num_processes is None or process_id is None:
+      raise ValueError('a coordinator needs --num_processes and --process_id (or '
+                       'MOEJAX_NUM_PROCESSES and MOEJAX_PROCESS_ID)')
+    initialize(coordinator, num_processes, int(process_id))
+    return True
+  if launched_as_many():
+    initialize()
+    return True
+  return False

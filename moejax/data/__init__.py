@@ -15,7 +15,7 @@ from moejax.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, make_
 # name -> the submodule that defines it; those submodules import TensorFlow (datasets).
 _WITH_TENSORFLOW = {
     'LocalText': 'local_text', 'local_text_builder': 'local_text',
-    'chars_per_token': 'pipeline', 'documents': 'pipeline', 'eval_batches': 'pipeline',
+    'chars_per_token': 'pipeline', 'check_corpus': 'pipeline', 'documents': 'pipeline', 'eval_batches': 'pipeline',
     'model_vocab_size': 'pipeline', 'pack': 'pipeline', 'span_corrupt': 'pipeline',
     'span_corruption_lengths': 'pipeline', 'tokenizer_for': 'pipeline',
     'train_batches': 'pipeline',

@@ -15,6 +15,8 @@ import re
 
 import tensorflow_datasets as tfds
 
+from moejax.checks import ConfigError
+
 
 @dataclasses.dataclass
 class LocalTextConfig(tfds.core.BuilderConfig):
@@ -58,6 +60,18 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
         yield os.path.basename(path), {'text': part}
 
 
+def check_utf8(path: str) -> None:
+  """Refuse a file that is not UTF-8 text, naming it and the first bad byte."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    data.decode('utf-8')
+  except UnicodeDecodeError as error:
+    raise ConfigError('source', path, f'it is not UTF-8 text (byte {error.start}: {error.reason}, '
+                      f'{data[error.start:error.start + 4]!r}); convert it, e.g. iconv -f latin1 '
+                      '-t utf-8', 'data') from None
+
+
 @functools.lru_cache(maxsize=16)
 def local_text_builder(path: str, validation_fraction: float,
                        data_dir: str | None) -> LocalText:
@@ -65,6 +79,8 @@ def local_text_builder(path: str, validation_fraction: float,
   if not 0 < validation_fraction < 1:
     raise ValueError(f'data.validation_fraction={validation_fraction!r} must be in (0, 1).')
   files = _files(path)
+  for file in files:
+    check_utf8(file)
   signature = '|'.join(f'{os.path.abspath(p)}:{os.path.getsize(p)}:{os.path.getmtime(p)}'
                        for p in files) + f'|{validation_fraction}'
   stem = re.sub(r'[^a-z0-9]+', '_', os.path.basename(os.path.normpath(path)).lower()).strip('_')

@@ -8,23 +8,58 @@ Decoder inputs are the targets shifted right (`moejax.train.step.shift_right`).
 Determinism: the training stream is a function of (data, seed) alone: packed examples are shuffled
 with the seed, reshuffled each epoch from it, and span corruption draws its noise from (seed, index
 in the stream). `train_batches(..., start=n)` skips the first n batches, which is how a resumed run
-continues where the checkpoint left off. Each process reads its own shard of the examples.
+continues where the checkpoint left off. Every process builds the same global batches (and keeps
+its own rows of each: `moejax.train.loop.Run.to_global`), so a run's numbers do not depend on how
+many processes feed it.
 """
 from __future__ import annotations
 
 import os
+import re
+import socket
 from collections.abc import Iterator
 from typing import Any
 
-import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from moejax.checks import ConfigError
 from moejax.data.local_text import local_text_builder
 from moejax.data.tokenizers import EOS_ID, PAD_ID, make_tokenizer
 
 tf.config.set_visible_devices([], 'GPU')  # TensorFlow only feeds data; JAX owns accelerators
+
+
+def is_local(source: str) -> bool:
+  """Whether data.source names a local file or directory (else a TFDS dataset name): it exists,
+  or it looks like a path ('./x', '/x', '~/x', 'corpus.txt'; TFDS names have no such suffix)."""
+  return (os.path.exists(source) or source.startswith(('.', '/', '~'))
+          or re.search(r'\.[A-Za-z]+$', source) is not None)
+
+
+def _network_reachable(host: str = 'storage.googleapis.com', timeout: float = 3.0) -> bool:
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def _tfds_builder(data: Any):
+  """The TFDS builder of data.source, refusing in seconds (naming the field) an unknown name, or
+  an unprepared dataset when the network is out of reach (TFDS would retry for minutes)."""
+  try:
+    builder = tfds.builder(data.source, data_dir=data.data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ConfigError('source', data.source, 'no such local path, and no TFDS dataset of that '
+                      'name', 'data') from None
+  if not builder.is_prepared() and not _network_reachable():
+    raise ConfigError('source', data.source, f'the TFDS dataset is not prepared in '
+                      f'{builder.data_dir} and the network is unreachable to download it; '
+                      f'prepare it where there is network (tfds build {data.source} '
+                      '--data_dir DIR), then set data.data_dir=DIR', 'data')
+  return builder
 
 
 def documents(data: Any, split: str) -> tf.data.Dataset:
@@ -33,12 +68,28 @@ def documents(data: Any, split: str) -> tf.data.Dataset:
   `data.source` is a local file or directory (the LocalText builder) or a registered TFDS name
   (`tiny_shakespeare`, `lm1b`, `c4/en`, ...) loaded with `tfds.load` from `data.data_dir`.
   """
-  if os.path.exists(data.source):
+  if is_local(data.source):
+    if not os.path.exists(data.source):
+      raise ConfigError('source', data.source, 'no such file or directory', 'data')
     builder = local_text_builder(data.source, data.validation_fraction, data.data_dir)
-    dataset = builder.as_dataset(split=split, shuffle_files=False)
   else:
-    dataset = tfds.load(data.source, split=split, data_dir=data.data_dir, shuffle_files=False)
+    builder = _tfds_builder(data)
+    builder.download_and_prepare()
+  dataset = builder.as_dataset(split=split, shuffle_files=False)
   return dataset.map(lambda example: example[data.text_key])
+
+
+def check_corpus(data: Any, tokenizer) -> None:
+  """Refuse a local corpus whose train or validation split is shorter than one example of
+  data.length tokens (it would train on one padded example)."""
+  if not is_local(data.source):
+    return
+  for split in (data.train_split, data.eval_split):
+    tokens = sum(len(tokenizer.encode(text)) + 1 for text in tfds.as_numpy(documents(data, split)))
+    if tokens < data.length:
+      raise ConfigError('length', data.length, f'the {split} split of {data.source} has '
+                        f'{tokens} tokens, fewer than one example; use a shorter data.length or '
+                        'more text', 'data')
 
 
 def tokenizer_for(data: Any, workdir: str | None):
@@ -132,16 +183,8 @@ def span_corruption(examples: tf.data.Dataset, data: Any, vocab_size: int,
 
 
 def examples(data: Any, split: str, tokenizer) -> tf.data.Dataset:
-  """Packed [length] examples of this process's shard of the split."""
-  packed = pack(tokenize(documents(data, split), tokenizer), data.length)
-  return packed.shard(jax.process_count(), jax.process_index())
-
-
-def _local_batch_size(batch_size: int) -> int:
-  if batch_size % jax.process_count():
-    raise ValueError(f'batch_size={batch_size} must be a multiple of the '
-                     f'{jax.process_count()} processes.')
-  return batch_size // jax.process_count()
+  """Packed [length] examples of the split."""
+  return pack(tokenize(documents(data, split), tokenizer), data.length)
 
 
 def model_vocab_size(tokenizer, data: Any, task: str) -> int:
@@ -151,12 +194,12 @@ def model_vocab_size(tokenizer, data: Any, task: str) -> int:
 
 def train_batches(data: Any, tokenizer, task: str, batch_size: int, seed: int,
                   start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Endless shuffled training batches (this process's share), from batch number `start`."""
+  """Endless shuffled global training batches, from batch number `start`."""
   dataset = examples(data, data.train_split, tokenizer)
   dataset = dataset.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
   if task == 'span_corruption':
     dataset = span_corruption(dataset, data, model_vocab_size(tokenizer, data, task), seed)
-  dataset = dataset.batch(_local_batch_size(batch_size), drop_remainder=True).skip(start)
+  dataset = dataset.batch(batch_size, drop_remainder=True).skip(start)
   return iter(tfds.as_numpy(dataset.prefetch(2)))
 
 
@@ -169,12 +212,11 @@ def eval_batches(data: Any, tokenizer, task: str, batch_size: int,
   dataset = examples(data, data.eval_split, tokenizer)
   if task == 'span_corruption':
     dataset = span_corruption(dataset, data, model_vocab_size(tokenizer, data, task), seed=0)
-  local = _local_batch_size(batch_size)
   if max_batches:
-    dataset = dataset.take(max_batches * local)
-  batches = list(tfds.as_numpy(dataset.batch(local)))
-  return [{k: np.pad(v, [(0, local - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in b.items()}
-          for b in batches]
+    dataset = dataset.take(max_batches * batch_size)
+  batches = list(tfds.as_numpy(dataset.batch(batch_size)))
+  return [{k: np.pad(v, [(0, batch_size - len(v))] + [(0, 0)] * (v.ndim - 1))
+           for k, v in b.items()} for b in batches]
 
 
 def chars_per_token(data: Any, tokenizer, split: str) -> float:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from moejax import layer as layer_lib
 from moejax.checks import ConfigError
+from moejax.experts import ACTIVATIONS
 from moejax.layer import MoeLayer
 from moejax.soft_moe import SoftMoeLayer
 
@@ -141,6 +142,8 @@ class _ModelConfigChecks:
       raise bad('head_dim', 'it must be >= 1, or None')
     if self.head_dim is None and self.model_dim % self.num_heads:
       raise bad('num_heads', f'it must divide model_dim={self.model_dim} (or set head_dim)')
+    if self.activation not in ACTIVATIONS:  # the dense FFNs' too, not only the experts'
+      raise bad('activation', f'it must be one of {tuple(ACTIVATIONS)}')
     if not 0 <= self.dropout_rate < 1:
       raise bad('dropout_rate', 'it must be in [0, 1)')
     if self.moe_every < 0:

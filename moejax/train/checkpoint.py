@@ -3,10 +3,21 @@ counters), the data position, and the model config (to explain a shape mismatch 
 
 Restoring reads every array straight onto the shardings of a template state, so a checkpoint
 saved on one device restores onto any mesh (experts split over 'expert', say).
+
+Integrity: once Orbax has finished a save, a manifest of every file's SHA-256 is written into the
+step's directory (atomically, last). A step is complete when its manifest exists and every file
+matches it. Restoring without a step takes the newest complete step, warning about each newer
+step that is damaged (a flipped byte, a truncated or missing file), partial (no manifest) or
+empty; training moves those aside (to <workdir>/damaged_checkpoints/) so the run saves them again.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import time
+import warnings
 from typing import Any
 
 import jax
@@ -14,9 +25,19 @@ import orbax.checkpoint as ocp
 
 from moejax.models import ModelConfig
 
+MANIFEST = 'moejax_checksums.json'
+
 
 class ShapeMismatchError(ValueError):
   """The checkpoint's arrays do not fit the configured model."""
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint: the one asked for is missing or damaged, or every one is."""
+
+
+class CheckpointWarning(UserWarning):
+  """A checkpoint step was skipped (damaged, partial or empty)."""
 
 
 def _shapes(tree: Any) -> dict[str, tuple]:
@@ -42,29 +63,151 @@ def check_compatible(saved_model: dict, model: ModelConfig, saved_shapes: dict,
       + ('...' if len(arrays) > 5 else '') + '. Use another --workdir, or the saved config.')
 
 
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+  """Every file under `directory`, relative to it, sorted; the manifest left out."""
+  found = []
+  for root, _, names in os.walk(directory):
+    found += [os.path.relpath(os.path.join(root, n), directory) for n in names]
+  return sorted(f for f in found if f != MANIFEST)
+
+
+def write_manifest(step_dir: str) -> None:
+  """Record every file's SHA-256 in <step_dir>/moejax_checksums.json (written last, atomically)."""
+  manifest = {name: _sha256(os.path.join(step_dir, name)) for name in _files(step_dir)}
+  temporary = os.path.join(step_dir, MANIFEST + '.tmp')
+  with open(temporary, 'w') as f:
+    json.dump(manifest, f, indent=0)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(temporary, os.path.join(step_dir, MANIFEST))
+
+
+def step_problem(step_dir: str) -> str | None:
+  """Why a step directory is not a complete checkpoint (None when it is)."""
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(path):
+    return 'empty' if not _files(step_dir) else 'partial: no checksum manifest (interrupted save?)'
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as error:
+    return f'unreadable checksum manifest ({error})'
+  for name, digest in manifest.items():
+    file = os.path.join(step_dir, name)
+    if not os.path.exists(file):
+      return f'missing file {name}'
+    if _sha256(file) != digest:
+      return f'checksum mismatch in {name}'
+  return None
+
+
 class Checkpoints:
-  """CheckpointManager over <directory>: save every `every_steps` (and when forced), keep `keep`."""
+  """CheckpointManager over <directory>: save every `every_steps` (and when forced), keep `keep`;
+  each save is finished and sealed with its checksum manifest before `save` returns."""
 
   def __init__(self, directory: str, every_steps: int, keep: int):
+    self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=keep,
                                            create=True)
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def step_dirs(self) -> dict[int, str]:
+    """{step: directory} of every step directory, complete or not, in step order."""
+    steps = {}
+    if os.path.isdir(self.directory):
+      for name in os.listdir(self.directory):
+        if name.isdigit() and os.path.isdir(os.path.join(self.directory, name)):
+          steps[int(name)] = os.path.join(self.directory, name)
+    return dict(sorted(steps.items()))
+
+  def _sealed(self) -> bool:
+    """Whether this run writes manifests (False: every step predates them; not verified)."""
+    return any(os.path.exists(os.path.join(d, MANIFEST)) for d in self.step_dirs().values())
+
+  def problem(self, step: int) -> str | None:
+    directory = self.step_dirs().get(step)
+    if directory is None:
+      return 'no such step'
+    if not self._sealed():
+      return None if _files(directory) else 'empty'
+    return step_problem(directory)
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    """The newest complete step (None when there is none)."""
+    return next((s for s in reversed(self.step_dirs()) if self.problem(s) is None), None)
 
   def save(self, state, data_position: int, model: ModelConfig, force: bool = False) -> bool:
     step = int(jax.device_get(state.step))
-    if step in self.manager.all_steps():
+    if step in self.step_dirs():
       return False
     meta = {'data_position': data_position, 'model': model.to_dict(),
             'param_shapes': {k: list(v) for k, v in _shapes(state.params).items()}}
-    return self.manager.save(step, args=ocp.args.Composite(
+    saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    if saved:
+      self.manager.wait_until_finished()
+      if jax.process_index() == 0:
+        write_manifest(os.path.join(self.directory, str(step)))
+    return saved
 
-  def restore(self, template, model: ModelConfig, step: int | None = None):
-    """(state on the template's shardings, data position) of `step` (default: the latest)."""
-    step = self.latest_step() if step is None else step
+  def _damaged(self, step: int, reason: str, quarantine: bool) -> None:
+    """Warn about a skipped step; with `quarantine`, move it to ../damaged_checkpoints/."""
+    directory = self.step_dirs()[step]
+    where = ''
+    if quarantine and jax.process_index() == 0:
+      target = os.path.join(os.path.dirname(self.directory), 'damaged_checkpoints',
+                            f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(directory, target)
+      where = f'; moved to {target}'
+    warnings.warn(f'checkpoint step {step} in {self.directory} is skipped: {reason}{where}',
+                  CheckpointWarning, stacklevel=3)
+
+  def restore(self, template, model: ModelConfig, step: int | None = None,
+              quarantine: bool = False):
+    """(state on the template's shardings, data position) of `step`, or of the newest complete
+    step (warning about, and with `quarantine` moving aside, each newer damaged one).
+    Raises CheckpointError when `step` is missing or damaged, or when no step is usable."""
+    steps = self.step_dirs()
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(f'no checkpoint at step {step} in {self.directory}; saved steps: '
+                              f'{list(steps) or "none"}')
+      problem = self.problem(step)
+      if problem:
+        raise CheckpointError(f'checkpoint step {step} in {self.directory} is damaged: '
+                              f'{problem}; complete steps: {self._complete()}')
+      return self._restore(step, template, model)
+    if not self._sealed() and steps:
+      warnings.warn(f'the checkpoints in {self.directory} predate checksum manifests: '
+                    'restoring without verifying them', CheckpointWarning, stacklevel=2)
+    for candidate in reversed(steps):
+      problem = self.problem(candidate)
+      if problem is None:
+        try:
+          return self._restore(candidate, template, model)
+        except ShapeMismatchError:
+          raise
+        except Exception as error:  # unreadable despite its manifest (or an unsealed run)
+          problem = f'restore failed: {type(error).__name__}: {error}'
+      self._damaged(candidate, problem, quarantine)
+    raise CheckpointError(f'no usable checkpoint in {self.directory} (steps tried: '
+                          f'{list(steps) or "none"}); move the directory away to start afresh')
+
+  def _complete(self) -> list[int]:
+    return [s for s in self.step_dirs() if self.problem(s) is None]
+
+  def _restore(self, step: int, template, model: ModelConfig):
+    if self.manager.all_steps() != list(self.step_dirs()):
+      self.manager.reload()
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     saved_shapes = {k: tuple(v) for k, v in meta['param_shapes'].items()}
     check_compatible(meta['model'], model, saved_shapes, _shapes(template.params))

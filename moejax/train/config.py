@@ -8,6 +8,7 @@ An experiment is a Python file whose `get_config()` returns `default_config()` w
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import json
 import os
@@ -135,16 +136,125 @@ def _typed(current, value, text: str):
   return value if isinstance(value, type(current)) else _MISMATCH
 
 
+def _integer(low: int, none_ok: bool = False):
+  return (lambda v: (v is None and none_ok) or (isinstance(v, int) and not isinstance(v, bool)
+                                                and v >= low),
+          f'it must be an integer >= {low}' + (', or None' if none_ok else ''))
+
+
+def _number(test, text: str, none_ok: bool = False):
+  return (lambda v: (v is None and none_ok) or (isinstance(v, (int, float))
+                                                and not isinstance(v, bool) and test(v)),
+          f'it must be a number {text}' + (', or None' if none_ok else ''))
+
+
+# The range of every numeric field outside `model` (ModelConfig and MoeLayer check their own).
+RANGES = {
+    'seed': _integer(0),
+    'data.length': _integer(2), 'data.spm_vocab_size': _integer(8),
+    'data.shuffle_buffer': _integer(1), 'data.num_sentinels': _integer(1),
+    'data.validation_fraction': _number(lambda v: 0 < v < 1, 'in (0, 1)'),
+    'data.noise_density': _number(lambda v: 0 < v < 1, 'in (0, 1)'),
+    'data.mean_span_length': _number(lambda v: v >= 1, '>= 1'),
+    'train.batch_size': _integer(1), 'train.num_steps': _integer(1),
+    'train.learning_rate': _number(lambda v: v > 0, '> 0'),
+    'train.warmup_steps': _integer(0),
+    'train.weight_decay': _number(lambda v: v >= 0, '>= 0'),
+    'train.b1': _number(lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'train.b2': _number(lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'train.grad_clip_norm': _number(lambda v: v > 0, '> 0'),
+    'train.load_balancing_loss_coef': _number(lambda v: v >= 0, '>= 0'),
+    'train.router_z_loss_coef': _number(lambda v: v >= 0, '>= 0'),
+    'train.max_nonfinite_in_a_row': _integer(1), 'train.log_every': _integer(1),
+    'eval.batch_size': _integer(1), 'eval.every_steps': _integer(1),
+    'eval.max_batches': _integer(1, none_ok=True),
+    'checkpoint.every_steps': _integer(1), 'checkpoint.keep': _integer(1),
+    'upcycle.step': _integer(0, none_ok=True),
+    'upcycle.noise_std': _number(lambda v: v >= 0, '>= 0'),
+    'mesh.data': _integer(1), 'mesh.expert': _integer(1), 'mesh.model': _integer(1),
+    'sample.num_tokens': _integer(1),
+    'sample.temperature': _number(lambda v: v >= 0, '>= 0 (0: greedy)'),
+}
+
+
+def _owner_and_field(path: str) -> tuple[str, str]:
+  section, _, field = path.rpartition('.')
+  return section or 'config', field
+
+
+def check_unknown_fields(config: ml_collections.ConfigDict,
+                         reference: ml_collections.ConfigDict | None = None,
+                         owner: str = 'config') -> None:
+  """A ConfigError for the first field (in any section) that `default_config()` does not have,
+  with the closest known names: a misspelt field in an experiment file is not ignored."""
+  reference = default_config() if reference is None else reference
+  for key, value in config.items():
+    if key not in reference:
+      close = difflib.get_close_matches(key, list(reference), n=3)
+      hint = f'did you mean {" or ".join(close)}? ' if close else ''
+      raise ConfigError(key, value, f'no such field; {hint}{owner} has {sorted(reference)}',
+                        owner)
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(
+        reference[key], ml_collections.ConfigDict):
+      check_unknown_fields(value, reference[key], key if owner == 'config' else f'{owner}.{key}')
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  for path, (test, text) in RANGES.items():
+    owner, field = _owner_and_field(path)
+    node = config if owner == 'config' else config.get(owner)
+    if node is not None and field in node and not test(node[field]):
+      raise ConfigError(field, node[field], text, owner)
+
+
+def check_mesh(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
+  """Mesh sizes against the devices, and against what each axis splits: experts over 'expert',
+  expert and FFN hidden units over 'model', batch rows over 'data' x 'expert'."""
+  import jax
+  mesh = config.mesh
+  devices = jax.device_count()
+  if mesh.data * mesh.expert * mesh.model > devices:
+    raise ConfigError('data', mesh.data, f'mesh.data x mesh.expert x mesh.model = '
+                      f'{mesh.data * mesh.expert * mesh.model} exceeds the {devices} devices',
+                      'mesh')
+  if model.moe_every and not model.dense_baseline and model.num_experts % mesh.expert:
+    raise ConfigError('expert', mesh.expert, f'it must divide model.num_experts='
+                      f'{model.num_experts}', 'mesh')
+  if model.ffn_dim % mesh.model:
+    raise ConfigError('model', mesh.model, f'it must divide model.ffn_dim={model.ffn_dim}',
+                      'mesh')
+  rows = mesh.data * mesh.expert
+  for section in ('train', 'eval'):
+    if config[section].batch_size % rows:
+      raise ConfigError('batch_size', config[section].batch_size, f'it must be a multiple of '
+                        f'mesh.data x mesh.expert = {rows} (the batch is split over both)',
+                        section)
+
+
+def check_group_size(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
+  """model.group_size against the batches it will group: train and eval, batch x length tokens
+  (the layer's own check sees only the initialization batch)."""
+  if model.group_size is None or config.task != 'lm':  # span corruption: the layers check it
+    return
+  for section in ('train', 'eval'):
+    tokens = config[section].batch_size * config.data.length
+    if tokens % model.group_size:
+      raise ConfigError('group_size', model.group_size, f'it must divide the {section} batch\'s '
+                        f'{section}.batch_size x data.length = {tokens} tokens', 'model')
+
+
 def check_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """The model config a run would build (vocabulary size 1 until the data sets it), after
-  building its optimizer and checking its mesh, so that a bad field fails here, before any data or
-  compilation, with the field named (`model.top_p=...`, `train.schedule=...`)."""
+  checking every section, so that a bad field fails here, before any data or compilation, with
+  the field named (`model.top_p=...`, `train.learning_rate=...`, `mesh.expert=...`): unknown
+  fields, ranges, the optimizer, the model and its layers, the mesh, the group size."""
+  check_unknown_fields(config)
+  check_ranges(config)
   make_optimizer(config.train)
-  for axis in ('data', 'expert', 'model'):
-    size = config.mesh[axis]
-    if not isinstance(size, int) or size < 1:
-      raise ConfigError(axis, size, 'it must be an integer >= 1', 'mesh')
-  return model_config(config, vocab_size=1)
+  model = model_config(config, vocab_size=1)
+  check_mesh(config, model)
+  check_group_size(config, model)
+  return model
 
 
 def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

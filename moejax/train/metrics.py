@@ -1,12 +1,23 @@
-"""The metric writers: metrics.jsonl and TensorBoard event files."""
+"""The metric writers: metrics.jsonl and TensorBoard event files, written synchronously.
+
+Both are written in the training loop's own thread and flushed at each write, so a failing disk
+raises `MetricsWriteError` at once (naming the file) instead of killing a writer thread and
+leaving the loop blocked on its queue.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+
+class MetricsWriteError(OSError):
+  """A metrics file could not be written (disk full, permissions, ...)."""
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -21,25 +32,63 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
   return out
 
 
+@contextlib.contextmanager
+def _reporting(path: str):
+  """Turn an OSError inside into a MetricsWriteError naming `path`."""
+  try:
+    yield
+  except MetricsWriteError:
+    raise
+  except OSError as error:
+    raise MetricsWriteError(error.errno, f'cannot write metrics to {path}: '
+                            f'{error.strerror or error}') from error
+
+
 class MetricWriter:
   """Appends {'step', 'split', metrics...} lines to <workdir>/metrics.jsonl and writes the same
-  scalars as TensorBoard event files under <workdir>/tensorboard (tensorboardX, no TensorFlow)."""
+  scalars as TensorBoard event files under <workdir>/tensorboard (tensorboardX's record format,
+  no TensorFlow, no background thread)."""
 
   def __init__(self, workdir: str):
-    from tensorboardX import SummaryWriter
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    from tensorboardX.event_file_writer import EventsWriter
+    self._jsonl_path = os.path.join(workdir, 'metrics.jsonl')
+    self._tensorboard = os.path.join(workdir, 'tensorboard')
+    with _reporting(self._jsonl_path):
+      self._jsonl = open(self._jsonl_path, 'a')
+    with _reporting(self._tensorboard):
+      os.makedirs(self._tensorboard, exist_ok=True)
+      self._tb = EventsWriter(os.path.join(self._tensorboard, 'events'))
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]):
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.summary import scalar
     line = {'step': step, 'split': split}
     for name, value in metrics.items():
       value = np.asarray(value)
       line[name] = value.item() if value.ndim == 0 else value.tolist()
-    self._jsonl.write(json.dumps(line) + '\n')
-    self._jsonl.flush()
-    for name, value in _scalars(metrics).items():
-      self._tb.add_scalar(f'{split}/{name}', value, step)
+    with _reporting(self._jsonl_path):
+      self._jsonl.write(json.dumps(line) + '\n')
+      self._jsonl.flush()
+    with _reporting(self._tensorboard):
+      for name, value in _scalars(metrics).items():
+        self._tb.write_event(Event(wall_time=time.time(), step=step,
+                                   summary=scalar(f'{split}/{name}', value)))
+      self._tb.flush()
 
   def close(self):
-    self._jsonl.close()
-    self._tb.close()
+    """Close both files; errors on closing are ignored (the run's outcome is decided)."""
+    for file in (self._jsonl, self._tb):
+      try:
+        file.close()
+      except OSError:
+        pass
+
+
+class NullWriter:
+  """What processes other than the first write: nothing (process 0 writes the run's metrics)."""
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any]):
+    del step, split, metrics
+
+  def close(self):
+    pass

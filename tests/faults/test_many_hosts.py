@@ -1,0 +1,105 @@
+"""The command line as 2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) trains,
+resumes and evaluates exactly as 1 process x 8 devices; a SIGTERM to one process stops both at
+the same step."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from helpers import REPO, SMOKE_CONFIG, smoke_config
+from moejax.data import documents
+from moejax.train.checkpoint import Checkpoints
+
+MESH = ['--config.mesh.data=2', '--config.mesh.expert=4']
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _launch(command, workdir, data_dir, *args, processes=1):
+  """Start `moejax <command>` as one process of 8 devices or `processes` of 8 / processes."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={8 // processes}'}
+  base = [sys.executable, '-m', 'moejax.cli', command, '--workdir', str(workdir)]
+  if command == 'train':
+    base += ['--config', SMOKE_CONFIG, f'--config.data.data_dir={data_dir}', *MESH]
+  port = str(_free_port())
+  many = (lambda i: ['--coordinator', f'127.0.0.1:{port}', '--num_processes', str(processes),
+                     '--process_id', str(i)]) if processes > 1 else (lambda i: [])
+  return [subprocess.Popen(base + list(args) + many(i), cwd=REPO, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+          for i in range(processes)]
+
+
+def _wait(processes, timeout=400):
+  outputs = []
+  for process in processes:
+    try:
+      out, err = process.communicate(timeout=timeout)
+    finally:
+      process.kill()
+    assert process.returncode == 0, err[-3000:]
+    outputs.append(out)
+  return outputs
+
+
+def _metrics(workdir):
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  train = {r['step']: r['loss'] for r in rows if r['split'] == 'train'}
+  evals = {r['step']: r['nll'] for r in rows if r['split'] == 'eval'}
+  return train, evals
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+  """The local dataset prepared once, before several processes read it."""
+  config = smoke_config(tmp_path / 'tfds')
+  documents(config.data, 'train')
+  return tmp_path / 'tfds'
+
+
+@pytest.mark.slow
+def test_two_processes_train_resume_and_evaluate_like_one(tmp_path, data_dir):
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  _wait(_launch('train', one, data_dir) + _launch('train', two, data_dir, processes=2))
+  _wait(_launch('train', one, data_dir, '--config.train.num_steps=7')
+        + _launch('train', two, data_dir, '--config.train.num_steps=7', processes=2))
+  (train_one, eval_one), (train_two, eval_two) = _metrics(one), _metrics(two)
+  assert sorted(train_two) == list(range(1, 8)) and sorted(eval_two) == [5, 7]
+  for step in train_one:
+    np.testing.assert_allclose(train_two[step], train_one[step], rtol=1e-5, err_msg=str(step))
+  for step in eval_one:
+    np.testing.assert_allclose(eval_two[step], eval_one[step], rtol=1e-5, err_msg=str(step))
+  outputs = _wait(_launch('eval', two, data_dir, processes=2))
+  assert '"nll"' not in outputs[1]  # one report per job, from process 0 (gloo logs aside)
+  report = outputs[0][outputs[0].index('{'):outputs[0].rindex('}') + 1]
+  np.testing.assert_allclose(json.loads(report)['nll'], eval_one[7], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  processes = _launch('train', workdir, data_dir, '--config.train.num_steps=100000',
+                      '--config.checkpoint.every_steps=50000', processes=2)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if (workdir / 'metrics.jsonl').exists() and len(
+        (workdir / 'metrics.jsonl').read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.5)
+  processes[1].send_signal(signal.SIGTERM)  # only the second "host" is preempted
+  outputs = _wait(processes)
+  (stopped,) = [line for line in outputs[0].splitlines() if line.startswith('stopped by')]
+  step = int(stopped.split('checkpoint saved at step ')[1].split('.')[0])
+  assert 'SIGTERM (on another process)' in stopped and 3 <= step < 100000
+  checkpoints = Checkpoints(str(workdir / 'checkpoints'), 50000, 3)
+  assert checkpoints.latest_step() == step and checkpoints.problem(step) is None

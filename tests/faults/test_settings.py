@@ -1,0 +1,126 @@
+"""Every invalid setting is refused before anything compiles, with the field named."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, SMOKE_CONFIG, smoke_config
+from moejax.checks import ConfigError
+from moejax.train.config import apply_overrides, check_config
+
+# (override, the field the error must name): each runs wrong or crashes late without the check.
+INVALID = [
+    ('train.learning_rate=-0.001', 'train.learning_rate'),   # gradient ascent
+    ('train.learning_rate=0', 'train.learning_rate'),
+    ('train.grad_clip_norm=-1.0', 'train.grad_clip_norm'),
+    ('train.b1=1.5', 'train.b1'),
+    ('train.b2=-0.1', 'train.b2'),
+    ('train.weight_decay=-0.1', 'train.weight_decay'),
+    ('train.batch_size=0', 'train.batch_size'),
+    ('train.num_steps=0', 'train.num_steps'),
+    ('train.warmup_steps=-5', 'train.warmup_steps'),
+    ('train.load_balancing_loss_coef=-0.01', 'train.load_balancing_loss_coef'),
+    ('train.router_z_loss_coef=-1e-3', 'train.router_z_loss_coef'),
+    ('train.max_nonfinite_in_a_row=0', 'train.max_nonfinite_in_a_row'),
+    ('train.log_every=0', 'train.log_every'),                # ZeroDivisionError after compiling
+    ('train.schedule=linear', 'train.schedule'),
+    ('train.optimizer=sgd', 'train.optimizer'),
+    ('eval.every_steps=0', 'eval.every_steps'),
+    ('eval.batch_size=-8', 'eval.batch_size'),
+    ('eval.max_batches=0', 'eval.max_batches'),
+    ('checkpoint.every_steps=0', 'checkpoint.every_steps'),
+    ('checkpoint.keep=0', 'checkpoint.keep'),                 # would keep no checkpoint at all
+    ('model.dropout_rate=1.5', 'model.dropout_rate'),
+    ('model.activation=swish', 'model.activation'),          # the dense FFN's too
+    ('model.num_experts=0', 'model.num_experts'),
+    ('model.train_capacity_factor=-1.0', 'model.train_capacity_factor'),
+    ('mesh.data=-1', 'mesh.data'),                           # silently one device before
+    ('mesh.data=16', 'mesh.data'),                           # more devices than exist (8)
+    ('mesh.expert=3', 'mesh.expert'),                        # does not divide E = 4
+    ('mesh.model=3', 'mesh.model'),                          # does not divide F = 64
+    ('data.length=1', 'data.length'),
+    ('data.validation_fraction=1.5', 'data.validation_fraction'),
+    ('data.shuffle_buffer=0', 'data.shuffle_buffer'),
+    ('sample.temperature=-1.0', 'sample.temperature'),
+    ('sample.num_tokens=0', 'sample.num_tokens'),
+    ('seed=-1', 'config.seed'),
+    ('upcycle.noise_std=-0.5', 'upcycle.noise_std'),
+    ('model.group_size=24', 'model.group_size'),             # does not divide 8 x 32 tokens
+]
+
+
+@pytest.mark.parametrize('override,field', INVALID, ids=[o for o, _ in INVALID])
+def test_invalid_setting_is_refused_naming_the_field(override, field, tmp_path):
+  config = apply_overrides(smoke_config(tmp_path), [tuple(override.split('=', 1))])
+  with pytest.raises(ConfigError) as error:
+    check_config(config)
+  assert str(error.value).startswith(f'{field}='), str(error.value)
+
+
+@pytest.mark.parametrize('mesh,batch', [((2, 2, 1), 6), ((2, 1, 1), 7)])
+def test_batch_must_split_over_the_mesh(mesh, batch, tmp_path):
+  config = smoke_config(tmp_path)
+  config.mesh.update(data=mesh[0], expert=mesh[1], model=mesh[2])
+  config.train.batch_size = batch
+  with pytest.raises(ConfigError, match=r'^train.batch_size=\d+ is invalid: .*mesh.data x mesh.expert'):
+    check_config(config)
+
+
+def test_a_valid_group_size_larger_than_one_row_is_accepted(tmp_path):
+  config = smoke_config(tmp_path)
+  config.model.group_size = 64  # 2 rows of 32 tokens; the batch-1 initialization has only 32
+  check_config(config)
+
+
+def test_misspelt_fields_in_every_section_of_an_experiment_file(tmp_path):
+  for section, field in (('train', 'learning_rte'), ('eval', 'every_step'), ('data', 'lenght'),
+                         ('checkpoint', 'kep'), ('mesh', 'experts'), ('sample', 'temprature')):
+    config = smoke_config(tmp_path)
+    config[section][field] = 1  # what `config.train.learning_rte = 1` in a file does
+    with pytest.raises(ConfigError, match=rf'^{section}.{field}=1 is invalid: no such field; '
+                                          r'did you mean'):
+      check_config(config)
+  config = smoke_config(tmp_path)
+  config.sede = 1
+  with pytest.raises(ConfigError, match=r"^config.sede=1 is invalid: no such field; did you "
+                                        r"mean seed\?"):
+    check_config(config)
+
+
+def test_the_cli_refuses_before_compiling_with_one_line(tmp_path):
+  experiment = tmp_path / 'experiment.py'
+  experiment.write_text(f'from importlib.machinery import SourceFileLoader\n'
+                        f'smoke = SourceFileLoader("smoke", {os.path.join(REPO, SMOKE_CONFIG)!r})'
+                        '.load_module()\n\n'
+                        'def get_config():\n'
+                        '  config = smoke.get_config()\n'
+                        '  config.train.learning_rte = 1e-3\n'
+                        '  return config\n')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  for args in (['--config', str(experiment)],
+               ['--config', SMOKE_CONFIG, '--config.train.learning_rate=-1e-3'],
+               ['--config', SMOKE_CONFIG, '--config.mesh.data=-1']):
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, '-m', 'moejax.cli', 'train', '--workdir',
+                             str(tmp_path / 'run'), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith('moejax train: ') and ' is invalid: ' in line
+    assert not (tmp_path / 'run').exists()
+    assert time.perf_counter() - start < 60
+
+
+def test_sample_flags_are_checked_like_config_fields(tmp_path):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  (tmp_path / 'run').mkdir()
+  config = smoke_config(tmp_path / 'tfds')
+  (tmp_path / 'run' / 'config.json').write_text(config.to_json())
+  result = subprocess.run([sys.executable, '-m', 'moejax.cli', 'sample', '--workdir',
+                           str(tmp_path / 'run'), '--temperature=-1'], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip() == ('moejax sample: sample.temperature=-1.0 is invalid: it must '
+                                   'be a number >= 0 (0: greedy).')
