@@ -53,8 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     if name == 'train':
       sub.add_argument('--print_config', action='store_true',
                        help='print the resolved config and exit without training')
-    else:
-      sub.add_argument('--step', type=int, help='checkpoint step (default: the latest)')
+    sub.add_argument('--step', type=int,
+                     help='checkpoint step (default: the newest complete one)' + (
+                         '; training resumes from it and sets later steps aside'
+                         if name == 'train' else ''))
     if name == 'analyze':
       sub.add_argument('--text', metavar='FILE',
                        help='UTF-8 text to route (default: the start of the validation split)')
@@ -112,7 +114,7 @@ def _run(args: argparse.Namespace, config) -> int:
   print_ = print if jax.process_index() == 0 else lambda *_, **__: None  # one report per job
   if args.command == 'train':
     try:
-      summary = loop.train(config, args.workdir)
+      summary = loop.train(config, args.workdir, step=args.step)
     except loop.TrainingDiverged as error:
       print(f'moejax train: {error}', file=sys.stderr)
       return 1

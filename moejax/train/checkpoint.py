@@ -8,7 +8,9 @@ Integrity: once Orbax has finished a save, a manifest of every file's SHA-256 is
 step's directory (atomically, last). A step is complete when its manifest exists and every file
 matches it. Restoring without a step takes the newest complete step, warning about each newer
 step that is damaged (a flipped byte, a truncated or missing file), partial (no manifest) or
-empty; training moves those aside (to <workdir>/damaged_checkpoints/) so the run saves them again.
+empty; training moves those aside (to <workdir>/set_aside_checkpoints/) so the run saves them
+again. Resuming from an earlier step on purpose (`moejax train --step N`) sets the later steps
+aside the same way.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from moejax.models import ModelConfig
 
@@ -158,15 +161,20 @@ class Checkpoints:
         write_manifest(os.path.join(self.directory, str(step)))
     return saved
 
-  def _damaged(self, step: int, reason: str, quarantine: bool) -> None:
-    """Warn about a skipped step; with `quarantine`, move it to ../damaged_checkpoints/."""
+  def set_aside(self, step: int, reason: str, move: bool) -> None:
+    """Warn that `step` is skipped and why; with `move`, move it to ../set_aside_checkpoints/
+    (so that training saves that step again)."""
     directory = self.step_dirs()[step]
     where = ''
-    if quarantine and jax.process_index() == 0:
-      target = os.path.join(os.path.dirname(self.directory), 'damaged_checkpoints',
+    if move:
+      target = os.path.join(os.path.dirname(self.directory), 'set_aside_checkpoints',
                             f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(directory, target)
+      if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(directory, target)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'moejax set aside step {step}')
+      self.manager.reload()  # Orbax lists its steps once; it must not think this one exists
       where = f'; moved to {target}'
     warnings.warn(f'checkpoint step {step} in {self.directory} is skipped: {reason}{where}',
                   CheckpointWarning, stacklevel=3)
@@ -174,7 +182,8 @@ class Checkpoints:
   def restore(self, template, model: ModelConfig, step: int | None = None,
               quarantine: bool = False):
     """(state on the template's shardings, data position) of `step`, or of the newest complete
-    step (warning about, and with `quarantine` moving aside, each newer damaged one).
+    step (warning about, and with `quarantine` moving aside, each newer damaged one; with
+    `quarantine` and `step`, the steps after it are moved aside too: training goes on from it).
     Raises CheckpointError when `step` is missing or damaged, or when no step is usable."""
     steps = self.step_dirs()
     if step is not None:
@@ -185,7 +194,10 @@ class Checkpoints:
       if problem:
         raise CheckpointError(f'checkpoint step {step} in {self.directory} is damaged: '
                               f'{problem}; complete steps: {self._complete()}')
-      return self._restore(step, template, model)
+      restored = self._restore(step, template, model)
+      for later in [s for s in steps if s > step] if quarantine else []:
+        self.set_aside(later, f'training resumes from step {step}', move=True)
+      return restored
     if not self._sealed() and steps:
       warnings.warn(f'the checkpoints in {self.directory} predate checksum manifests: '
                     'restoring without verifying them', CheckpointWarning, stacklevel=2)
@@ -198,7 +210,7 @@ class Checkpoints:
           raise
         except Exception as error:  # unreadable despite its manifest (or an unsealed run)
           problem = f'restore failed: {type(error).__name__}: {error}'
-      self._damaged(candidate, problem, quarantine)
+      self.set_aside(candidate, problem, quarantine)
     raise CheckpointError(f'no usable checkpoint in {self.directory} (steps tried: '
                           f'{list(steps) or "none"}); move the directory away to start afresh')
 

@@ -197,39 +197,42 @@ def upcycled_state(run: Run):
   return (state if shardings is None else jax.device_put(state, shardings)), position
 
 
-def restore_or_init(run: Run):
-  """(state, data position): the newest complete checkpoint's (damaged newer steps are moved
-  aside with a warning; CheckpointError when none is usable); else, when
-  `config.upcycle.from_workdir` is set, the upcycled dense checkpoint's; else a fresh state at
-  position 0."""
-  if run.checkpoints.step_dirs():
-    return run.checkpoints.restore(run.fresh_state(), run.model_config, quarantine=True)
+def restore_or_init(run: Run, step: int | None = None):
+  """(state, data position): checkpoint `step`'s (later steps are moved aside), or the newest
+  complete checkpoint's (damaged newer steps are moved aside with a warning; CheckpointError when
+  none is usable); else, when `config.upcycle.from_workdir` is set, the upcycled dense
+  checkpoint's; else a fresh state at position 0."""
+  if run.checkpoints.step_dirs() or step is not None:
+    return run.checkpoints.restore(run.fresh_state(), run.model_config, step, quarantine=True)
   if run.config.get('upcycle') and run.config.upcycle.from_workdir:
     return upcycled_state(run)
   return run.fresh_state(), 0
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, quiet: bool = False,
+          step: int | None = None) -> dict:
   """Train (or resume) to config.train.num_steps; returns a summary of the run.
 
   Holds the work directory's lock (WorkdirLocked if another run holds it). Stops early, after
   saving, on SIGTERM/SIGINT, also during the final evaluation (summary['stopped_by'] names the
   signal); raises TrainingDiverged after `max_nonfinite_in_a_row` skipped updates in a row, and
   MetricsWriteError (after saving a checkpoint if it can) when the metrics cannot be written.
+  `step`: resume from that checkpoint instead of the newest (the later ones are set aside).
   """
   os.makedirs(workdir, exist_ok=True)
   with workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-    return _train(config, workdir, quiet)
+    return _train(config, workdir, quiet, step)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, quiet: bool) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str, quiet: bool,
+           resume_step: int | None) -> dict:
   cfg, tcfg = config, config.train
   run = open_run(config, workdir)
   lead = jax.process_index() == 0  # writes config.json, metrics and the progress bar
   if lead:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(absolute_paths(config.copy_and_resolve_references()).to_json(indent=2))
-  state, position = restore_or_init(run)
+  state, position = restore_or_init(run, resume_step)
   start = int(jax.device_get(state.step))
   train_step = make_train_step(run.model, run.tx, tcfg.load_balancing_loss_coef,
                                tcfg.router_z_loss_coef, run.mesh, run.shardings(state))

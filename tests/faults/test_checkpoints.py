@@ -51,7 +51,7 @@ def _kinds(step_dir):
   seen, files = set(), []
   for path in sorted(step_dir.rglob('*')):
     if path.is_file() and path.name != MANIFEST:
-      kind = path.parent.name if path.parent.name == 'd' else path.relative_to(step_dir)
+      kind = (path.parent if path.parent.name == 'd' else path).relative_to(step_dir)
       if str(kind) not in seen:
         seen.add(str(kind))
         files.append(path.relative_to(step_dir))
@@ -68,7 +68,7 @@ def test_steps_are_sealed_with_a_manifest(copy):
 def test_a_flipped_byte_in_every_kind_of_file_falls_back(trained, tmp_path):
   workdir, run, _ = trained
   kinds = _kinds(workdir / 'checkpoints' / '5')
-  assert len(kinds) >= 8  # metadata, commit markers, OCDBT manifests, array data, shardings
+  assert len(kinds) >= 10  # metadata, commit markers, OCDBT manifests, array data, shardings
   for i, name in enumerate(kinds):
     directory = tmp_path / f'c{i}'
     shutil.copytree(workdir / 'checkpoints', directory)
@@ -105,12 +105,12 @@ def test_training_resumes_from_the_previous_step_and_saves_again(trained, tmp_pa
   _flip_byte(next(p for p in (resumed / 'checkpoints' / '5').rglob('*')
                   if p.is_file() and p.parent.name == 'd'))
   config = smoke_config(tmp_path.parent / 'trained0' / 'tfds')
-  with pytest.warns(CheckpointWarning, match='step 5 .* moved to .*damaged_checkpoints'):
+  with pytest.warns(CheckpointWarning, match='step 5 .* moved to .*set_aside_checkpoints'):
     summary = loop.train(config, str(resumed), quiet=True)
   assert summary['step'] == 5
   checkpoints = Checkpoints(str(resumed / 'checkpoints'), 2, 3)
   assert checkpoints.latest_step() == 5 and checkpoints.problem(5) is None
-  assert len(os.listdir(resumed / 'damaged_checkpoints')) == 1
+  assert len(os.listdir(resumed / 'set_aside_checkpoints')) == 1
   # Steps 4 -> 5 again from the same data position: the same parameters as the first time.
   for a, b in zip(jax.tree.leaves(summary['state'].params), jax.tree.leaves(final.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -141,3 +141,15 @@ def test_checkpoints_from_before_manifests_restore_with_a_warning(copy):
   with pytest.warns(CheckpointWarning, match='predate checksum manifests'):
     state, _ = _restore(checkpoints, run)
   assert int(state.step) == 5
+
+
+def test_train_from_a_chosen_step_sets_the_later_ones_aside(trained, tmp_path):
+  workdir, _, final = trained
+  resumed = tmp_path / 'run'
+  shutil.copytree(workdir, resumed, ignore=shutil.ignore_patterns('train.lock'))
+  config = smoke_config(tmp_path.parent / 'trained0' / 'tfds')
+  with pytest.warns(CheckpointWarning, match='step 5 .* training resumes from step 2'):
+    summary = loop.train(config, str(resumed), quiet=True, step=2)
+  assert summary['step'] == 5 and len(os.listdir(resumed / 'set_aside_checkpoints')) == 2
+  for a, b in zip(jax.tree.leaves(summary['state'].params), jax.tree.leaves(final.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # 2 -> 5 again, exactly
