@@ -65,6 +65,7 @@ def test_steps_are_sealed_with_a_manifest(copy):
   assert checkpoints.latest_step() == 5 and checkpoints.problem(5) is None
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_in_every_kind_of_file_falls_back(trained, tmp_path):
   workdir, run, _ = trained
   kinds = _kinds(workdir / 'checkpoints' / '5')
@@ -98,6 +99,7 @@ def test_truncated_empty_and_partial_steps_fall_back(copy):
       'step 7', 'step 6', 'step 5']
 
 
+@pytest.mark.slow
 def test_training_resumes_from_the_previous_step_and_saves_again(trained, tmp_path):
   workdir, _, final = trained
   resumed = tmp_path / 'run'
@@ -143,6 +145,7 @@ def test_checkpoints_from_before_manifests_restore_with_a_warning(copy):
   assert int(state.step) == 5
 
 
+@pytest.mark.slow
 def test_train_from_a_chosen_step_sets_the_later_ones_aside(trained, tmp_path):
   workdir, _, final = trained
   resumed = tmp_path / 'run'

@@ -34,6 +34,7 @@ def _final_evaluation(monkeypatch, action):
   monkeypatch.setattr(loop, 'evaluate', patched)
 
 
+@pytest.mark.slow
 def test_an_exception_in_the_final_evaluation_leaves_the_last_checkpoint_committed(
     tmp_path, monkeypatch):
   def fail():
@@ -45,6 +46,7 @@ def test_an_exception_in_the_final_evaluation_leaves_the_last_checkpoint_committ
   assert not (tmp_path / 'run' / LOCK_FILE).read_text()  # released
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_final_evaluation_stops_it_after_saving(tmp_path, monkeypatch):
   _final_evaluation(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGTERM))
   summary = loop.train(smoke_config(tmp_path / 'tfds'), str(tmp_path / 'run'), quiet=True)
@@ -55,6 +57,7 @@ def test_sigterm_during_the_final_evaluation_stops_it_after_saving(tmp_path, mon
   assert summary['stopped_by'] is None and summary['eval']['nll'] > 0
 
 
+@pytest.mark.slow
 def test_no_checkpoint_is_written_during_a_non_finite_streak(tmp_path, monkeypatch):
   make_train_step = loop.make_train_step
 
@@ -89,6 +92,7 @@ def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path):
   assert not (workdir / 'config.json').exists()  # the refused runs wrote nothing
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
@@ -99,6 +103,7 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path):
   assert summary['step'] == 5
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_with_a_clear_error_and_no_hang(tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
