@@ -5,6 +5,7 @@
   moejax eval   --workdir runs/x [--step N] [--config.model.eval_capacity_factor=None ...]
   moejax sample --workdir runs/x [--prompt "ROMEO:" --num_tokens 300 --temperature 0.8]
   moejax analyze --workdir runs/x [--text FILE] [--out DIR] [--at_init]
+  moejax ablate SWEEP [--report] [--scale small|base] [--runs_dir DIR] [--results_dir DIR]
 
 Every config field can be set with --config.<section>.<field>=VALUE (a Python literal, None, or
 text). `eval` and `sample` read the run's saved config.json (plus any overrides) unless --config
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
       epilog='Set any config field with --config.<section>.<field>=VALUE, e.g. '
              '--config.model.num_experts=16 or --config.model.eval_capacity_factor=None.')
   commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+  commands.add_parser('ablate', add_help=False,
+                      help='run an ablation sweep (experiments/ablations/NAME.py) and write its '
+                           'csv/md/png; `moejax ablate --help` lists its flags')
   for name, help_text in COMMANDS.items():
     sub = commands.add_parser(name, help=help_text, description=help_text,
                               epilog=parser.epilog)
@@ -172,6 +176,9 @@ def _analyze(args: argparse.Namespace, config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv[1:]
+  if argv[:1] == ['ablate']:  # its own arguments: moejax.ablate.command
+    from moejax.ablate import main as ablate_main
+    return ablate_main(argv[1:])
   rest, overrides = split_overrides(argv)
   args = _parser().parse_args(rest)
   if args.command == 'train' and not (args.workdir or args.print_config):

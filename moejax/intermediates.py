@@ -1,10 +1,11 @@
 """Reading back what MoE layers sow: aux losses, routing metrics and routing decisions.
 
 Every MoeLayer call sows into the `intermediates` collection its 'load_balancing_loss',
-'router_z_loss', 'fraction_dropped', 'expert_usage' [E] and 'router_confidence', and, when the
-'decisions' collection is mutable, its `RoutingDecision` under 'decision' and its router
-probabilities [G, S, E] under 'router_probs'. These helpers find them in what any model returns,
-however deep and whether or not it uses `nn.scan` (whose layers carry a leading layer axis):
+'router_z_loss', 'fraction_dropped', 'expert_usage' [E], 'router_confidence' and 'router_max_logit'
+(the largest |router logit| of its real tokens), and, when the 'decisions' collection is mutable,
+its `RoutingDecision` under 'decision' and its router probabilities [G, S, E] under
+'router_probs'. These helpers find them in what any model returns, however deep and whether or not
+it uses `nn.scan` (whose layers carry a leading layer axis):
 
   linen:  out, state = model.apply(variables, x, ..., mutable=['intermediates'])
   NNX:    out = model(x, ...); state = nnx.pop(model, nnx.Intermediate)
@@ -23,9 +24,11 @@ from flax import nnx, traverse_util
 from moejax.routing import RoutingDecision
 
 AUX_LOSS_NAMES = ('load_balancing_loss', 'router_z_loss')
-ROUTING_METRIC_NAMES = ('fraction_dropped', 'expert_usage', 'router_confidence')
+ROUTING_METRIC_NAMES = ('fraction_dropped', 'expert_usage', 'router_confidence',
+                        'router_max_logit')
+MAX_OVER_LAYERS = ('router_max_logit',)  # collected as the max over layers, the others the mean
 PER_LAYER = ('expert_usage', 'fraction_dropped', 'router_z_loss', 'load_balancing_loss',
-             'router_confidence')
+             'router_confidence', 'router_max_logit')
 DECISIONS = 'decisions'  # the collection a layer sows its RoutingDecision into, when mutable
 
 
@@ -52,8 +55,10 @@ def _find_sown(tree: Any, name: str) -> list[jax.Array]:
   return found
 
 
-def _mean_over_layers(values: list[jax.Array], name: str, per_layer_ndim: int) -> jax.Array:
-  """Mean over MoE layers; leading axes beyond `per_layer_ndim` (nn.scan's) are layers too."""
+def _over_layers(values: list[jax.Array], name: str, per_layer_ndim: int,
+                 reduce=jnp.mean) -> jax.Array:
+  """Mean (or `reduce`) over MoE layers; leading axes beyond `per_layer_ndim` (nn.scan's) are
+  layers too."""
   if not values:
     raise ValueError(f'no {name!r} found in the intermediates: run the model with '
                      "mutable=['intermediates'] (NNX: nnx.pop(model, nnx.Intermediate)) and pass "
@@ -63,7 +68,7 @@ def _mean_over_layers(values: list[jax.Array], name: str, per_layer_ndim: int) -
     raise ValueError(f'{name!r} has different shapes in different layers: {sorted(shapes)}')
   (shape,) = shapes
   stacked = jnp.concatenate([jnp.reshape(v, (-1, *shape)) for v in values])
-  return jnp.mean(stacked, axis=0)
+  return reduce(stacked, axis=0)
 
 
 def collect_aux_losses(intermediates: Any) -> dict[str, jax.Array]:
@@ -72,14 +77,16 @@ def collect_aux_losses(intermediates: Any) -> dict[str, jax.Array]:
   Accepts the `intermediates` collection (or the whole mutable-variables dict) returned by
   `model.apply(..., mutable=['intermediates'])`, or NNX's `nnx.State` of `nnx.Intermediate`s.
   """
-  return {name: _mean_over_layers(_find_sown(intermediates, name), name, 0)
+  return {name: _over_layers(_find_sown(intermediates, name), name, 0)
           for name in AUX_LOSS_NAMES}
 
 
 def collect_routing_metrics(intermediates: Any) -> dict[str, jax.Array]:
-  """{'fraction_dropped', 'expert_usage' [E], 'router_confidence'} averaged over MoE layers."""
-  return {name: _mean_over_layers(_find_sown(intermediates, name), name,
-                                  1 if name == 'expert_usage' else 0)
+  """{'fraction_dropped', 'expert_usage' [E], 'router_confidence'} averaged over MoE layers, and
+  'router_max_logit', the max over them."""
+  return {name: _over_layers(_find_sown(intermediates, name), name,
+                             1 if name == 'expert_usage' else 0,
+                             jnp.max if name in MAX_OVER_LAYERS else jnp.mean)
           for name in ROUTING_METRIC_NAMES}
 
 

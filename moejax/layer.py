@@ -423,6 +423,8 @@ class MoeLayer(nn.Module):
         'fraction_dropped': routing.fraction_dropped(decision),
         'expert_usage': token_weight @ usage / jnp.maximum(token_weight.sum(), 1.0),
         'router_confidence': routing.router_confidence(probs, decision, valid),
+        # Largest |logit| of a real token: what the z-loss keeps small (ST-MoE).
+        'router_max_logit': jnp.max(jnp.where(valid[..., None], jnp.abs(logits), 0.0)),
     }
     for name, value in metrics.items():
       self.sow('intermediates', name, value)

@@ -30,7 +30,7 @@ def _train_args(workdir, data_dir, *overrides):
 def test_help_lists_the_commands_and_their_flags():
   top = _moejax('--help', timeout=60)
   assert top.returncode == 0 and all(c in top.stdout for c in ('train', 'eval', 'sample',
-                                                               'analyze'))
+                                                               'analyze', 'ablate'))
   train = _moejax('train', '--help', timeout=60)
   assert train.returncode == 0
   for flag in ('--config', '--workdir', '--print_config', '--debug', '--config.<section>'):
@@ -38,6 +38,9 @@ def test_help_lists_the_commands_and_their_flags():
   assert '--step' in _moejax('eval', '--help', timeout=60).stdout
   analyze = _moejax('analyze', '--help', timeout=60).stdout
   assert all(flag in analyze for flag in ('--text', '--out', '--at_init', '--max_tokens'))
+  ablate = _moejax('ablate', '--help', timeout=60)
+  assert ablate.returncode == 0
+  assert all(flag in ablate.stdout for flag in ('--report', '--scale', '--runs_dir'))
 
 
 def test_a_config_error_is_one_line_naming_the_field(tmp_path):

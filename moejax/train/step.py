@@ -118,6 +118,7 @@ def forward(model: nn.Module, params, batch: Batch, deterministic: bool, rng=Non
   routing = collect_routing_metrics(state)
   return logits, {**collect_aux_losses(state), 'fraction_dropped': routing['fraction_dropped'],
                   'router_confidence': routing['router_confidence'],
+                  'router_max_logit': routing['router_max_logit'],
                   **per_layer_metrics(state['intermediates'])}, bias_state
 
 
@@ -158,13 +159,15 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 def eval_step(params, batch: Batch, balancing_bias_state=None, *,
               model: nn.Module) -> dict[str, jax.Array]:
   """Sums over the batch's real tokens (eval capacity factor: deterministic=True).
-  balancing_bias_state: the train state's, for models with balancing biases."""
+  balancing_bias_state: the train state's, for models with balancing biases. 'router_max_logit'
+  (a max, which a token-weighted sum over batches would not keep) is a train metric only."""
   logits, moe, _ = forward(model, params, batch, True, bias_state=balancing_bias_state)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
   weights = loss_weights(batch)  # Shape: [B, L]
   tokens = jnp.sum(weights)
   return {'nll_sum': jnp.sum(nll * weights), 'tokens': tokens,
-          **{name: value * tokens for name, value in moe.items()}}
+          **{name: value * tokens for name, value in moe.items()
+             if not name.startswith('router_max_logit')}}
 
 
 def token_log_probs(params, batch: Batch, balancing_bias_state=None, *,

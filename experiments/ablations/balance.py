@@ -1,0 +1,22 @@
+"""Load-balancing loss coefficient alpha (Switch Transformer section 2.2).
+
+Claim: alpha = 1e-2, chosen from a sweep of 1e-1 to 1e-5, balances the load quickly without
+hurting the training loss; dropped tokens are typically under 1%. Here: alpha 0, 1e-3, 1e-2,
+1e-1 with 8 top-1 experts (train CF 1.25), 2 seeds: usage spread and fraction dropped are the
+measured claims (large effects); NLL differences under ~0.03 nats are within seed noise here.
+
+Estimated time on the 2-core CPU: 8 runs, about 16 min.
+"""
+from moejax.ablate import Panel
+
+BASE = 'experiments/configs/switch_tiny.py'
+RUNS = {f'alpha{a:g}': {'train.load_balancing_loss_coef': a} for a in (0.0, 1e-3, 1e-2, 1e-1)}
+SEEDS = (0, 1)
+SCALE = {'base': {'model.num_experts': 128}}
+ALPHA = 'train.load_balancing_loss_coef'
+PLOTS = (
+    Panel(x=ALPHA, y='final_nll'),
+    Panel(x=ALPHA, y='usage_cv'),
+    Panel(x=ALPHA, y='train_fraction_dropped',
+          paper={'Switch 2.2: typically < 1% dropped at alpha 1e-2': [(0.01, 0.01)]}),
+)

@@ -1,0 +1,40 @@
+"""Routing algorithms, each beside its FLOP-matched dense twin (Switch Table 1, GShard, ST-MoE).
+
+Claims: top-2 is a little better per step than top-1 at equal capacity factor (ST-MoE Table 8:
+by 0.003-0.006) but costs more per step (Switch Table 1); GShard's random routing sends the
+second choice only with probability 2 x its weight; experts-choose routing (Zhou et al. 2022)
+balances the load by construction but sees later tokens, so only an encoder may use it. Here, 8
+experts: in the decoder LM, top-1 and top-2 (tokens choose) and top-2 with random routing, with
+dense twins of width F and 2F; in the T5 encoder-decoder (4 + 4 blocks, span corruption: its
+NLL is per target token, not comparable with the LM's), top-2 and experts-choose (2 experts per
+token on average: capacity factor 1.0 in training and evaluation) in the encoder, with the 2F
+twin (the decoder routes top-2 in both).
+One seed: differences under ~0.03 nats are within seed noise here.
+
+Estimated time on the 2-core CPU: 8 runs, about 20 min.
+"""
+from moejax.ablate import Panel
+
+BASE = 'experiments/configs/switch_tiny.py'
+TOP2 = {'model.num_selected_experts': 2}
+T5 = {'task': 'span_corruption', 'model.kind': 'encoder_decoder'}
+RUNS = {
+    'top1': {},
+    'top1_dense': {'model.dense_baseline': True},
+    'top2': TOP2,
+    'top2_random': {**TOP2, 'model.random_routing': True},
+    'top2_dense': {**TOP2, 'model.dense_baseline': True},
+    't5_top2': {**T5, **TOP2},
+    't5_experts_choose': {**T5, **TOP2, 'model.routing': 'experts_choose',
+                          'model.train_capacity_factor': 1.0, 'model.eval_capacity_factor': 1.0},
+    't5_dense': {**T5, **TOP2, 'model.dense_baseline': True},
+}
+SEEDS = (0,)
+SCALE = {'base': {'model.num_experts': 128}}
+PLOTS = (
+    Panel(x='run', y='final_nll', series='task'),
+    Panel(x='run', y='step_time', series='task'),
+    Panel(x='run', y='usage_cv', series='task'),
+)
+TABLE = ('final_nll', 'train_fraction_dropped', 'eval_fraction_dropped', 'usage_cv',
+         'step_time', 'mflops_per_token', 'params')
