@@ -18,8 +18,8 @@ import pytest
 
 from helpers import REPO, SMOKE_CONFIG, apply_layer, init_layer
 from moejax import MoeLayer, collect_routing_metrics
-from moejax.ablate import (Panel, SweepError, load_result, load_sweep, main, read_rows, run_dir,
-                           run_record, run_specs, run_sweep, sweep_names)
+from moejax.ablate import (Claim, Panel, SweepError, judge, load_result, load_sweep, main,
+                           read_rows, run_dir, run_record, run_specs, run_sweep, sweep_names)
 from moejax.ablate.records import RECORD, flatten
 from moejax.ablate.report import add_relative
 from moejax.ablate.sweep import BASE_SCALE, Sweep, with_overrides
@@ -154,6 +154,11 @@ def test_every_sweep_builds_checked_configs_without_training(scale):
         assert (config['model.model_dim'], config['model.num_layers']) == (768, 12)
     for panel in sweep.plots:
       assert panel.x in {'run', 'eval', 'step', 'seconds', *RECORD, *sweep.fields}, panel
+    assert sweep.claims, name  # every sweep judges its paper's claims
+    for claim in sweep.claims:
+      for key in (claim.better, claim.than):
+        run, _, variant = key.partition('@')
+        assert run in sweep.runs and (not variant or variant in sweep.evals), (name, key)
     assert re.search(r'Estimated time on the 2-core CPU: .*about \d+ min', sweep.doc), name
 
 
@@ -217,6 +222,35 @@ def test_relative_columns_pair_each_row_with_its_reference():
   rows = add_relative(sweep, rows)
   assert [r[panel.column] for r in rows if r[cf] == 2.0] == [2 / 1, 3 / 2, 4 / 2, 5 / 3]
   assert all(r[panel.column] == 1.0 for r in rows if r[cf] == 1.0)
+
+
+def test_a_claims_verdict_follows_the_two_standard_error_rule():
+  rows = lambda a, b: [{'run': run, 'seed': seed, 'final_nll': value}
+                       for run, values in (('a', a), ('b', b)) for seed, value in enumerate(values)]
+  lower = Claim('a beats b', 'final_nll', 'a', 'b')
+  # per-seed differences b - a: 0.1, 0.2, 0.3: mean 0.2, SE 0.1 / sqrt(3) = 0.0577
+  held = judge(lower, rows([1.0, 1.0, 1.0], [1.1, 1.2, 1.3]), [])
+  assert held['difference'] == pytest.approx(0.2) and held['se'] == pytest.approx(0.1 / 3**0.5)
+  assert (held['seeds'], held['verdict']) == (3, 'reproduced')
+  assert judge(lower, rows([1.1, 1.2, 1.3], [1.0, 1.0, 1.0]), [])['verdict'] == 'not reproduced'
+  noisy = rows([1.0, 1.0, 1.0], [1.3, 0.8, 1.0])  # mean difference 0.033, SE 0.145
+  assert judge(lower, noisy, [])['verdict'] == 'not shown'
+  assert judge(dataclasses.replace(lower, no_worse=True), noisy, [])['verdict'] == 'reproduced'
+  assert judge(lower, rows([1.0], [2.0]), [])['verdict'] == 'not shown'  # one seed: no SE
+  higher = Claim('a scores more', 'final_nll', 'a', 'b', higher=True)
+  assert judge(higher, rows([1.0, 1.0, 1.0], [1.1, 1.2, 1.3]), [])['verdict'] == 'not reproduced'
+  # at equal time: a (2 s a step) and b (1.25 s a step) are read at b's end, 5 s: a halfway
+  # between its steps 2 and 3
+  curve = lambda step_time, nlls: [{'step': s, 'seconds': s * step_time, 'nll': n}
+                                   for s, n in zip((1, 2, 3, 4), nlls)]
+  results = [{'name': 'a', 'seed': seed, 'curve': curve(2.0, [3.0, 2.0 + seed / 10, 1.0, 0.5])}
+             for seed in range(3)]
+  results += [{'name': 'b', 'seed': seed, 'curve': curve(1.25, [2.6, 2.5, 2.4, 2.3])}
+              for seed in range(3)]
+  timed = judge(dataclasses.replace(lower, at_equal_time=True), [], results)
+  assert timed['better'] == pytest.approx(1.55) and timed['than'] == pytest.approx(2.3)
+  assert timed['difference'] == pytest.approx(0.75)
+  assert timed['verdict'] == 'reproduced'
 
 
 def test_router_max_logit_is_the_largest_logit_of_a_real_token():

@@ -7,7 +7,7 @@ measured claims (large effects); NLL differences under ~0.03 nats are within see
 
 Estimated time on the 2-core CPU: 8 runs, about 16 min.
 """
-from moejax.ablate import Panel
+from moejax.ablate import Claim, Panel
 
 BASE = 'experiments/configs/switch_tiny.py'
 RUNS = {f'alpha{a:g}': {'train.load_balancing_loss_coef': a} for a in (0.0, 1e-3, 1e-2, 1e-1)}
@@ -19,4 +19,10 @@ PLOTS = (
     Panel(x=ALPHA, y='usage_cv'),
     Panel(x=ALPHA, y='train_fraction_dropped',
           paper={'Switch 2.2: typically < 1% dropped at alpha 1e-2': [(0.01, 0.01)]}),
+)
+CLAIMS = (
+    Claim('alpha 1e-2 balances the experts', 'usage_cv', 'alpha0.01', 'alpha0'),
+    Claim('alpha 1e-2 drops fewer tokens', 'train_fraction_dropped', 'alpha0.01', 'alpha0'),
+    Claim('alpha 1e-2 does not hurt the loss', 'final_nll', 'alpha0.01', 'alpha0', no_worse=True),
+    Claim('alpha 1e-2 no worse than 1e-1', 'final_nll', 'alpha0.01', 'alpha0.1', no_worse=True),
 )

@@ -9,7 +9,7 @@ shows the NLL change from eval CF 1.0, with the paper's.
 
 Estimated time on the 2-core CPU: 4 runs and 16 evaluations, about 11 min.
 """
-from moejax.ablate import Panel
+from moejax.ablate import Claim, Panel
 
 BASE = 'experiments/configs/switch_tiny.py'
 RUNS = {f'top{k}': {'model.num_selected_experts': k, 'model.train_capacity_factor': 1.0}
@@ -28,3 +28,9 @@ PLOTS = (
     Panel(x='eval', y='eval_fraction_dropped', series=K),
 )
 TABLE = ('final_nll', 'eval_fraction_dropped', 'usage_cv', 'train_fraction_dropped')
+CLAIMS = (
+    Claim('top-1: eval CF 2.0 beats eval CF 1.0', 'final_nll', 'top1@cf2.0', 'top1@cf1.0'),
+    Claim('top-2: eval CF 2.0 beats eval CF 1.0', 'final_nll', 'top2@cf2.0', 'top2@cf1.0'),
+    Claim('top-1: dropless beats eval CF 1.0', 'final_nll', 'top1@dropless', 'top1@cf1.0'),
+    Claim('top-2: dropless beats eval CF 1.0', 'final_nll', 'top2@dropless', 'top2@cf1.0'),
+)

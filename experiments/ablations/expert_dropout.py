@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.ablate import Panel, SweepError
+from moejax.ablate import Claim, Panel, SweepError
 from moejax.ablate.sweep import REPO
 from moejax.data.books import BOOKS, balanced_batches, book_passages
 from moejax.data.tokenizers import ByteTokenizer
@@ -44,6 +44,12 @@ PLOTS = (
 )
 TABLE = ('final_nll', 'test_balanced_accuracy', 'test_accuracy', 'validation_balanced_accuracy',
          'train_fraction_dropped', 'step_time')
+CLAIMS = (
+    Claim('expert dropout 0.4 improves test accuracy', 'test_balanced_accuracy',
+          'dropout0.1_expert0.4', 'dropout0.1', higher=True),
+    Claim('expert dropout 0.4 improves validation NLL', 'final_nll', 'dropout0.1_expert0.4',
+          'dropout0.1'),
+)
 
 NAMES = ('shakespeare', 'time_machine')
 LABEL_IDS = ByteTokenizer().encode('ST')  # the label tokens, as experiments/finetune_books.py

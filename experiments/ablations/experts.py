@@ -8,7 +8,7 @@ E = 2, 4, 8, 16, 32 experts in every other block, 3 seeds (neighbouring E differ
 
 Estimated time on the 2-core CPU: 18 runs, about 34 min.
 """
-from moejax.ablate import Panel
+from moejax.ablate import Claim, Panel
 
 BASE = 'experiments/configs/switch_tiny.py'
 RUNS = {'dense': {'model.dense_baseline': True},
@@ -19,4 +19,10 @@ PLOTS = (
           note='Switch Fig. 4: the loss falls steadily with the number of experts\n'
                '(T5-Base 223M -> Switch-Base 256 experts 14.7B parameters)'),
     Panel(x='run', y='step_time', title='step time at equal FLOPs per token'),
+)
+CLAIMS = (
+    Claim('8 experts beat the dense twin', 'final_nll', 'E8', 'dense'),
+    Claim('32 experts beat the dense twin', 'final_nll', 'E32', 'dense'),
+    Claim('more experts, lower loss: 32 vs 2', 'final_nll', 'E32', 'E2'),
+    Claim('more experts, lower loss: 16 vs 4', 'final_nll', 'E16', 'E4'),
 )

@@ -9,7 +9,7 @@ the last (step 200).
 
 Estimated time on the 2-core CPU: 6 runs, about 13 min.
 """
-from moejax.ablate import Panel
+from moejax.ablate import Claim, Panel
 
 BASE = 'experiments/configs/switch_tiny.py'
 RUNS = {f'init{s}': {'model.router_init_scale': s, 'model.init_scale': s} for s in (0.1, 1.0)}
@@ -22,3 +22,7 @@ PLOTS = (
     Panel(curve=True, x='step', y='nll', title='validation loss, mean +- std over seeds'),
 )
 TABLE = ('early_nll', 'final_nll', 'max_router_logit', 'usage_cv', 'nonfinite_steps', 'diverged')
+CLAIMS = (
+    Claim('0.1x init is better early', 'early_nll', 'init0.1', 'init1.0'),
+    Claim('0.1x init is better at the end', 'final_nll', 'init0.1', 'init1.0'),
+)

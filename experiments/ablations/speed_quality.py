@@ -9,7 +9,7 @@ speed-up off it: the time the dense twin needs for a loss the Switch model reach
 
 Estimated time on the 2-core CPU: 6 runs, about 13 min.
 """
-from moejax.ablate import Panel
+from moejax.ablate import Claim, Panel
 
 BASE = 'experiments/configs/switch_tiny.py'
 RUNS = {'switch': {}, 'dense': {'model.dense_baseline': True}}
@@ -20,4 +20,8 @@ PLOTS = (
     Panel(curve=True, x='seconds', y='nll', title='validation loss vs training time',
           note='Switch Fig. 5: Switch-Base 64e reaches T5-Base quality in ~1/7 of the time'),
     Panel(curve=True, x='step', y='nll', title='validation loss vs steps'),
+)
+CLAIMS = (
+    Claim('Switch is ahead at equal training time', 'nll', 'switch', 'dense', at_equal_time=True),
+    Claim('Switch is ahead at equal steps', 'final_nll', 'switch', 'dense'),
 )

@@ -8,7 +8,7 @@ tuned), 3 seeds each: final NLL, max |router logit|, non-finite steps and diverg
 
 Estimated time on the 2-core CPU: 12 runs, about 23 min.
 """
-from moejax.ablate import Panel
+from moejax.ablate import Claim, Panel
 
 BASE = 'experiments/configs/switch_tiny.py'
 RUNS = {f'z{beta:g}_lr{lr:g}': {'train.router_z_loss_coef': beta, 'train.learning_rate': lr}
@@ -25,3 +25,10 @@ PLOTS = (
 )
 TABLE = ('final_nll', 'max_router_logit', 'nonfinite_steps', 'diverged', 'usage_cv',
          'train_fraction_dropped')
+CLAIMS = (
+    Claim('z-loss keeps router logits small', 'max_router_logit', 'z0.001_lr0.003', 'z0_lr0.003'),
+    Claim('the same at lr 3e-2', 'max_router_logit', 'z0.001_lr0.03', 'z0_lr0.03'),
+    Claim('z-loss does not hurt quality', 'final_nll', 'z0.001_lr0.003', 'z0_lr0.003',
+          no_worse=True),
+    Claim('z-loss helps at lr 3e-2', 'final_nll', 'z0.001_lr0.03', 'z0_lr0.03'),
+)

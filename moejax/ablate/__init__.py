@@ -11,7 +11,8 @@
 
 `sweep` reads sweep files and builds run configs (no training), `records` turns a run's
 metrics.jsonl into its numbers (NumPy), `runner` trains (`moejax.train.loop`), `report` writes the
-csv, md and png (matplotlib), `command` is `moejax ablate`.
+csv, md and png (matplotlib), `verdict` judges the papers' claims on the runs (two standard
+errors), `command` is `moejax ablate`.
 """
 from moejax.ablate.command import main
 from moejax.ablate.records import eval_curve, read_rows, run_record
@@ -19,7 +20,8 @@ from moejax.ablate.report import write_reports
 from moejax.ablate.runner import load_result, run_dir, run_sweep
 from moejax.ablate.sweep import (SCALES, Panel, RunSpec, Sweep, SweepError, load_sweep,
                                  run_specs, sweep_names)
+from moejax.ablate.verdict import Claim, judge
 
-__all__ = ['Panel', 'RunSpec', 'SCALES', 'Sweep', 'SweepError', 'eval_curve', 'load_result',
-           'load_sweep', 'main', 'read_rows', 'run_dir', 'run_record', 'run_specs', 'run_sweep',
-           'sweep_names', 'write_reports']
+__all__ = ['Claim', 'Panel', 'RunSpec', 'SCALES', 'Sweep', 'SweepError', 'eval_curve', 'judge',
+           'load_result', 'load_sweep', 'main', 'read_rows', 'run_dir', 'run_record', 'run_specs',
+           'run_sweep', 'sweep_names', 'write_reports']

@@ -11,6 +11,7 @@ import numpy as np
 
 from moejax.ablate.records import RECORD, flatten
 from moejax.ablate.sweep import Panel, Sweep
+from moejax.ablate.verdict import verdict_lines
 
 # Columns of the md table when a sweep names no TABLE (then the panels' relative columns and any
 # numbers a TRAIN function adds).
@@ -114,8 +115,10 @@ def _cell(name: str, values: list) -> str:
   return f'{_fmt(name, float(np.mean(values)))} ± {_fmt(name, float(np.std(values, ddof=1)))}'
 
 
-def markdown(sweep: Sweep, rows: list[dict], scale: str, total: int, sweep_dir: str) -> str:
-  """The md report: what was run, then one table row per run (and EVALS variant)."""
+def markdown(sweep: Sweep, rows: list[dict], results: list[dict], scale: str, total: int,
+             sweep_dir: str) -> str:
+  """The md report: what was run, one table row per run (and EVALS variant), then the verdict
+  of each of the sweep's CLAIMS."""
   finished = len({(row['run'], row['seed']) for row in rows})
   seeds = sorted({seed for run_seeds in sweep.seeds.values() for seed in run_seeds})
   claim = sweep.doc.strip().split('\n\n')[0]
@@ -135,7 +138,8 @@ def markdown(sweep: Sweep, rows: list[dict], scale: str, total: int, sweep_dir: 
              *(str(group[0].get(f)) for f in sweep.fields), str(len(group)),
              *(_cell(c, [r.get(c) for r in group]) for c in columns)]
     lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines) + '\n'
+  verdicts = verdict_lines(sweep.claims, rows, results)
+  return '\n'.join(lines + ([''] + verdicts if verdicts else [])) + '\n'
 
 
 def _pyplot():
@@ -224,6 +228,6 @@ def write_reports(sweep: Sweep, results: list[dict], results_dir: str, scale: st
   relative = {p.column for p in sweep.plots if p.relative_to}
   write_csv(stem + '.csv', [{k: v for k, v in row.items() if k not in relative} for row in rows])
   with open(stem + '.md', 'w') as f:
-    f.write(markdown(sweep, rows, scale, total, sweep_dir))
+    f.write(markdown(sweep, rows, results, scale, total, sweep_dir))
   write_png(stem + '.png', sweep, rows, results)
   return [stem + '.csv', stem + '.md', stem + '.png']

@@ -14,6 +14,8 @@ and optionally
          fields, e.g. 'model.eval_capacity_factor'); the rows are then one per variant
   TRAIN  train(config, workdir, quiet) -> summary, in place of `moejax.train.loop.train`
   TABLE  the numbers in <name>.md's table (default: `moejax.ablate.report.TABLE`)
+  CLAIMS the papers' claims as tests on the runs (`moejax.ablate.verdict.Claim`): <name>.md
+         ends with each one's numbers and verdict
 
 A run's config: BASE, then SCALES[scale], then SCALE[scale], then its RUNS overrides, then its
 seed, then the command line's --config.* overrides.
@@ -125,6 +127,7 @@ class Sweep:
   evals: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
   train: Callable | None = None
   table: tuple[str, ...] = ()
+  claims: tuple = ()  # of moejax.ablate.verdict.Claim
 
   @property
   def fields(self) -> list[str]:
@@ -190,7 +193,8 @@ def load_sweep(sweep: str) -> Sweep:
                seeds={name: tuple(s) for name, s in seeds.items()},
                plots=tuple(getattr(module, 'PLOTS', ())), scale=getattr(module, 'SCALE', {}),
                evals=dict(getattr(module, 'EVALS', {})), train=getattr(module, 'TRAIN', None),
-               table=tuple(getattr(module, 'TABLE', ())))
+               table=tuple(getattr(module, 'TABLE', ())),
+               claims=tuple(getattr(module, 'CLAIMS', ())))
 
 
 def base_config(sweep: Sweep) -> ml_collections.ConfigDict:
