@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
 
 COMMANDS = {'train': 'train (or resume) a run from an experiment config',
             'eval': "evaluate a run's checkpoint on the validation split, as JSON",
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == 'train' and not (args.workdir or args.print_config):
     print('moejax train: --workdir is required (unless --print_config)', file=sys.stderr)
     return 2
-  debug = args.debug or os.environ.get('MOEJAX_DEBUG', '') not in ('', '0')
+  debug = debug_requested(args)
   from moejax import distributed  # before anything touches the devices
   try:
     distributed.initialize_from(args.coordinator, args.num_processes, args.process_id)
@@ -193,29 +194,45 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   warnings.formatwarning = lambda message, category, *_, **__: (
       f'moejax {args.command}: warning: {message}\n')
+  return reporting_errors(args.command, lambda: _command(args, overrides), debug)
+
+
+def _command(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+  config = _config(args, overrides)
+  if args.command == 'train' and args.print_config:
+    print(config.to_json(indent=2))
+    return 0
+  if args.command == 'analyze':
+    return _analyze(args, config)
+  return _run(args, config)
+
+
+def debug_requested(args: argparse.Namespace) -> bool:
+  """--debug, or MOEJAX_DEBUG set (not to 0): show tracebacks instead of one-line errors."""
+  return args.debug or os.environ.get('MOEJAX_DEBUG', '') not in ('', '0')
+
+
+def reporting_errors(command: str, action: Callable[[], int | None], debug: bool,
+                     usage_errors: tuple[type[Exception], ...] = ()) -> int | None:
+  """`action()`'s exit status, or the status of an error a user can act on, printed as one line
+  'moejax COMMAND: ...': 2 for a bad setting, path or dataset name (or one of `usage_errors`), 1
+  for a checkpoint, work-directory lock or metrics-writing failure. With `debug` they raise."""
   from moejax.checks import ConfigError
   from moejax.train.checkpoint import CheckpointError
   from moejax.train.lock import WorkdirLocked
   from moejax.train.metrics import MetricsWriteError
   try:
-    config = _config(args, overrides)
-    if args.command == 'train' and args.print_config:
-      print(config.to_json(indent=2))
-      return 0
-    if args.command == 'analyze':
-      return _analyze(args, config)
-    return _run(args, config)
-  except (ConfigError, FileNotFoundError) as error:  # a bad setting, path or dataset name
+    return action()
+  except (ConfigError, FileNotFoundError, *usage_errors) as error:
     if debug:
       raise
-    print(f'moejax {args.command}: {error}', file=sys.stderr)
+    print(f'moejax {command}: {error}', file=sys.stderr)
     return 2
   except (CheckpointError, WorkdirLocked, MetricsWriteError) as error:
     if debug:
       raise
-    print(f'moejax {args.command}: {error}', file=sys.stderr)
+    print(f'moejax {command}: {error}', file=sys.stderr)
     return 1
-
 
 if __name__ == '__main__':
   sys.exit(main())

@@ -1,5 +1,9 @@
-"""Shared by the tests: the smoke config (loaded as the CLI loads it), a layer's init and apply."""
+"""Shared by the tests: the smoke config (loaded as the CLI loads it), a layer's init and apply,
+and the command line in a subprocess stopped by SIGTERM."""
 import os
+import signal
+import subprocess
+import time
 
 import jax
 
@@ -7,6 +11,29 @@ from moejax.train.config import config_from_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_CONFIG = os.path.join('experiments', 'configs', 'smoke.py')
+CLI_ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+           'JAX_PLATFORMS': 'cpu'}  # a subprocess's: 8 CPU devices
+
+
+def sigterm_once_logged(command: list[str], metrics, lines: int = 3,
+                        timeout: float = 240) -> tuple[int, str, str]:
+  """Run `command` (in the repo, with CLI_ENV); SIGTERM it once the file `metrics` has `lines`
+  lines (or after `timeout` seconds); its exit status, stdout and stderr."""
+  proc = subprocess.Popen(command, cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= lines:
+        break
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  return proc.returncode, out, err
 
 
 def smoke_config(data_dir, **train):

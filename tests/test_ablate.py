@@ -6,17 +6,14 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, SMOKE_CONFIG, apply_layer, init_layer
+from helpers import REPO, SMOKE_CONFIG, apply_layer, init_layer, sigterm_once_logged
 from moejax import MoeLayer, collect_routing_metrics
 from moejax.ablate import (Claim, Panel, SweepError, judge, load_result, load_sweep, main,
                            read_rows, run_dir, run_record, run_specs, run_sweep, sweep_names)
@@ -28,8 +25,6 @@ from moejax.train import default_config, loop
 from moejax.train.config import check_config
 from moejax.train.step import dummy_batch, model_inputs
 
-ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-       'JAX_PLATFORMS': 'cpu'}
 LONG_RUN_STEPS = 200  # the run the test interrupts
 
 SWEEP = '''"""Two runs of the smoke model: moejax ablate's end-to-end test."""
@@ -55,26 +50,6 @@ def _write_sweep(tmp_path) -> str:
   return str(path)
 
 
-def _ablate_until_sigterm(args: list[str], metrics: str) -> tuple[int, str, str]:
-  """Run `moejax ablate ARGS` in a subprocess; SIGTERM it once `metrics` has 3 lines."""
-  code = 'import sys; from moejax.ablate import main; sys.exit(main(sys.argv[1:]))'
-  proc = subprocess.Popen([sys.executable, '-c', code, *args], cwd=REPO, env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-      if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 3:
-        break
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.communicate()
-  return proc.returncode, out, err
-
-
 @pytest.mark.slow
 def test_a_sweep_trains_stops_resumes_skips_and_reports(tmp_path, monkeypatch):
   path = _write_sweep(tmp_path)
@@ -85,9 +60,10 @@ def test_a_sweep_trains_stops_resumes_skips_and_reports(tmp_path, monkeypatch):
   short, long = (run_dir(sweep_dir, spec) for spec in specs)
 
   # SIGTERM during the second run: the first is finished, the second saved where it stopped.
-  rc, out, err = _ablate_until_sigterm(
-      [path, '--runs_dir', str(runs_dir), '--results_dir', str(results_dir), '--quiet'],
-      os.path.join(long, 'metrics.jsonl'))
+  code = 'import sys; from moejax.ablate import main; sys.exit(main(sys.argv[1:]))'
+  rc, out, err = sigterm_once_logged(
+      [sys.executable, '-c', code, path, '--runs_dir', str(runs_dir), '--results_dir',
+       str(results_dir), '--quiet'], os.path.join(long, 'metrics.jsonl'))
   assert rc == 0, err[-3000:]
   assert 'Run the same command again to resume' in out
   assert load_result(short)['record']['steps'] == 6 and load_result(long) is None

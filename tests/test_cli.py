@@ -1,23 +1,19 @@
 """The command line, end to end in subprocesses: train / eval / sample, and SIGTERM then resume."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from helpers import REPO, SMOKE_CONFIG, smoke_config
+from helpers import CLI_ENV, REPO, SMOKE_CONFIG, sigterm_once_logged, smoke_config
 from moejax.train import loop
 
-ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-       'JAX_PLATFORMS': 'cpu'}
 
 
-def _moejax(*args, timeout=240, cwd=REPO, env=ENV):
+def _moejax(*args, timeout=240, cwd=REPO, env=CLI_ENV):
   return subprocess.run([sys.executable, '-m', 'moejax.cli', *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -128,22 +124,9 @@ def test_sigterm_saves_and_the_resumed_run_ends_like_an_uninterrupted_one(tmp_pa
   steps, workdir, data_dir = 150, tmp_path / 'run', tmp_path / 'tfds'
   args = _train_args(workdir, data_dir, f'--config.train.num_steps={steps}',
                      '--config.checkpoint.every_steps=1000')
-  proc = subprocess.Popen([sys.executable, '-m', 'moejax.cli', *args], cwd=REPO, env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    metrics = workdir / 'metrics.jsonl'
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-      if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-        break
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.communicate()
-  assert proc.returncode == 0, err[-3000:]
+  rc, out, err = sigterm_once_logged([sys.executable, '-m', 'moejax.cli', *args],
+                                     workdir / 'metrics.jsonl', timeout=180)
+  assert rc == 0, err[-3000:]
   assert 'stopped by SIGTERM' in out
   # Orbax saves the first step; the next periodic save would be at 1000: the SIGTERM made this one.
   stopped_at = max(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())

@@ -74,28 +74,13 @@ def ablate(name: str, args: argparse.Namespace,
 
 def main(argv: list[str]) -> int:
   """`moejax ablate` with `argv` the arguments after 'ablate'; returns the exit status."""
-  from moejax.checks import ConfigError
-  from moejax.cli import split_overrides
-  from moejax.train.checkpoint import CheckpointError
-  from moejax.train.lock import WorkdirLocked
-  from moejax.train.metrics import MetricsWriteError
+  from moejax.cli import debug_requested, reporting_errors, split_overrides
   rest, overrides = split_overrides(argv)
   args = _parser().parse_args(rest)
-  debug = args.debug or os.environ.get('MOEJAX_DEBUG', '') not in ('', '0')
   status = 0
   for name in sweep_names() if args.sweep == 'all' else [args.sweep]:
-    try:
-      status = ablate(name, args, overrides)
-    except (ConfigError, FileNotFoundError, SweepError) as error:  # a bad setting or sweep
-      if debug:
-        raise
-      print(f'moejax ablate: {error}', file=sys.stderr)
-      return 2
-    except (CheckpointError, WorkdirLocked, MetricsWriteError) as error:
-      if debug:
-        raise
-      print(f'moejax ablate: {error}', file=sys.stderr)
-      return 1
+    status = reporting_errors('ablate', lambda: ablate(name, args, overrides),
+                              debug_requested(args), usage_errors=(SweepError,))
     if status is None:  # stopped by a signal: the next command resumes
       return 0
     if status:

@@ -138,7 +138,7 @@ def markdown(sweep: Sweep, rows: list[dict], results: list[dict], scale: str, to
              *(str(group[0].get(f)) for f in sweep.fields), str(len(group)),
              *(_cell(c, [r.get(c) for r in group]) for c in columns)]
     lines.append('| ' + ' | '.join(cells) + ' |')
-  verdicts = verdict_lines(sweep.claims, rows, results)
+  verdicts = verdict_lines(sweep.claims, rows, results, _fmt)
   return '\n'.join(lines + ([''] + verdicts if verdicts else [])) + '\n'
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -90,8 +91,9 @@ def judge(claim: Claim, rows: list[dict], results: list[dict]) -> dict:
           'difference': difference, 'se': se, 'seeds': len(diffs), 'verdict': verdict}
 
 
-def verdict_lines(claims: tuple[Claim, ...], rows: list[dict], results: list[dict]) -> list[str]:
-  """The md table of the claims' verdicts."""
+def verdict_lines(claims: tuple[Claim, ...], rows: list[dict], results: list[dict],
+                  fmt: Callable[[str, float], str]) -> list[str]:
+  """The md table of the claims' verdicts, numbers written by fmt(metric, value)."""
   if not claims:
     return []
   lines = ['## Verdicts', '',
@@ -102,10 +104,10 @@ def verdict_lines(claims: tuple[Claim, ...], rows: list[dict], results: list[dic
            '|---|---|---|---|---|---|---|']
   for claim in claims:
     j = judge(claim, rows, results)
-    metric = 'NLL at equal time' if claim.at_equal_time else claim.metric
-    fmt = lambda v: '' if v is None else f'{v:.4g}'
-    se = f' ± {fmt(j["se"])}' if j['se'] is not None else ' (one seed)'
-    lines.append(f'| {claim.text} | {metric} | {claim.better} vs {claim.than} | '
-                 f'{fmt(j["better"])} vs {fmt(j["than"])} | {fmt(j["difference"])}{se} | '
-                 f'{j["seeds"]} | **{j["verdict"]}** |')
+    metric = 'final_nll' if claim.at_equal_time else claim.metric
+    number = lambda v: '' if v is None else fmt(metric, v)
+    se = f' ± {number(j["se"])}' if j['se'] is not None else ' (one seed)'
+    lines.append(f'| {claim.text} | {"NLL at equal time" if claim.at_equal_time else metric} | '
+                 f'{claim.better} vs {claim.than} | {number(j["better"])} vs {number(j["than"])} | '
+                 f'{number(j["difference"])}{se} | {j["seeds"]} | **{j["verdict"]}** |')
   return lines
