@@ -40,11 +40,11 @@ SWEEPS_DIR = os.path.join('experiments', 'ablations')
 # float32 with index dispatch (the fastest here at that width; like einsum dispatch, and unlike
 # sorted, its expert FLOPs follow the capacity, as the papers' do), 200 steps of 16 x 128 bytes
 # of tiny shakespeare (0.4M tokens), evaluated at the end on the whole validation split. About
-# 1.9 min a run on the 2-core CPU (0.30 s a step; 50 s of set-up, compilation and evaluation,
-# 15 s more for the first seed of a config, whose compiled steps `moejax ablate` then caches).
-# The ten sweeps of experiments/ablations train 84 runs (and 1 pretraining and 6 fine-tunings):
-# 69 distinct, as 15 have the config of a run of another sweep and are copied (`runner`). About
-# 2 h 40 min in all (each sweep's docstring has its own estimate: 187 min summed, alone).
+# 40 s a run on the 2-core CPU (0.1 s a step; the rest is set-up, compilation and evaluation;
+# `moejax ablate` caches compiled steps across runs). The ten sweeps of experiments/ablations
+# hold 147 runs (and 1 pretraining and 10 fine-tunings), 114 distinct: a run with the config of a
+# finished run of another sweep is copied (`runner`). Measured: about 85 min for all of them
+# (each sweep's docstring has its own time).
 SMALL_SCALE = {'model.model_dim': 64, 'model.num_heads': 2, 'model.ffn_dim': 256,
                'model.dtype': 'float32', 'model.dispatch': 'indices',
                'train.batch_size': 16, 'train.num_steps': 200, 'train.warmup_steps': 20,
