@@ -113,6 +113,36 @@ def test_a_sweep_trains_stops_resumes_skips_and_reports(tmp_path, monkeypatch):
   assert (results_dir / 'two_runs.png').stat().st_size > 10_000
 
 
+@pytest.mark.slow
+def test_expert_dropout_pretrains_once_and_fine_tunes_on_a_few_passages(tmp_path, monkeypatch):
+  sweep = load_sweep('expert_dropout')
+  tiny = {'STEPS': 4, 'EVAL_EVERY': 2, 'TRAIN_PASSAGES': 8, 'BATCH': 8}
+  for name, value in tiny.items():
+    monkeypatch.setitem(sweep.train.__globals__, name, value)
+  overrides = [('model.model_dim', '32'), ('model.ffn_dim', '64'), ('train.batch_size', '8'),
+               ('train.num_steps', '3'), ('train.warmup_steps', '1'), ('eval.every_steps', '3'),
+               ('data.data_dir', repr(str(tmp_path / 'tfds')))]
+  specs = [spec for spec in run_specs(sweep, overrides=overrides) if spec.seed == 0]
+  sweep_dir = str(tmp_path / 'expert_dropout')
+  assert run_sweep(sweep, specs, sweep_dir, quiet=True)
+  assert sorted(os.listdir(sweep_dir)) == ['dropout0.1', 'dropout0.1_expert0.4', 'pretrain']
+  for spec in specs:
+    workdir = run_dir(sweep_dir, spec)
+    record = load_result(workdir)['record']
+    assert 0 <= record['test_balanced_accuracy'] <= 1 and math.isfinite(record['final_nll'])
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      rows = [json.loads(line) for line in f]
+    assert [r['step'] for r in rows if r['split'] == 'eval'] == [2, 4]
+    assert [r['step'] for r in rows if r['split'] == 'train'] == [1, 2, 3, 4]
+
+  few_passages = sweep.train.__globals__['few_passages']
+  tokens, labels = np.arange(40).reshape(20, 2), np.repeat([0, 1], 10)
+  chosen, chosen_labels = few_passages(tokens, labels, 3)
+  assert np.bincount(chosen_labels).tolist() == [3, 3]
+  assert (chosen[:, 0] // 2 < 10).tolist() == (chosen_labels == 0).tolist()  # rows kept whole
+  np.testing.assert_array_equal(few_passages(tokens, labels, 3)[0], chosen)  # the same every run
+
+
 @pytest.mark.parametrize('scale', ['small', 'base'])
 def test_every_sweep_builds_checked_configs_without_training(scale):
   names = sweep_names()

@@ -72,10 +72,9 @@ def pretrain(config, sweep_dir: str, quiet: bool) -> dict:
   return loop.train(config, os.path.join(sweep_dir, 'pretrain'), quiet=quiet)
 
 
-def few_passages(tokens: np.ndarray, labels: np.ndarray, per_book: int) -> tuple[np.ndarray,
-                                                                             np.ndarray]:
-  """`per_book` passages [per_book * books, L] of each book and their labels: a fixed random choice
-  (seed 0), the same for every run."""
+def few_passages(tokens: np.ndarray, labels: np.ndarray, per_book: int):
+  """(passages [per_book * books, L], labels [per_book * books]): `per_book` of each book, a fixed
+  random choice (seed 0), the same for every run."""
   rng = np.random.default_rng(0)
   rows = np.concatenate([rng.choice(np.flatnonzero(labels == book), per_book, replace=False)
                          for book in np.unique(labels)])
