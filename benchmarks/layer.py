@@ -124,8 +124,9 @@ def median_s(fn, args, repeats: int) -> float:
   return float(np.median(times))
 
 
-def time_in_turn(steps: dict, repeats: int) -> dict[str, float]:
-  """Median seconds of each step, timed round-robin so they share the machine's state."""
+def times_in_turn(steps: dict, repeats: int) -> dict[str, np.ndarray]:
+  """{name: seconds [repeats]} of each step (fn, args), timed round-robin after a warm-up call:
+  the steps of one round share the machine's state."""
   for fn, args in steps.values():
     jax.block_until_ready(fn(*args))  # compile and warm up
   times = {name: [] for name in steps}
@@ -134,7 +135,12 @@ def time_in_turn(steps: dict, repeats: int) -> dict[str, float]:
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}
+  return {name: np.asarray(t) for name, t in times.items()}
+
+
+def time_in_turn(steps: dict, repeats: int) -> dict[str, float]:
+  """Median seconds of each step, timed round-robin so they share the machine's state."""
+  return {name: float(np.median(t)) for name, t in times_in_turn(steps, repeats).items()}
 
 
 def measure(num_experts: int, k: int, repeats: int, matmul_rate: float, bandwidth: float,
