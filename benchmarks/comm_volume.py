@@ -25,7 +25,7 @@ BATCH, LENGTH, MODEL_DIM, HIDDEN_DIM = 8, 512, 512, 2048
 
 
 def measure(num_experts: int, k: int, data: int, expert: int) -> dict:
-  layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=HIDDEN_DIM, num_selected_experts=k,
+  layer = MoeLayer(num_experts=num_experts, ffn_dim=HIDDEN_DIM, num_selected_experts=k,
                    eval_capacity_factor=1.25)
   mesh = sharding.make_mesh(data=data, expert=expert)
   x = jax.ShapeDtypeStruct((BATCH, LENGTH, MODEL_DIM), jnp.float32,
@@ -48,7 +48,7 @@ def measure(num_experts: int, k: int, data: int, expert: int) -> dict:
 def step_ms(num_experts: int, mesh_shape: tuple[int, int] | None, repeats: int = 5) -> float:
   """Median ms of the layer's jitted forward+backward (training mode), on one device when
   `mesh_shape` is None, else on a (data, expert) mesh of the 8 devices."""
-  layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=HIDDEN_DIM)
+  layer = MoeLayer(num_experts=num_experts, ffn_dim=HIDDEN_DIM)
   x = jax.random.normal(jax.random.key(0), (BATCH, LENGTH, MODEL_DIM))
   variables = layer.init(jax.random.key(1), x, True)
 

@@ -28,13 +28,13 @@ from moejax import MoeLayer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_CAPACITY_FACTOR = 2.0
 METHODS = ('einsum', 'indices', 'sorted')
-SHAPES = {'layer': dict(batch=8, length=512, model_dim=512, hidden_dim=2048, group_size=512),
-          'tiny': dict(batch=64, length=128, model_dim=128, hidden_dim=512, group_size=128)}
+SHAPES = {'layer': dict(batch=8, length=512, model_dim=512, ffn_dim=2048, group_size=512),
+          'tiny': dict(batch=64, length=128, model_dim=128, ffn_dim=512, group_size=128)}
 
 
 def moe_forward(shape: dict, num_experts: int, k: int, method: str,
                 capacity_factor: float | None):
-  layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=shape['hidden_dim'],
+  layer = MoeLayer(num_experts=num_experts, ffn_dim=shape['ffn_dim'],
                    num_selected_experts=k, group_size=shape['group_size'], dispatch=method,
                    eval_capacity_factor=capacity_factor)
   x = jax.random.normal(jax.random.key(0), (shape['batch'], shape['length'], shape['model_dim']))
@@ -44,12 +44,12 @@ def moe_forward(shape: dict, num_experts: int, k: int, method: str,
   return forward, (params, x)
 
 
-def dense_forward(shape: dict, hidden_dim: int):
+def dense_forward(shape: dict, ffn_dim: int):
   keys = jax.random.split(jax.random.key(2), 3)
   model_dim = shape['model_dim']
   x = jax.random.normal(keys[0], (shape['batch'] * shape['length'], model_dim))
-  params = {'wi': jax.random.normal(keys[1], (model_dim, hidden_dim)) * model_dim**-0.5,
-            'wo': jax.random.normal(keys[2], (hidden_dim, model_dim)) * hidden_dim**-0.5}
+  params = {'wi': jax.random.normal(keys[1], (model_dim, ffn_dim)) * model_dim**-0.5,
+            'wo': jax.random.normal(keys[2], (ffn_dim, model_dim)) * ffn_dim**-0.5}
   return jax.jit(lambda p, x: jax.nn.relu(x @ p['wi']) @ p['wo']), (params, x)
 
 
@@ -67,14 +67,14 @@ def main():
   args.out = args.out or str(ROOT / f'benchmarks/results/eval_dispatch{suffix}.json')
   header = (f'{platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__} '
             f'{jax.default_backend()}; x [{shape["batch"]}, {shape["length"]}, '
-            f'{shape["model_dim"]}], F={shape["hidden_dim"]}, groups of {shape["group_size"]}, '
+            f'{shape["model_dim"]}], F={shape["ffn_dim"]}, groups of {shape["group_size"]}, '
             f'forward only (deterministic), median of {args.repeats}')
   print(header, flush=True)
   rows = []
   for num_experts in args.experts:
     for k in args.ks:
       for factor in (EVAL_CAPACITY_FACTOR, None) if num_experts <= 8 else (EVAL_CAPACITY_FACTOR,):
-        steps = {'dense': dense_forward(shape, k * shape['hidden_dim'])}
+        steps = {'dense': dense_forward(shape, k * shape['ffn_dim'])}
         for method in METHODS:
           steps[method] = moe_forward(shape, num_experts, k, method, factor)
         seconds = time_in_turn(steps, args.repeats)

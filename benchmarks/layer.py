@@ -40,7 +40,7 @@ BALANCED = 'experts alone, balanced'  # the reference row of `balanced_step`
 def moe_step(num_experts: int, k: int, overrides: dict, group_size: int = GROUP_SIZE):
   """(jitted fwd+bwd of the layer, its args, expert-weight bytes)."""
   fields = {'train_capacity_factor': CAPACITY_FACTOR, **overrides}
-  layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=HIDDEN_DIM, num_selected_experts=k,
+  layer = MoeLayer(num_experts=num_experts, ffn_dim=HIDDEN_DIM, num_selected_experts=k,
                    group_size=group_size, **fields)
   x = jax.random.normal(jax.random.key(0), (BATCH, LENGTH, MODEL_DIM))
   params = layer.init(jax.random.key(1), x, True)['params']
@@ -68,16 +68,16 @@ def balanced_step(num_experts: int, k: int):
   return jax.jit(jax.grad(loss, argnums=(0, 1))), (weights, buffers), weight_bytes
 
 
-def dense_step(hidden_dim: int):
-  """(jitted fwd+bwd of a dense ReLU FFN of width `hidden_dim`, no biases, its args, weight bytes)."""
+def dense_step(ffn_dim: int):
+  """(jitted fwd+bwd of a dense ReLU FFN of width `ffn_dim`, no biases, its args, weight bytes)."""
   keys = jax.random.split(jax.random.key(2), 3)
   x = jax.random.normal(keys[0], (BATCH * LENGTH, MODEL_DIM))
-  params = {'wi': jax.random.normal(keys[1], (MODEL_DIM, hidden_dim)) * MODEL_DIM**-0.5,
-            'wo': jax.random.normal(keys[2], (hidden_dim, MODEL_DIM)) * hidden_dim**-0.5}
+  params = {'wi': jax.random.normal(keys[1], (MODEL_DIM, ffn_dim)) * MODEL_DIM**-0.5,
+            'wo': jax.random.normal(keys[2], (ffn_dim, MODEL_DIM)) * ffn_dim**-0.5}
 
   def loss(params, x):
     return jnp.sum(jax.nn.relu(x @ params['wi']) @ params['wo'])
-  return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x), 2 * MODEL_DIM * hidden_dim * 4
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x), 2 * MODEL_DIM * ffn_dim * 4
 
 
 def peak_bytes(fn, args) -> int:

@@ -27,7 +27,7 @@ from moejax.data.tokenizers import ByteTokenizer  # noqa: E402
 from moejax.models import make_model  # noqa: E402
 from moejax.train import (config_from_file, init_state, make_optimizer, make_train_step,  # noqa: E402
                           model_config)
-from moejax.train.step import dummy_batch  # noqa: E402
+from moejax.train.inputs import dummy_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

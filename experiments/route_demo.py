@@ -14,7 +14,7 @@ BATCH, LENGTH, MODEL_DIM, HIDDEN_DIM, NUM_EXPERTS = 8, 128, 64, 256, 8
 
 
 def route_once(k: int, x: jax.Array) -> dict:
-  layer = moejax.MoeLayer(num_experts=NUM_EXPERTS, expert_hidden_dim=HIDDEN_DIM,
+  layer = moejax.MoeLayer(num_experts=NUM_EXPERTS, ffn_dim=HIDDEN_DIM,
                           num_selected_experts=k, train_capacity_factor=1.25,
                           router_init_scale=1.0)
   variables = layer.init(jax.random.key(0), x, True)

@@ -5,7 +5,7 @@ moejax.data and the training loop that reads data do.
 """
 from moejax import balancing, dispatch, ensemble, intermediates, routers, routing, sharding
 from moejax.balancing import balancing_bias_update, update_balancing_biases
-from moejax.checks import ConfigError
+from moejax.errors import ConfigError
 from moejax.dispatch import EinsumDispatcher, IndicesDispatcher, SortedDispatcher, make_dispatcher
 from moejax.experts import ExpertWeights, block_expert_ffn, expert_ffn
 from moejax.intermediates import (collect_aux_losses, collect_decisions, collect_router_probs,

@@ -1,16 +1,120 @@
-"""ConfigError: a bad setting, named by its owner and field, with what would be valid.
-
-Layers raise it as `MoeLayer.top_p=0.0 is invalid: ...`; a config that builds a layer re-raises it
-under its own name (`model.top_p=0.0 is invalid: ...`), so the message names what the user typed.
+"""The layers' argument checks: every field of MoeLayer and SoftMoeLayer against what it may be,
+run when the layer is built, so a bad setting fails at once with a ConfigError naming the field
+(`MoeLayer.top_p=0.0 is invalid: ...`). The tables of valid names live in the modules that
+implement them (routing methods and load-balancing scales in `routing`, dispatch methods in
+`dispatch`, routers in `routers`, activations in `experts`).
 """
 from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 
-class ConfigError(ValueError):
-  """`owner.field=value is invalid: reason.`"""
+from moejax.dispatch import DISPATCH_METHODS
+from moejax.errors import ConfigError
+from moejax.experts import ACTIVATIONS
+from moejax.routers import ROUTERS
+from moejax.routing import LOAD_BALANCING_SCALES, ROUTING_METHODS
 
-  def __init__(self, field: str, value: Any, reason: str, owner: str = 'MoeLayer'):
-    self.field, self.value, self.reason, self.owner = field, value, reason, owner
-    super().__init__(f'{owner}.{field}={value!r} is invalid: {reason}.')
+ROUTER_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _bad(layer: Any, field: str, allowed: str) -> ConfigError:
+  return ConfigError(field, getattr(layer, field), allowed, type(layer).__name__)
+
+
+def _check_choice(layer: Any, field: str, choices) -> None:
+  if getattr(layer, field) not in choices:
+    raise _bad(layer, field, f'it must be one of {tuple(choices)}')
+
+
+def check_moe_layer(layer: Any) -> None:
+  """Every MoeLayer field alone, then the combinations that cannot work together."""
+  _check_sizes(layer)
+  for field, choices in (('routing', ROUTING_METHODS), ('dispatch', DISPATCH_METHODS),
+                         ('activation', ACTIVATIONS), ('router', ROUTERS),
+                         ('load_balancing_loss_scale', LOAD_BALANCING_SCALES)):
+    _check_choice(layer, field, choices)
+  _check_routing(layer)
+  _check_router(layer)
+
+
+def _check_sizes(layer: Any) -> None:
+  bad = lambda field, allowed: _bad(layer, field, allowed)
+  if not isinstance(layer.num_experts, int) or layer.num_experts < 1:
+    raise bad('num_experts', 'it must be an integer >= 1')
+  if layer.ffn_dim < 1:
+    raise bad('ffn_dim', 'it must be >= 1')
+  if not 1 <= layer.num_selected_experts <= layer.num_experts:
+    raise bad('num_selected_experts', f'it must be in [1, num_experts={layer.num_experts}]')
+  for field in ('train_capacity_factor', 'eval_capacity_factor'):
+    factor = getattr(layer, field)
+    if factor is not None and not factor > 0:
+      raise bad(field, 'it must be > 0, or None for dropless')
+    if factor is None and layer.routing == 'experts_choose':
+      raise bad(field, 'experts-choose routing needs a capacity factor')
+  if layer.block_size is not None and (layer.block_size < 1
+                                       or layer.block_size & (layer.block_size - 1)):
+    raise bad('block_size', 'it must be a power of two, or None')
+  if layer.min_expert_capacity < 1:
+    raise bad('min_expert_capacity', 'it must be >= 1')
+  if layer.group_size is not None and layer.group_size < 1:
+    raise bad('group_size', 'it must be >= 1, or None')
+  for field in ('jitter_noise', 'expert_dropout'):
+    if not 0 <= getattr(layer, field) < 1:
+      raise bad(field, 'it must be in [0, 1)')
+  if layer.num_shared_experts < 0:
+    raise bad('num_shared_experts', 'it must be >= 0')
+  if layer.router_dim < 1:
+    raise bad('router_dim', 'it must be >= 1')
+  if not layer.gumbel_temperature > 0:
+    raise bad('gumbel_temperature', 'it must be > 0')
+  if jnp.dtype(layer.router_dtype) not in ROUTER_DTYPES:
+    raise bad('router_dtype', 'it must be float32, bfloat16 or float16')
+
+
+def _check_routing(layer: Any) -> None:
+  bad = lambda field, allowed: _bad(layer, field, allowed)
+  if layer.causal and layer.routing == 'experts_choose':
+    raise bad('routing', 'experts-choose routing ranks all tokens of a group, later ones '
+              'included; it is for encoders only (causal=False)')
+  if layer.causal and layer.batch_prioritized:
+    raise bad('batch_prioritized', 'it orders tokens by router confidence, looking at later '
+              'tokens; it is for encoders only (causal=False)')
+  if layer.routing != 'tokens_choose' and (layer.batch_prioritized or layer.random_routing):
+    raise bad('routing', "batch_prioritized and random_routing apply only to routing="
+              "'tokens_choose'")
+  if layer.top_p is not None and not (0 < layer.top_p <= 1 and layer.num_selected_experts >= 2
+                                      and layer.routing == 'tokens_choose'
+                                      and not layer.random_routing and not layer.balancing_bias):
+    raise bad('top_p', "it must be in (0, 1], with routing='tokens_choose', "
+              'num_selected_experts >= 2 (the cap), and neither random_routing nor '
+              'balancing_bias')
+
+
+def _check_router(layer: Any) -> None:
+  bad = lambda field, allowed: _bad(layer, field, allowed)
+  if layer.router in ('gumbel', 'hash') and (layer.routing != 'tokens_choose'
+                                             or layer.num_selected_experts != 1):
+    raise bad('router', "it routes top-1: it needs routing='tokens_choose' and "
+              'num_selected_experts=1')
+  if layer.router_bias and layer.router not in ('linear', 'gumbel'):
+    raise bad('router_bias', "only the 'linear' and 'gumbel' routers have a bias")
+  if layer.router == 'hash' and layer.jitter_noise:
+    raise bad('jitter_noise', 'hash routing ignores the input')
+  if layer.balancing_bias and (layer.routing != 'tokens_choose'
+                               or layer.router in ('gumbel', 'hash')):
+    raise bad('balancing_bias', "it biases top-K selection: it needs routing='tokens_choose' "
+              "and a 'linear', 'cosine' or 'distance' router")
+
+
+def check_soft_moe_layer(layer: Any) -> None:
+  """SoftMoeLayer's fields: sizes, the activation, and causal=False (every slot sees every token
+  of its group, later ones included)."""
+  if layer.causal:
+    raise _bad(layer, 'causal', 'every slot mixes all tokens of a group, later ones included; '
+               'Soft MoE is for encoders only')
+  for field in ('num_experts', 'ffn_dim', 'slots_per_expert'):
+    if getattr(layer, field) < 1:
+      raise _bad(layer, field, 'it must be >= 1')
+  _check_choice(layer, 'activation', ACTIVATIONS)

@@ -51,21 +51,21 @@ class ExpertWeights(nn.Module):
 
   Attributes:
     num_experts: E.
-    expert_hidden_dim: F.
+    ffn_dim: F.
     glu: add `wi_gate` for a gated linear unit (T5.1.1, ST-MoE).
     init_scale: scale of the fan-in truncated-normal init (Switch used 0.1).
     param_dtype: storage dtype.
   """
   num_experts: int
-  expert_hidden_dim: int
+  ffn_dim: int
   glu: bool = False
   init_scale: float = 1.0
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, model_dim: int) -> dict[str, jax.Array]:
-    shapes = {'wi': (self.num_experts, model_dim, self.expert_hidden_dim),
-              'wo': (self.num_experts, self.expert_hidden_dim, model_dim)}
+    shapes = {'wi': (self.num_experts, model_dim, self.ffn_dim),
+              'wo': (self.num_experts, self.ffn_dim, model_dim)}
     if self.glu:
       shapes['wi_gate'] = shapes['wi']
     init = expert_init(self.init_scale)

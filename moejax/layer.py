@@ -23,25 +23,23 @@ import jax.numpy as jnp
 
 from moejax import routers, routing, sharding
 from moejax.balancing import BIAS_COLLECTION
-from moejax.checks import ConfigError
-from moejax.dispatch import (DISPATCH_METHODS, BufferDispatcher, RowDispatcher, auto_dispatch,
+from moejax.checks import check_moe_layer
+from moejax.dispatch import (BufferDispatcher, RowDispatcher, auto_dispatch,
                              block_tile, default_block_size, make_dispatcher)
-from moejax.experts import ACTIVATIONS, ExpertWeights, block_expert_ffn, expert_ffn
+from moejax.experts import ExpertWeights, block_expert_ffn, expert_ffn
 from moejax.intermediates import DECISIONS
 
-ROUTING_METHODS = ('tokens_choose', 'experts_choose', 'dense')
 
-
-def fine_grained(num_experts: int, expert_hidden_dim: int, num_selected_experts: int,
+def fine_grained(num_experts: int, ffn_dim: int, num_selected_experts: int,
                  m: int) -> dict[str, int]:
   """DeepSeekMoE fine-grained experts (arXiv:2401.06066): each expert split into m of width F / m,
   and m times as many chosen, E * m experts of width F / m, K * m chosen: the same per-token
   expert FLOPs (K * m * F / m = K * F) and parameters, more combinations. MoeLayer fields, to
   unpack into it."""
-  if m < 1 or expert_hidden_dim % m:
+  if m < 1 or ffn_dim % m:
     raise ValueError(f'fine_grained m={m!r} is invalid: it must be >= 1 and divide '
-                     f'expert_hidden_dim={expert_hidden_dim}.')
-  return dict(num_experts=num_experts * m, expert_hidden_dim=expert_hidden_dim // m,
+                     f'ffn_dim={ffn_dim}.')
+  return dict(num_experts=num_experts * m, ffn_dim=ffn_dim // m,
               num_selected_experts=num_selected_experts * m)
 
 
@@ -54,7 +52,7 @@ class MoeLayer(nn.Module):
 
   Attributes:
     num_experts: E >= 1.
-    expert_hidden_dim: F, the hidden width of each expert.
+    ffn_dim: F, the hidden width of each expert.
     num_selected_experts: K, experts per token for tokens-choose routing (1 <= K <= E); for
       experts-choose routing it sets capacity as the average number of experts per token.
     routing: 'tokens_choose' (top-K, Switch/GShard), 'experts_choose' (each expert takes its top-C
@@ -119,7 +117,7 @@ class MoeLayer(nn.Module):
     param_dtype: storage dtype of the expert weights.
   """
   num_experts: int
-  expert_hidden_dim: int
+  ffn_dim: int
   num_selected_experts: int = 1
   routing: str = 'tokens_choose'
   train_capacity_factor: float | None = 1.25
@@ -151,85 +149,8 @@ class MoeLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
-    self._check_config()
-    self._check_router_config()
+    check_moe_layer(self)
     super().__post_init__()
-
-  def _bad(self, field: str, allowed: str) -> ConfigError:
-    return ConfigError(field, getattr(self, field), allowed, type(self).__name__)
-
-  def _check_config(self):
-    bad = self._bad
-    if not isinstance(self.num_experts, int) or self.num_experts < 1:
-      raise bad('num_experts', 'it must be an integer >= 1')
-    if self.expert_hidden_dim < 1:
-      raise bad('expert_hidden_dim', 'it must be >= 1')
-    if not 1 <= self.num_selected_experts <= self.num_experts:
-      raise bad('num_selected_experts', f'it must be in [1, num_experts={self.num_experts}]')
-    for field in ('train_capacity_factor', 'eval_capacity_factor'):
-      factor = getattr(self, field)
-      if factor is not None and not factor > 0:
-        raise bad(field, 'it must be > 0, or None for dropless')
-      if factor is None and self.routing == 'experts_choose':
-        raise bad(field, 'experts-choose routing needs a capacity factor')
-    if self.block_size is not None and (self.block_size < 1
-                                        or self.block_size & (self.block_size - 1)):
-      raise bad('block_size', 'it must be a power of two, or None')
-    if self.min_expert_capacity < 1:
-      raise bad('min_expert_capacity', 'it must be >= 1')
-    if self.group_size is not None and self.group_size < 1:
-      raise bad('group_size', 'it must be >= 1, or None')
-    if self.routing not in ROUTING_METHODS:
-      raise bad('routing', f'it must be one of {ROUTING_METHODS}')
-    if self.dispatch not in DISPATCH_METHODS:
-      raise bad('dispatch', f'it must be one of {DISPATCH_METHODS}')
-    if self.activation not in ACTIVATIONS:
-      raise bad('activation', f'it must be one of {tuple(ACTIVATIONS)}')
-    for field in ('jitter_noise', 'expert_dropout'):
-      if not 0 <= getattr(self, field) < 1:
-        raise bad(field, 'it must be in [0, 1)')
-    if self.causal and self.routing == 'experts_choose':
-      raise bad('routing', 'experts-choose routing ranks all tokens of a group, later ones '
-                'included; it is for encoders only (causal=False)')
-    if self.causal and self.batch_prioritized:
-      raise bad('batch_prioritized', 'it orders tokens by router confidence, looking at later '
-                'tokens; it is for encoders only (causal=False)')
-    if self.routing != 'tokens_choose' and (self.batch_prioritized or self.random_routing):
-      raise bad('routing', "batch_prioritized and random_routing apply only to routing="
-                "'tokens_choose'")
-    if self.num_shared_experts < 0:
-      raise bad('num_shared_experts', 'it must be >= 0')
-    if self.load_balancing_loss_scale not in routing.LOAD_BALANCING_SCALES:
-      raise bad('load_balancing_loss_scale', f'it must be one of {routing.LOAD_BALANCING_SCALES}')
-
-  def _check_router_config(self):
-    bad = self._bad
-    if self.router not in routers.ROUTERS:
-      raise bad('router', f'it must be one of {routers.ROUTERS}')
-    if self.router in ('gumbel', 'hash') and (self.routing != 'tokens_choose'
-                                              or self.num_selected_experts != 1):
-      raise bad('router', "it routes top-1: it needs routing='tokens_choose' and "
-                'num_selected_experts=1')
-    if self.router_bias and self.router not in ('linear', 'gumbel'):
-      raise bad('router_bias', "only the 'linear' and 'gumbel' routers have a bias")
-    if self.router == 'hash' and self.jitter_noise:
-      raise bad('jitter_noise', 'hash routing ignores the input')
-    if self.router_dim < 1:
-      raise bad('router_dim', 'it must be >= 1')
-    if not self.gumbel_temperature > 0:
-      raise bad('gumbel_temperature', 'it must be > 0')
-    if jnp.dtype(self.router_dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
-      raise bad('router_dtype', 'it must be float32, bfloat16 or float16')
-    if self.top_p is not None and not (0 < self.top_p <= 1 and self.num_selected_experts >= 2
-                                       and self.routing == 'tokens_choose'
-                                       and not self.random_routing and not self.balancing_bias):
-      raise bad('top_p', "it must be in (0, 1], with routing='tokens_choose', "
-                'num_selected_experts >= 2 (the cap), and neither random_routing nor '
-                'balancing_bias')
-    if self.balancing_bias and (self.routing != 'tokens_choose'
-                                or self.router in ('gumbel', 'hash')):
-      raise bad('balancing_bias', "it biases top-K selection: it needs routing='tokens_choose' "
-                "and a 'linear', 'cosine' or 'distance' router")
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
     """Expert capacity C per group of `group_size` tokens."""
@@ -266,7 +187,7 @@ class MoeLayer(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(jnp.float32)  # Shape: [G, S, E]
     logits = logits.astype(jnp.float32)
     scores = self._routing_scores(probs, logits, deterministic)
-    weights = ExpertWeights(self.num_experts, self.expert_hidden_dim, glu=self.glu,
+    weights = ExpertWeights(self.num_experts, self.ffn_dim, glu=self.glu,
                             init_scale=self.init_scale, param_dtype=self.param_dtype,
                             name='experts')(x.shape[-1])
     draws = None  # GShard random routing: drawn here, over all groups, whatever the mesh
@@ -284,7 +205,8 @@ class MoeLayer(nn.Module):
     out, decision = route_and_run(tokens, scores, valid, weights, draws, dropout_rng)
     out = out.reshape(x.shape)
     if self.num_shared_experts:
-      out = out + self._shared_experts(x, valid, dropout_rng)
+      shared_rng = self.make_rng('dropout') if use_dropout else None  # not any device's key
+      out = out + self._shared_experts(x, valid, shared_rng)
     usage = self._sow(logits, probs, decision, valid)
     if self.balancing_bias:
       self._record_load(usage)
@@ -399,14 +321,12 @@ class MoeLayer(nn.Module):
                       dropout_rng: jax.Array | None) -> jax.Array:
     """Sum of the shared experts on every token: x [B, L, D] -> [B, L, D], zeros on padding."""
     model_dim = x.shape[-1]
-    weights = ExpertWeights(self.num_shared_experts, self.expert_hidden_dim, glu=self.glu,
+    weights = ExpertWeights(self.num_shared_experts, self.ffn_dim, glu=self.glu,
                             init_scale=self.init_scale, param_dtype=self.param_dtype,
                             name='shared_experts')(model_dim)
     tokens = jnp.broadcast_to(x.reshape(1, -1, model_dim),
                               (self.num_shared_experts, x.size // model_dim, model_dim))
     # Shape: [E_shared, B * L, D]
-    if dropout_rng is not None:
-      dropout_rng = jax.random.fold_in(dropout_rng, 1)
     out = expert_ffn(tokens, weights, activation=self.activation, dtype=self.dtype,
                      dropout_rate=self.expert_dropout, dropout_rng=dropout_rng).sum(axis=0)
     return jnp.where(valid.reshape(-1, 1), out, 0).astype(self.dtype).reshape(x.shape)
@@ -423,8 +343,10 @@ class MoeLayer(nn.Module):
         'fraction_dropped': routing.fraction_dropped(decision),
         'expert_usage': token_weight @ usage / jnp.maximum(token_weight.sum(), 1.0),
         'router_confidence': routing.router_confidence(probs, decision, valid),
-        # Largest |logit| of a real token: what the z-loss keeps small (ST-MoE).
-        'router_max_logit': jnp.max(jnp.where(valid[..., None], jnp.abs(logits), 0.0)),
+        # Largest |logit| of a real token: what the z-loss keeps small (ST-MoE). The hash
+        # router has no logits (its -1e9 only make the softmax one-hot): 0.
+        'router_max_logit': (jnp.zeros((), jnp.float32) if self.router == 'hash' else
+                             jnp.max(jnp.where(valid[..., None], jnp.abs(logits), 0.0))),
     }
     for name, value in metrics.items():
       self.sow('intermediates', name, value)

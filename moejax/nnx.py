@@ -3,7 +3,7 @@
   from flax import nnx
   import moejax.nnx
 
-  layer = moejax.nnx.MoeLayer(64, num_experts=8, expert_hidden_dim=256, rngs=nnx.Rngs(0))
+  layer = moejax.nnx.MoeLayer(64, num_experts=8, ffn_dim=256, rngs=nnx.Rngs(0))
   y = layer(x, deterministic=False)                     # x, y: [B, L, 64]
   aux = moejax.collect_aux_losses(nnx.pop(layer, nnx.Intermediate))
 
@@ -35,7 +35,7 @@ class MoeLayer(nnx.Module):
     model_dim: D, the width of the tokens it will take.
     rngs: the params stream initializes it; 'dropout', 'jitter', 'gating' (when the fields use
       them) feed training-mode calls.
-    **fields: `moejax.MoeLayer`'s fields (num_experts, expert_hidden_dim, num_selected_experts,
+    **fields: `moejax.MoeLayer`'s fields (num_experts, ffn_dim, num_selected_experts,
       routing, capacity factors, dispatch, router, ...), with the same defaults and checks.
   """
 

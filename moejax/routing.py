@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from moejax.checks import ConfigError
+from moejax.errors import ConfigError
 
+ROUTING_METHODS = ('tokens_choose', 'experts_choose', 'dense')
 LOAD_BALANCING_SCALES = ('per_choice', 'per_token')
 
 

@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.checks import ConfigError
-from moejax.experts import ACTIVATIONS, ExpertWeights, expert_ffn
+from moejax.checks import check_soft_moe_layer
+from moejax.experts import ExpertWeights, expert_ffn
 from moejax.routers import l2_normalize
 from moejax.routing import group_tokens
 
@@ -30,34 +30,26 @@ class SoftMoeLayer(nn.Module):
   True raises). Padded tokens enter no slot and get zeros. No aux losses or metrics are sown.
 
   Attributes:
-    num_experts: E >= 1. expert_hidden_dim: F.
+    num_experts: E >= 1. ffn_dim: F.
     slots_per_expert: P >= 1.
     group_size: S, tokens per group; None: each sequence is a group.
     activation, glu, init_scale, dtype, param_dtype: as in MoeLayer.
-    causal: must be False (the field mirrors MoeLayer's, so a decoder cannot use it by mistake).
+    causal: must be False, the default (the field mirrors MoeLayer's, so a decoder that passes
+      causal=True to its FFN layers cannot use Soft MoE by mistake).
   """
   num_experts: int
-  expert_hidden_dim: int
+  ffn_dim: int
   slots_per_expert: int = 1
   group_size: int | None = None
   activation: str = 'relu'
   glu: bool = False
-  causal: bool = True
+  causal: bool = False
   init_scale: float = 1.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
-    owner = type(self).__name__
-    if self.causal:
-      raise ConfigError('causal', self.causal, 'every slot mixes all tokens of a group, later '
-                        'ones included; Soft MoE is for encoders only: set causal=False', owner)
-    for field in ('num_experts', 'expert_hidden_dim', 'slots_per_expert'):
-      if getattr(self, field) < 1:
-        raise ConfigError(field, getattr(self, field), 'it must be >= 1', owner)
-    if self.activation not in ACTIVATIONS:
-      raise ConfigError('activation', self.activation, f'it must be one of {tuple(ACTIVATIONS)}',
-                        owner)
+    check_soft_moe_layer(self)
     super().__post_init__()
 
   @nn.compact
@@ -79,7 +71,7 @@ class SoftMoeLayer(nn.Module):
     combine = jax.nn.softmax(logits, axis=-1)  # Shape: [G, S, E * P], over slots
     slots = jnp.einsum('gsn,gsd->ngd', dispatch.astype(self.dtype), tokens.astype(self.dtype))
     slots = einops.rearrange(slots, '(e p) g d -> e (p g) d', e=self.num_experts)  # [E, P*G, D]
-    weights = ExpertWeights(self.num_experts, self.expert_hidden_dim, glu=self.glu,
+    weights = ExpertWeights(self.num_experts, self.ffn_dim, glu=self.glu,
                             init_scale=self.init_scale, param_dtype=self.param_dtype,
                             name='experts')(model_dim)
     outputs = expert_ffn(slots, weights, activation=self.activation, dtype=self.dtype)

@@ -33,7 +33,7 @@ def main():
   if args.num_processes > 1:
     distributed.initialize(f'127.0.0.1:{args.port}', args.num_processes, args.process_id)
   mesh = sharding.make_mesh(data=2, expert=4)
-  layer = moejax.MoeLayer(num_experts=8, expert_hidden_dim=32, num_selected_experts=2,
+  layer = moejax.MoeLayer(num_experts=8, ffn_dim=32, num_selected_experts=2,
                           train_capacity_factor=1.0, min_expert_capacity=1, router_init_scale=2.0)
   batch, length, model_dim = 16, 8, 16
   rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ from moejax import ConfigError, ModelConfig, MoeLayer, collect_aux_losses, colle
 from moejax.models import make_model
 from moejax.models.config import MOE_DEFAULTS, MOE_FIELDS_SET_BY_MODEL
 from moejax.train.config import default_config
-from moejax.train.step import model_inputs, shift_right
+from moejax.train.inputs import model_inputs, shift_right
 
 V, B, L = 64, 4, 16
 

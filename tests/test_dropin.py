@@ -20,7 +20,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, _):
-    y = moejax.MoeLayer(num_experts=E, expert_hidden_dim=F, name='moe')(nn.LayerNorm()(x), False)
+    y = moejax.MoeLayer(num_experts=E, ffn_dim=F, name='moe')(nn.LayerNorm()(x), False)
     return x + y, None
 
 
@@ -93,9 +93,9 @@ def test_decisions_of_a_scanned_foreign_model_come_per_layer():
 
 
 def _nnx_and_linen(**fields):
-  layer = moejax.nnx.MoeLayer(D, num_experts=E, expert_hidden_dim=F, rngs=nnx.Rngs(0), **fields)
+  layer = moejax.nnx.MoeLayer(D, num_experts=E, ffn_dim=F, rngs=nnx.Rngs(0), **fields)
   params = nnx.to_pure_dict(nnx.state(layer, nnx.Param))['moe']
-  return layer, moejax.MoeLayer(num_experts=E, expert_hidden_dim=F, **fields), params
+  return layer, moejax.MoeLayer(num_experts=E, ffn_dim=F, **fields), params
 
 
 @pytest.mark.parametrize('fields', [dict(), dict(num_selected_experts=2, dispatch='einsum'),
@@ -120,7 +120,7 @@ class NnxModel(nnx.Module):
   def __init__(self, rngs: nnx.Rngs):
     self.embed = nnx.Embed(64, D, rngs=rngs)
     self.norm = nnx.LayerNorm(D, rngs=rngs)
-    self.moe = moejax.nnx.MoeLayer(D, num_experts=E, expert_hidden_dim=F, num_selected_experts=2,
+    self.moe = moejax.nnx.MoeLayer(D, num_experts=E, ffn_dim=F, num_selected_experts=2,
                                    jitter_noise=0.01, rngs=rngs)
     self.out = nnx.Linear(D, 64, rngs=rngs)
 
@@ -154,7 +154,7 @@ def test_nnx_model_trains_50_steps_with_nnx_optimizer():
 
 
 def test_nnx_balancing_bias_records_the_load_and_moves_against_it():
-  layer = moejax.nnx.MoeLayer(D, num_experts=E, expert_hidden_dim=F, balancing_bias=True,
+  layer = moejax.nnx.MoeLayer(D, num_experts=E, ffn_dim=F, balancing_bias=True,
                               rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, L, D))
   layer(x, False)

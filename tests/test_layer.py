@@ -31,7 +31,7 @@ def _force_expert(variables, expert, num_experts):
 
 @pytest.mark.parametrize('dispatch', DISPATCHES)
 def test_adversarial_overflow_keeps_exactly_capacity_tokens(dispatch):
-  layer = MoeLayer(num_experts=4, expert_hidden_dim=F, router_bias=True, dispatch=dispatch,
+  layer = MoeLayer(num_experts=4, ffn_dim=F, router_bias=True, dispatch=dispatch,
                    group_size=16, eval_capacity_factor=1.0, min_expert_capacity=1)
   x = _inputs(batch=2, length=16)
   variables = _force_expert(init_layer(layer, x), 0, 4)
@@ -72,7 +72,7 @@ def test_dispatch_methods_agree(k, num_experts, capacity_factor):
   results = []
   for dispatch, block_size in (('einsum', None), ('indices', None), ('sorted', 4),
                                ('sorted', None)):
-    layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=F, num_selected_experts=k,
+    layer = MoeLayer(num_experts=num_experts, ffn_dim=F, num_selected_experts=k,
                      eval_capacity_factor=capacity_factor, min_expert_capacity=1,
                      dispatch=dispatch, block_size=block_size, router_init_scale=10.0)
     variables = init_layer(layer, x)
@@ -83,7 +83,7 @@ def test_dispatch_methods_agree(k, num_experts, capacity_factor):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6),
                  grads_a, grads_b)
   if capacity_factor is not None and capacity_factor < 1 and num_experts > 1:  # really overflows
-    layer = MoeLayer(num_experts=num_experts, expert_hidden_dim=F, num_selected_experts=k,
+    layer = MoeLayer(num_experts=num_experts, ffn_dim=F, num_selected_experts=k,
                      eval_capacity_factor=capacity_factor, min_expert_capacity=1)
     _, state = apply_layer(layer, variables, x, padding_mask=padding_mask)
     assert collect_routing_metrics(state)['fraction_dropped'] > 0.3
@@ -91,7 +91,7 @@ def test_dispatch_methods_agree(k, num_experts, capacity_factor):
 
 @pytest.mark.parametrize('dispatch', DISPATCHES)
 def test_dropless_never_drops_even_when_every_token_picks_one_expert(dispatch):
-  layer = MoeLayer(num_experts=4, expert_hidden_dim=F, router_bias=True, dispatch=dispatch,
+  layer = MoeLayer(num_experts=4, ffn_dim=F, router_bias=True, dispatch=dispatch,
                    group_size=16, eval_capacity_factor=None, train_capacity_factor=None)
   assert layer.capacity(16, deterministic=True) == layer.capacity(16, deterministic=False) == 16
   x = _inputs(batch=2, length=16)
@@ -104,7 +104,7 @@ def test_dropless_never_drops_even_when_every_token_picks_one_expert(dispatch):
 
 
 def test_one_expert_equals_dense_ffn():
-  layer = MoeLayer(num_experts=1, expert_hidden_dim=F, group_size=8)
+  layer = MoeLayer(num_experts=1, ffn_dim=F, group_size=8)
   x = _inputs()
   variables = init_layer(layer, x)
   out, _ = apply_layer(layer, variables, x)
@@ -114,7 +114,7 @@ def test_one_expert_equals_dense_ffn():
 
 
 def test_glu_gelu_expert_equals_formula():
-  layer = MoeLayer(num_experts=1, expert_hidden_dim=F, glu=True, activation='gelu')
+  layer = MoeLayer(num_experts=1, ffn_dim=F, glu=True, activation='gelu')
   x = _inputs()
   variables = init_layer(layer, x)
   out, _ = apply_layer(layer, variables, x)
@@ -124,7 +124,7 @@ def test_glu_gelu_expert_equals_formula():
 
 
 def test_dense_routing_mixes_all_experts():
-  layer = MoeLayer(num_experts=3, expert_hidden_dim=F, routing='dense')
+  layer = MoeLayer(num_experts=3, ffn_dim=F, routing='dense')
   x = _inputs(batch=1, length=8)
   variables = init_layer(layer, x)
   out, state = apply_layer(layer, variables, x)
@@ -138,7 +138,7 @@ def test_dense_routing_mixes_all_experts():
 
 def test_uniform_router_gives_unit_load_balancing_loss_and_formula_z_loss():
   for k in (1, 2):
-    layer = MoeLayer(num_experts=4, expert_hidden_dim=F, num_selected_experts=k)
+    layer = MoeLayer(num_experts=4, ffn_dim=F, num_selected_experts=k)
     x = _inputs()
     variables = init_layer(layer, x)
     uniform = jax.tree.map(jnp.zeros_like, variables)  # zero router kernel: probabilities 1/E
@@ -153,7 +153,7 @@ def test_uniform_router_gives_unit_load_balancing_loss_and_formula_z_loss():
 
 
 def test_gradients_reach_the_router():
-  layer = MoeLayer(num_experts=4, expert_hidden_dim=F)
+  layer = MoeLayer(num_experts=4, ffn_dim=F)
   x = _inputs()
   variables = init_layer(layer, x)
   grads = jax.grad(lambda p: jnp.sum(layer.apply({'params': p}, x, True)**2))(variables['params'])
@@ -161,7 +161,7 @@ def test_gradients_reach_the_router():
 
 
 def test_bfloat16_layer_keeps_router_in_float32():
-  layer = MoeLayer(num_experts=4, expert_hidden_dim=F, dtype=jnp.bfloat16, num_selected_experts=2)
+  layer = MoeLayer(num_experts=4, ffn_dim=F, dtype=jnp.bfloat16, num_selected_experts=2)
   x = _inputs().astype(jnp.bfloat16)
   variables = init_layer(layer, x)
   out, state = layer.apply(variables, x, True, capture_intermediates=True,
@@ -182,7 +182,7 @@ def test_bfloat16_layer_keeps_router_in_float32():
 @pytest.mark.parametrize('routing', ['tokens_choose', 'experts_choose', 'dense'])
 @pytest.mark.parametrize('dispatch', DISPATCHES)
 def test_padding_gets_zero_and_does_not_change_other_tokens(routing, dispatch):
-  layer = MoeLayer(num_experts=4, expert_hidden_dim=F, routing=routing, dispatch=dispatch,
+  layer = MoeLayer(num_experts=4, ffn_dim=F, routing=routing, dispatch=dispatch,
                    num_selected_experts=2, causal=False, eval_capacity_factor=1.0)
   x = _inputs()
   mask = jnp.ones((2, 16), bool).at[0, 3].set(False).at[1, -4:].set(False)
@@ -201,7 +201,7 @@ def test_padding_gets_zero_and_does_not_change_other_tokens(routing, dispatch):
 @pytest.mark.parametrize('dispatch', DISPATCHES)
 def test_causal_routing_never_looks_at_later_tokens(dispatch):
   """Under heavy overflow with top-2, changing token t+1.. leaves outputs 0..t unchanged."""
-  layer = MoeLayer(num_experts=4, expert_hidden_dim=F, num_selected_experts=2, dispatch=dispatch,
+  layer = MoeLayer(num_experts=4, ffn_dim=F, num_selected_experts=2, dispatch=dispatch,
                    eval_capacity_factor=0.5, min_expert_capacity=1, router_init_scale=10.0)
   x = _inputs(batch=1, length=32)
   variables = init_layer(layer, x)
@@ -223,7 +223,7 @@ def test_causal_routing_never_looks_at_later_tokens(dispatch):
 
 
 def test_training_mode_uses_train_capacity_and_rng_streams():
-  layer = MoeLayer(num_experts=4, expert_hidden_dim=F, num_selected_experts=2,
+  layer = MoeLayer(num_experts=4, ffn_dim=F, num_selected_experts=2,
                    train_capacity_factor=0.5, eval_capacity_factor=2.0, min_expert_capacity=1,
                    jitter_noise=0.1, expert_dropout=0.5, random_routing=True)
   assert layer.capacity(16, deterministic=False) == 4
@@ -247,7 +247,7 @@ def test_training_mode_uses_train_capacity_and_rng_streams():
 
 
 def test_experts_are_initialized_independently():
-  layer = MoeLayer(num_experts=8, expert_hidden_dim=256, init_scale=0.1)
+  layer = MoeLayer(num_experts=8, ffn_dim=256, init_scale=0.1)
   x = jnp.zeros((1, 4, 128))
   wi = nn.unbox(layer.init(jax.random.key(0), x, True))['params']['experts']['wi']  # [E, D, F]
   assert wi.shape == (8, 128, 256)
@@ -279,7 +279,7 @@ class _Stack(nn.Module):
 class _Block(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic):
-    return x + MoeLayer(num_experts=4, expert_hidden_dim=F, name='moe')(x, deterministic), None
+    return x + MoeLayer(num_experts=4, ffn_dim=F, name='moe')(x, deterministic), None
 
 
 @pytest.mark.parametrize('scan', [False, True])
@@ -340,16 +340,16 @@ CONFIG_ERRORS = [
 
 @pytest.mark.parametrize('overrides,field', CONFIG_ERRORS)
 def test_bad_config_errors_name_the_field(overrides, field):
-  config = {"num_experts": 4, "expert_hidden_dim": F, **overrides}
+  config = {"num_experts": 4, "ffn_dim": F, **overrides}
   with pytest.raises(ValueError, match=f'MoeLayer.{field}='):
     MoeLayer(**config)
 
 
 def test_bad_inputs_errors():
-  layer = MoeLayer(num_experts=4, expert_hidden_dim=F, group_size=5)
+  layer = MoeLayer(num_experts=4, ffn_dim=F, group_size=5)
   with pytest.raises(ValueError, match='group_size=5.*must divide'):
     init_layer(layer, _inputs(batch=2, length=16))
-  layer = MoeLayer(num_experts=4, expert_hidden_dim=F)
+  layer = MoeLayer(num_experts=4, ffn_dim=F)
   with pytest.raises(ValueError, match='rank 3'):
     init_layer(layer, jnp.zeros((16, D)))
   with pytest.raises(ValueError, match='padding_mask must have shape'):
@@ -357,7 +357,7 @@ def test_bad_inputs_errors():
 
 
 def test_encoder_only_routing_allowed_without_causal():
-  layer = MoeLayer(num_experts=4, expert_hidden_dim=F, routing='experts_choose', causal=False)
+  layer = MoeLayer(num_experts=4, ffn_dim=F, routing='experts_choose', causal=False)
   x = _inputs()
   out, state = apply_layer(layer, init_layer(layer, x), x)
   assert out.shape == x.shape
@@ -374,7 +374,7 @@ def test_auto_dispatch_and_block_sizes():
   per-expert scan on GPU (not measured there); the sorted path becomes 'indices' under an
   expert-parallel mesh, whose all-to-all exchanges [E, G, C, D] buffers."""
   assert jax.default_backend() == 'cpu'
-  layer = MoeLayer(num_experts=4, expert_hidden_dim=F)
+  layer = MoeLayer(num_experts=4, ffn_dim=F)
   assert layer.dispatch_method(sharded=False, deterministic=False) == 'sorted'
   assert layer.dispatch_method(sharded=True, deterministic=False) == 'indices'
   einsum = layer.clone(dispatch='einsum')

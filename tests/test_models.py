@@ -7,7 +7,7 @@ import pytest
 from flax import traverse_util
 
 from moejax.models import ModelConfig, make_model, per_token_flops
-from moejax.train.step import dummy_batch, model_inputs
+from moejax.train.inputs import dummy_batch, model_inputs
 
 TINY = dict(vocab_size=40, num_layers=4, model_dim=32, num_heads=2, ffn_dim=64, num_experts=4)
 

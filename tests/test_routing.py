@@ -106,12 +106,12 @@ def test_block_expert_ffn_equals_each_rows_own_expert(glu):
   """Blocks of 4 rows, then one of the rest (expert 0: 5 rows = 4 + 1, expert 1: none, expert 2:
   7 = 4 + 3): every row gets its own expert's FFN, rows of no expert get zeros; gradients equal
   plain autodiff's."""
-  num_experts, model_dim, hidden_dim, num_rows = 3, 4, 6, 16
+  num_experts, model_dim, ffn_dim, num_rows = 3, 4, 6, 16
   keys = jax.random.split(jax.random.key(0), 4)
   rows = jax.random.normal(keys[0], (num_rows, model_dim))
   names = ('wi', 'wo', 'wi_gate') if glu else ('wi', 'wo')
-  shapes = {'wi': (num_experts, model_dim, hidden_dim), 'wo': (num_experts, hidden_dim, model_dim),
-            'wi_gate': (num_experts, model_dim, hidden_dim)}
+  shapes = {'wi': (num_experts, model_dim, ffn_dim), 'wo': (num_experts, ffn_dim, model_dim),
+            'wi_gate': (num_experts, model_dim, ffn_dim)}
   weights = {name: jax.random.normal(key, shapes[name]) for name, key in zip(names, keys[1:])}
   first_row, row_count = jnp.array([0, 5, 5]), jnp.array([5, 0, 7])
   row_expert = jnp.array([0] * 5 + [2] * 7 + [0] * 4)

@@ -22,7 +22,7 @@ MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
 
 
 def _layer(num_experts, k, overflow, **overrides):
-  return MoeLayer(num_experts=num_experts, expert_hidden_dim=F, num_selected_experts=k,
+  return MoeLayer(num_experts=num_experts, ffn_dim=F, num_selected_experts=k,
                   eval_capacity_factor=0.5 if overflow else 4.0, min_expert_capacity=1,
                   router_init_scale=5.0, **overrides)
 
@@ -101,7 +101,7 @@ def test_sharded_dispatch_methods_and_routings(dispatch, routing):
 def test_sharded_dropless_equals_single_device():
   """Dropless (C = S) under a 2 x 4 mesh exchanges [E, G, S, D] buffers; same numbers as the
   one-device sorted path, and nothing is dropped."""
-  layer = MoeLayer(num_experts=8, expert_hidden_dim=F, num_selected_experts=2,
+  layer = MoeLayer(num_experts=8, ffn_dim=F, num_selected_experts=2,
                    eval_capacity_factor=None, router_init_scale=5.0)
   variables, loss, out, metrics, grads = _reference(layer)
   _, ((loss_s, (out_s, metrics_s)), grads_s) = _sharded(layer, variables,
@@ -156,12 +156,12 @@ def test_all_to_all_bytes_equal_theory(data, expert, k):
 
 def test_sharding_errors():
   mesh = sharding.make_mesh(data=2, expert=4)
-  layer = MoeLayer(num_experts=6, expert_hidden_dim=F)
+  layer = MoeLayer(num_experts=6, ffn_dim=F)
   x = jnp.zeros((8, 4, D))
   variables = layer.init(jax.random.key(0), x, True)
   with jax.set_mesh(mesh), pytest.raises(ValueError, match='num_experts=6 must be a multiple'):
     layer.apply(variables, x, True)
-  layer = MoeLayer(num_experts=8, expert_hidden_dim=F)
+  layer = MoeLayer(num_experts=8, ffn_dim=F)
   x = jnp.zeros((4, 4, D))
   variables = layer.init(jax.random.key(0), x, True)
   with jax.set_mesh(mesh), pytest.raises(ValueError, match='do not divide over the 8 devices'):
@@ -174,7 +174,7 @@ def test_sharding_errors():
 
 
 def test_logical_axis_names_by_parameter_path():
-  layer = MoeLayer(num_experts=8, expert_hidden_dim=F, glu=True, num_shared_experts=1)
+  layer = MoeLayer(num_experts=8, ffn_dim=F, glu=True, num_shared_experts=1)
   variables = layer.init(jax.random.key(0), jnp.zeros((2, 4, D)), True)
   assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(variables))  # no boxes
   logical = sharding.logical_axes(variables)['params']

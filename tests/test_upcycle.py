@@ -15,7 +15,7 @@ from helpers import smoke_config
 from moejax.models import ModelConfig, make_model
 from moejax.train import default_config, make_optimizer
 from moejax.train import loop
-from moejax.train.step import dummy_batch, model_inputs
+from moejax.train.inputs import dummy_batch, model_inputs
 from moejax.upcycle import upcycle_optimizer_state, upcycle_tree
 
 TINY = ModelConfig(vocab_size=40, num_layers=2, model_dim=16, num_heads=2, ffn_dim=32, moe_every=2,
@@ -135,8 +135,8 @@ def test_adafactor_state_copies_params_shaped_statistics_and_keeps_the_rest_fres
     np.testing.assert_array_equal(placeholder, 0.0)
 
 
-def test_train_loop_upcycles_a_dense_run_and_continues_its_step(tmp_path):
-  data_dir = tmp_path / 'tfds'
+def test_train_loop_upcycles_a_dense_run_and_continues_its_step(tmp_path, tfds_dir):
+  data_dir = tfds_dir
   dense_dir, moe_dir = str(tmp_path / 'dense'), str(tmp_path / 'moe')
   dense_config = smoke_config(data_dir, num_steps=4)
   dense_config.model.update(dense_baseline=True)

@@ -7,6 +7,7 @@ import sys
 
 from moejax.ablate.sweep import (SCALES, SWEEPS_DIR, SweepError, load_sweep, run_specs,
                                  sweep_names)
+from moejax.commandline import debug_requested, reporting_errors, split_overrides
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +75,6 @@ def ablate(name: str, args: argparse.Namespace,
 
 def main(argv: list[str]) -> int:
   """`moejax ablate` with `argv` the arguments after 'ablate'; returns the exit status."""
-  from moejax.cli import debug_requested, reporting_errors, split_overrides
   rest, overrides = split_overrides(argv)
   args = _parser().parse_args(rest)
   status = 0

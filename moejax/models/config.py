@@ -19,7 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from moejax import layer as layer_lib
-from moejax.checks import ConfigError
+from moejax.errors import ConfigError
 from moejax.experts import ACTIVATIONS
 from moejax.layer import MoeLayer
 from moejax.soft_moe import SoftMoeLayer
@@ -29,7 +29,7 @@ POSITIONS = ('rotary', 'relative')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # MoeLayer fields a model sets itself: layer field -> the model field it comes from (None: the
 # model decides, `causal` per stack and `param_dtype` float32).
-MOE_FIELDS_SET_BY_MODEL = {'expert_hidden_dim': 'ffn_dim', 'activation': 'activation',
+MOE_FIELDS_SET_BY_MODEL = {'ffn_dim': 'ffn_dim', 'activation': 'activation',
                            'glu': 'glu', 'router_dtype': 'router_dtype',
                            'balancing_bias': 'balancing_bias_rate', 'dtype': 'dtype',
                            'causal': None, 'param_dtype': None}
@@ -212,7 +212,7 @@ class _ModelConfigChecks:
     if causal and self.kind == 'encoder_decoder':  # encoder-only settings route the encoder
       kwargs.update(routing='tokens_choose' if self.routing == 'experts_choose'
                     else self.routing, batch_prioritized=False)
-    return dict(kwargs, expert_hidden_dim=self.ffn_dim, activation=self.activation, glu=self.glu,
+    return dict(kwargs, ffn_dim=self.ffn_dim, activation=self.activation, glu=self.glu,
                 router_dtype=DTYPES[self.router_dtype], balancing_bias=self.balancing_bias_rate > 0,
                 dtype=self.compute_dtype, causal=causal)
 

@@ -92,18 +92,18 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Dense FFN [B, L, D] -> [B, L, D] of width `hidden_dim` (no biases, like the experts)."""
+  """Dense FFN [B, L, D] -> [B, L, D] of width `ffn_dim` (F) (no biases, like the experts)."""
   config: ModelConfig
-  hidden_dim: int
+  ffn_dim: int
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     dense = lambda features, name: nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype,
                                             name=name)
-    hidden = ACTIVATIONS[cfg.activation](dense(self.hidden_dim, 'wi')(x))  # Shape: [B, L, F]
+    hidden = ACTIVATIONS[cfg.activation](dense(self.ffn_dim, 'wi')(x))  # Shape: [B, L, F]
     if cfg.glu:
-      hidden = hidden * dense(self.hidden_dim, 'wi_gate')(x)
+      hidden = hidden * dense(self.ffn_dim, 'wi_gate')(x)
     return dense(cfg.model_dim, 'wo')(hidden)
 
 

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.train.step import Batch, forward
+from moejax.train.inputs import Batch
+from moejax.train.step import forward
 
 
 def classification_batch(tokens: np.ndarray, labels: np.ndarray, label_ids: np.ndarray) -> Batch:

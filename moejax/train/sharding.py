@@ -15,7 +15,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moejax import sharding as moe_sharding
-from moejax.train.step import model_inputs
+from moejax.train.inputs import model_inputs
 
 
 def param_specs(model: nn.Module, batch: dict) -> Any:

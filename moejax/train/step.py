@@ -31,9 +31,7 @@ from moejax import sharding
 from moejax.balancing import BIAS_COLLECTION, update_balancing_biases
 from moejax.intermediates import collect_aux_losses, collect_routing_metrics, per_layer_metrics
 from moejax.models import ModelConfig
-
-Batch = dict[str, jax.Array]
-
+from moejax.train.inputs import Batch, loss_weights, model_inputs
 
 @struct.dataclass
 class TrainState:
@@ -48,35 +46,6 @@ class TrainState:
 
 def has_moe(config: ModelConfig) -> bool:
   return config.moe_every > 0 and not config.dense_baseline
-
-
-def shift_right(targets: jax.Array) -> jax.Array:
-  """Decoder inputs [B, L]: the targets shifted one to the right, starting with PAD (id 0)."""
-  return jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
-
-
-def model_inputs(config: ModelConfig, batch: Batch) -> tuple:
-  """The model's positional inputs (before `deterministic`) from a batch."""
-  decoder = (shift_right(batch['targets']), batch['weights'] > 0)
-  if config.kind == 'decoder':
-    return decoder
-  return (batch['inputs'], batch['input_mask'] > 0, *decoder)
-
-
-def loss_weights(batch: Batch) -> jax.Array:
-  """[B, L]: which targets the loss counts; `batch['loss_weights']` when the batch has it (e.g. only
-  a class label, see `moejax.train.finetune`), else the padding weights."""
-  return batch.get('loss_weights', batch['weights'])
-
-
-def dummy_batch(config: ModelConfig, batch_size: int, length: int,
-                input_length: int | None = None) -> Batch:
-  batch = {'targets': jnp.zeros((batch_size, length), jnp.int32),
-           'weights': jnp.ones((batch_size, length), jnp.float32)}
-  if config.kind == 'encoder_decoder':
-    batch['inputs'] = jnp.zeros((batch_size, input_length or length), jnp.int32)
-    batch['input_mask'] = jnp.ones((batch_size, input_length or length), jnp.float32)
-  return batch
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, batch: Batch,
