@@ -15,12 +15,14 @@ import jax
 import numpy as np
 
 from moejax import ensemble
-from moejax.train import loop, saved_config, token_log_probs
+from moejax.train import saved_config, token_log_probs
+from moejax.train.resume import load
+from moejax.train.run import open_run
 
 
 def member_log_probs(workdir: str, parts: list[list]) -> list[np.ndarray]:
   """For each list of batches in `parts`: log p(target) of its real tokens, in order, [N]."""
-  run, state = loop.load(saved_config(workdir), workdir)
+  run, state = load(saved_config(workdir), workdir)
   log_probs = jax.jit(functools.partial(token_log_probs, model=run.model))
   return [np.concatenate([
       np.asarray(log_probs(state.params, batch, state.balancing_bias_state))[batch['weights'] > 0]
@@ -37,7 +39,7 @@ def main():
           for c in configs}
   if len(data) != 1:
     raise SystemExit(f'the runs read different validation data: {sorted(data)}')
-  batches = loop.open_run(configs[0], args.runs[0]).eval_batches
+  batches = open_run(configs[0], args.runs[0]).eval_batches
   half = len(batches) // 2
   per_member = [member_log_probs(w, [batches[:half], batches[half:]]) for w in args.runs]
   log_probs = {split: np.stack([member[i] for member in per_member])  # Shape: [M, N]

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from moejax.data.books import BOOKS, balanced_batches, book_passages
 from moejax.data.tokenizers import ByteTokenizer
 from moejax.models import make_model
-from moejax.train import loop, make_optimizer, make_train_step, saved_config
+from moejax.train import make_optimizer, make_train_step, saved_config
+from moejax.train.resume import load
 from moejax.train.finetune import accuracy_report, class_logits, classification_batch
 
 NAMES = ('shakespeare', 'time_machine')
@@ -58,7 +59,7 @@ def main():
   if config.data.tokenizer != 'bytes':
     raise SystemExit(f'{args.init} uses the {config.data.tokenizer!r} tokenizer; the passages and '
                      'the label tokens here are bytes')
-  run, state = loop.load(config, args.init)
+  run, state = load(config, args.init)
   model_config = dataclasses.replace(run.model_config, expert_dropout=args.expert_dropout,
                                      dropout_rate=args.dropout)
   model = make_model(model_config)

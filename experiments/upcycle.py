@@ -19,6 +19,7 @@ import json
 import os
 
 from moejax.train import config_from_file, loop
+from moejax.train.summary import format_summary
 
 
 def eval_curve(workdir: str) -> dict[int, float]:
@@ -68,7 +69,7 @@ def main():
       continue
     print(f'--- {name} ---', flush=True)
     summary = loop.train(config, workdir)
-    print(loop.format_summary(summary), flush=True)
+    print(format_summary(summary), flush=True)
 
   curves = {name: eval_curve(workdir) for name, workdir in workdirs.items()}
   steps = sorted(curves['dense'])

@@ -1,7 +1,7 @@
 """`moejax train | eval | sample`: run an experiment config, evaluate or sample a checkpoint.
 
   moejax train  --config experiments/configs/switch_tiny.py --workdir runs/x \
-                [--config.model.num_experts=16 ...] [--print_config]
+                [--config.model.num_experts=16 ...] [--print_config] [--step N] [--restart]
   moejax eval   --workdir runs/x [--step N] [--config.model.eval_capacity_factor=None ...]
   moejax sample --workdir runs/x [--prompt "ROMEO:" --num_tokens 300 --temperature 0.8]
   moejax analyze --workdir runs/x [--text FILE] [--out DIR] [--at_init]
@@ -9,8 +9,10 @@
 
 Every config field can be set with --config.<section>.<field>=VALUE (a Python literal, None, or
 text). `eval` and `sample` read the run's saved config.json (plus any overrides) unless --config
-names a file. A bad setting prints one line naming the field; --debug (or MOEJAX_DEBUG=1) shows
-the traceback.
+names a file. A bad setting, path or file prints one line naming it (exit 2); a damaged or
+missing checkpoint, a locked work directory or a failed metrics write exit 1; --debug (or
+MOEJAX_DEBUG=1) shows the traceback. `train --restart` starts afresh where a run exists, keeping
+its files in WORKDIR/previous_runs/.
 """
 from __future__ import annotations
 
@@ -19,14 +21,14 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable
+
+from moejax.commandline import debug_requested, reporting_errors, split_overrides
 
 COMMANDS = {'train': 'train (or resume) a run from an experiment config',
             'eval': "evaluate a run's checkpoint on the validation split, as JSON",
             'sample': "generate text from a run's checkpoint",
             'analyze': "which tokens go to which expert: routing.json and figures of a run's "
                        'checkpoint'}
-OVERRIDE = '--config.'
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     if name == 'train':
       sub.add_argument('--print_config', action='store_true',
                        help='print the resolved config and exit without training')
+      sub.add_argument('--restart', action='store_true',
+                       help='start afresh in a work directory that holds a run: its files '
+                            '(checkpoints, set-aside steps, metrics, config.json) are moved into '
+                            'WORKDIR/previous_runs/TIME/ first, never deleted')
     sub.add_argument('--step', type=int,
                      help='checkpoint step (default: the newest complete one)' + (
                          '; training resumes from it and sets later steps aside'
@@ -75,25 +81,6 @@ def _parser() -> argparse.ArgumentParser:
       sub.add_argument('--temperature', type=float, help='0 is greedy')
       sub.add_argument('--seed', type=int, default=0, help='rng seed')
   return parser
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-  """(the other arguments, [(field path, value text)]) from --config.<path>=VALUE (or
-  --config.<path> VALUE) arguments."""
-  rest, overrides, i = [], [], 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith(OVERRIDE):
-      path, sep, value = arg[len(OVERRIDE):].partition('=')
-      if not sep:
-        if i + 1 == len(argv):
-          raise SystemExit(f'moejax: {arg} needs a value ({arg}=VALUE)')
-        value, i = argv[i + 1], i + 1
-      overrides.append((path, value))
-    else:
-      rest.append(arg)
-    i += 1
-  return rest, overrides
 
 
 def _config(args: argparse.Namespace, overrides: list[tuple[str, str]]):
@@ -115,53 +102,72 @@ def _config(args: argparse.Namespace, overrides: list[tuple[str, str]]):
 def _run(args: argparse.Namespace, config) -> int:
   import jax
 
-  from moejax.train import loop  # imports JAX and TensorFlow
+  from moejax.train import loop, resume, sampling  # import JAX and TensorFlow
+  from moejax.train.evaluation import evaluate
+  from moejax.train.stopping import agreed_stop, stop_requests
+  from moejax.train.summary import format_summary
   print_ = print if jax.process_index() == 0 else lambda *_, **__: None  # one report per job
   if args.command == 'train':
     try:
-      summary = loop.train(config, args.workdir, step=args.step)
+      summary = loop.train(config, args.workdir, step=args.step, restart=args.restart)
     except loop.TrainingDiverged as error:
       print(f'moejax train: {error}', file=sys.stderr)
       return 1
-    print_(loop.format_summary(summary))
+    print_(format_summary(summary))
     if summary['stopped_by']:
       print_(f'stopped by {summary["stopped_by"]}; checkpoint saved at step {summary["step"]}. '
              'Run the same command again to resume.')
       return 0
     run, state, seed = summary['run'], summary['state'], 0
   else:
-    run, state = loop.load(config, args.workdir, args.step)
+    run, state = resume.load(config, args.workdir, args.step)
     if args.command == 'eval':
-      metrics = loop.evaluate(run, state.params, bias_state=state.balancing_bias_state)
+      with stop_requests() as request:
+        metrics = evaluate(run, state.params, bias_state=state.balancing_bias_state,
+                           stop=request)
+      if metrics is None:
+        return _stopped('eval', agreed_stop(request).signal)
       print_(json.dumps({k: float(v) if getattr(v, 'ndim', 0) == 0 else list(map(float, v))
                          for k, v in metrics.items()}, indent=1))
       return 0
     seed = args.seed
   s = config.sample
   prompt = s.prompt
-  text = loop.sample_text(run, state.params, prompt, s.num_tokens, s.temperature, seed,
-                          state.balancing_bias_state)
+  text = sampling.sample_text(run, state.params, prompt, s.num_tokens, s.temperature, seed,
+                              state.balancing_bias_state)
   if config.task == 'span_corruption':
-    print_(f'--- sample (spans filled in for {loop.SENTINEL}) ---\n{prompt}\n'
-           f'{loop.SENTINEL} = {text}')
+    print_(f'--- sample (spans filled in for {sampling.SENTINEL}) ---\n{prompt}\n'
+           f'{sampling.SENTINEL} = {text}')
   else:
     print_(f'--- sample (prompt {prompt!r}) ---\n{prompt}{text}')
   return 0
 
 
+def _stopped(command: str, signal_name: str | None) -> int:
+  """Say that a signal stopped `command` before it finished; the shell's status for it."""
+  print(f'moejax {command}: stopped by {signal_name} before it finished; nothing was written',
+        file=sys.stderr)
+  return 130 if signal_name == 'SIGINT' else 143
+
+
 def _analyze(args: argparse.Namespace, config) -> int:
   """Write routing.json and the figures; print where, and each layer's headline numbers."""
   from moejax.analysis import analyze_run
+  from moejax.errors import InputError
+  from moejax.train.stopping import agreed_stop, stop_requests
   text = None
   if args.text:
     try:
       with open(args.text, encoding='utf-8') as f:
         text = f.read()
     except (OSError, UnicodeDecodeError) as error:
-      print(f'moejax analyze: cannot read --text {args.text}: {error}', file=sys.stderr)
-      return 2
+      raise InputError(f'cannot read --text {args.text}: {error}') from None
   out = args.out or os.path.join(args.workdir, 'analysis')
-  report = analyze_run(args.workdir, text, out, args.step, args.max_tokens, config, args.at_init)
+  with stop_requests() as request:
+    report = analyze_run(args.workdir, text, out, args.step, args.max_tokens, config,
+                         args.at_init, request)
+  if report is None:
+    return _stopped('analyze', agreed_stop(request).signal)
   print(f'routed {report["tokens"]} tokens at step {report["step"]} '
         f'(eval capacity factor {report["eval_capacity_factor"]}); wrote {out}/routing.json, '
         'colored_text.png/.html, class_usage.png, agreement.png'
@@ -198,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+  from moejax.errors import InputError
+  if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+    raise InputError(f'--workdir {args.workdir} is a file; it must be a (run) directory')
   config = _config(args, overrides)
   if args.command == 'train' and args.print_config:
     print(config.to_json(indent=2))
@@ -206,33 +215,6 @@ def _command(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     return _analyze(args, config)
   return _run(args, config)
 
-
-def debug_requested(args: argparse.Namespace) -> bool:
-  """--debug, or MOEJAX_DEBUG set (not to 0): show tracebacks instead of one-line errors."""
-  return args.debug or os.environ.get('MOEJAX_DEBUG', '') not in ('', '0')
-
-
-def reporting_errors(command: str, action: Callable[[], int | None], debug: bool,
-                     usage_errors: tuple[type[Exception], ...] = ()) -> int | None:
-  """`action()`'s exit status, or the status of an error a user can act on, printed as one line
-  'moejax COMMAND: ...': 2 for a bad setting, path or dataset name (or one of `usage_errors`), 1
-  for a checkpoint, work-directory lock or metrics-writing failure. With `debug` they raise."""
-  from moejax.checks import ConfigError
-  from moejax.train.checkpoint import CheckpointError
-  from moejax.train.lock import WorkdirLocked
-  from moejax.train.metrics import MetricsWriteError
-  try:
-    return action()
-  except (ConfigError, FileNotFoundError, *usage_errors) as error:
-    if debug:
-      raise
-    print(f'moejax {command}: {error}', file=sys.stderr)
-    return 2
-  except (CheckpointError, WorkdirLocked, MetricsWriteError) as error:
-    if debug:
-      raise
-    print(f'moejax {command}: {error}', file=sys.stderr)
-    return 1
 
 if __name__ == '__main__':
   sys.exit(main())

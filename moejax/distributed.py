@@ -12,9 +12,13 @@ task, a multi-host TPU slice), else one process.
 """
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -52,3 +56,15 @@ def initialize_from(coordinator: str | None = None, num_processes: int | None = 
     initialize()
     return True
   return False
+
+
+def broadcast_json(value: Any) -> Any:
+  """Process 0's `value` (anything JSON can hold) on every process: what one process decided
+  (a lock taken, checksums verified) is what all act on. One process: `value` itself."""
+  if jax.process_count() == 1:
+    return value
+  lead = jax.process_index() == 0
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8) if lead else None
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size if lead else 0)))
+  buffer = data if lead else np.zeros(size, np.uint8)
+  return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())

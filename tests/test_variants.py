@@ -12,8 +12,13 @@ from helpers import apply_layer, init_layer, smoke_config
 from moejax import (ModelConfig, MoeLayer, SoftMoeLayer, balancing_bias_update, collect_decisions,
                     collect_routing_metrics, fine_grained, make_model, per_token_flops, routers,
                     routing, sharding, update_balancing_biases)
+from moejax import layer as layer_lib
 from moejax.train import loop
-from moejax.train.step import dummy_batch, init_state, train_step
+from moejax.train.evaluation import evaluate
+from moejax.train.inputs import dummy_batch
+from moejax.train.resume import load
+from moejax.train.sampling import sample_text
+from moejax.train.step import init_state, train_step
 
 D, F, E = 8, 16, 4
 B, L = 2, 16
@@ -40,7 +45,7 @@ def _token_ids(batch=B, length=L, seed=1):
 
 
 def _layer(**overrides):
-  return MoeLayer(**{'num_experts': E, 'expert_hidden_dim': F, 'dispatch': 'indices',
+  return MoeLayer(**{'num_experts': E, 'ffn_dim': F, 'dispatch': 'indices',
                      **overrides})
 
 
@@ -132,6 +137,9 @@ def test_hash_routing_is_fixed_by_token_id_and_ignores_the_input():
   assert len(set(np.asarray(jnp.argmax(routers.hash_logits(same, E), -1)).ravel())) == 1
   with pytest.raises(ValueError, match='token_ids'):
     apply_layer(layer, variables, x)
+  # No logits to bound (its -1e9 only make the softmax one-hot): router_max_logit is 0, not 1e9.
+  _, state = apply_layer(layer, variables, x, token_ids=ids)
+  assert float(collect_routing_metrics(state)['router_max_logit']) == 0.0
 
 
 def test_gumbel_forward_is_hard_top1_with_weight_one():
@@ -259,28 +267,29 @@ def test_shared_experts_see_every_token():
 def test_fine_grained_has_the_flops_and_params_of_its_coarse_twin():
   num_experts, hidden, k, m = 8, 64, 2, 4
   fields = fine_grained(num_experts, hidden, k, m)
-  assert fields == dict(num_experts=32, expert_hidden_dim=16, num_selected_experts=8)
-  per_token = lambda f: f['num_selected_experts'] * 2 * D * f['expert_hidden_dim'] * 2  # noqa
-  assert per_token(fields) == per_token(dict(num_selected_experts=k, expert_hidden_dim=hidden))
+  assert fields == dict(num_experts=32, ffn_dim=16, num_selected_experts=8)
+  per_token = lambda f: f['num_selected_experts'] * 2 * D * f['ffn_dim'] * 2  # noqa
+  assert per_token(fields) == per_token(dict(num_selected_experts=k, ffn_dim=hidden))
   # The model FLOP count differs only by the router's 2 * D * (E m - E) per (sparse) layer.
   coarse = ModelConfig(vocab_size=32, num_layers=2, model_dim=D, num_heads=2, ffn_dim=hidden,
                        num_experts=num_experts, num_selected_experts=k, moe_every=1)
   fine = ModelConfig(vocab_size=32, num_layers=2, model_dim=D, num_heads=2, moe_every=1,
-                     ffn_dim=fields['expert_hidden_dim'], num_experts=fields['num_experts'],
+                     ffn_dim=fields['ffn_dim'], num_experts=fields['num_experts'],
                      num_selected_experts=fields['num_selected_experts'])
   assert per_token_flops(fine, 16) - per_token_flops(coarse, 16) == 2 * 2 * D * (32 - 8)
   x = _inputs(batch=1, length=8)
   count = lambda layer: sum(  # noqa: E731
       a.size for a in jax.tree.leaves(init_layer(layer, x)['params']['experts']))
-  assert count(MoeLayer(**fields)) == count(MoeLayer(num_experts=8, expert_hidden_dim=64))
+  assert count(MoeLayer(**fields)) == count(MoeLayer(num_experts=8, ffn_dim=64))
   with pytest.raises(ValueError, match='fine_grained m=3'):
     fine_grained(num_experts, hidden, k, 3)
 
 
 def test_soft_moe_shape_padding_formula_and_causal_error():
   with pytest.raises(ValueError, match='SoftMoeLayer.causal=True'):
-    SoftMoeLayer(num_experts=E, expert_hidden_dim=F)
-  layer = SoftMoeLayer(num_experts=E, expert_hidden_dim=F, slots_per_expert=2, causal=False)
+    SoftMoeLayer(num_experts=E, ffn_dim=F, causal=True)
+  assert SoftMoeLayer(num_experts=E, ffn_dim=F).causal is False  # the default is valid
+  layer = SoftMoeLayer(num_experts=E, ffn_dim=F, slots_per_expert=2)
   x = _inputs()
   mask = jnp.ones((B, L), bool).at[0, -4:].set(False)
   variables = nn.unbox(layer.init(jax.random.key(0), x, True))
@@ -291,7 +300,7 @@ def test_soft_moe_shape_padding_formula_and_causal_error():
   np.testing.assert_allclose(layer.apply(variables, garbage, True, padding_mask=mask), out,
                              atol=1e-5)
   # One expert, one slot: every token gets FFN(softmax-over-tokens mixture of its group).
-  single = SoftMoeLayer(num_experts=1, expert_hidden_dim=F, causal=False)
+  single = SoftMoeLayer(num_experts=1, ffn_dim=F, causal=False)
   v = nn.unbox(single.init(jax.random.key(0), x, True))['params']
   logits = (x / jnp.linalg.norm(x, axis=-1, keepdims=True)) @ (
       v['phi'] / jnp.linalg.norm(v['phi'], axis=0))  # [B, L, 1]
@@ -299,6 +308,29 @@ def test_soft_moe_shape_padding_formula_and_causal_error():
   expected = jax.nn.relu(slot @ v['experts']['wi'][0]) @ v['experts']['wo'][0]
   np.testing.assert_allclose(single.apply({'params': v}, x, True),
                              jnp.broadcast_to(expected[:, None], x.shape), atol=1e-5, rtol=1e-5)
+
+
+def test_shared_experts_draw_a_dropout_key_of_their_own(monkeypatch):
+  """Under an expert-parallel mesh each device's routed experts fold the device index into the
+  dropout key; the shared experts' key must be none of those (device 1's was fold_in(key, 1))."""
+  keys = []
+  real = layer_lib.expert_ffn
+
+  def spy(tokens, weights, *, dropout_rng=None, **kwargs):
+    if dropout_rng is not None:
+      jax.debug.callback(lambda k: keys.append(tuple(np.asarray(k).ravel())),
+                         jax.random.key_data(dropout_rng))
+    return real(tokens, weights, dropout_rng=dropout_rng, **kwargs)
+  monkeypatch.setattr(layer_lib, 'expert_ffn', spy)
+  layer = _layer(num_shared_experts=1, expert_dropout=0.5, dispatch='indices')
+  x = _inputs(batch=8, length=8)
+  variables = layer.init(jax.random.key(0), x, True)
+  mesh = sharding.make_mesh(data=2, expert=4)
+  with jax.set_mesh(mesh):
+    jax.jit(lambda v, x: layer.apply(v, x, False, rngs={'dropout': jax.random.key(3)}))(
+        sharding.shard_params(variables, mesh), sharding.shard_batch(x, mesh))
+  jax.effects_barrier()
+  assert len(keys) == 8 + 1 and len(set(keys)) == 9  # 8 devices' routed experts, the shared
 
 
 def test_variants_under_an_expert_parallel_mesh_equal_one_device():
@@ -342,9 +374,9 @@ def test_bad_variant_config_errors_name_the_field(overrides, field):
     _layer(**overrides)
 
 
-def test_loop_trains_evaluates_and_samples_a_bias_balanced_model(tmp_path):
+def test_loop_trains_evaluates_and_samples_a_bias_balanced_model(tmp_path, tfds_dir):
   """The bias state travels through training, checkpoints, evaluation and sampling."""
-  config = smoke_config(tmp_path / 'tfds', num_steps=4)
+  config = smoke_config(tfds_dir, num_steps=4)
   config.model.balancing_bias_rate = 0.05
   summary = loop.train(config, str(tmp_path / 'run'), quiet=True)
   state = summary['state']
@@ -353,10 +385,10 @@ def test_loop_trains_evaluates_and_samples_a_bias_balanced_model(tmp_path):
             if 'bias' in jax.tree_util.keystr(path)]
   assert biases and any(np.abs(bias).max() > 0 for bias in biases)  # the updates ran
   assert np.isfinite(summary['eval']['nll'])
-  run, restored = loop.load(config, str(tmp_path / 'run'))
+  run, restored = load(config, str(tmp_path / 'run'))
   jax.tree.map(np.testing.assert_array_equal, restored.balancing_bias_state,
                state.balancing_bias_state)
-  evaluated = loop.evaluate(run, restored.params, bias_state=restored.balancing_bias_state)
+  evaluated = evaluate(run, restored.params, bias_state=restored.balancing_bias_state)
   np.testing.assert_allclose(evaluated['nll'], summary['eval']['nll'], rtol=1e-6)
-  text = loop.sample_text(run, restored.params, 'The', 5, 0.0, 0, restored.balancing_bias_state)
+  text = sample_text(run, restored.params, 'The', 5, 0.0, 0, restored.balancing_bias_state)
   assert isinstance(text, str)

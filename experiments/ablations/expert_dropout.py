@@ -36,6 +36,7 @@ from moejax.models import make_model
 from moejax.train import loop, make_optimizer, make_train_step
 from moejax.train.finetune import accuracy_report, class_logits, classification_batch
 from moejax.train.metrics import MetricWriter
+from moejax.train.stopping import stop_requests
 
 BASE = 'experiments/configs/switch_tiny.py'
 RUNS = {'dropout0.1': {'model.dropout_rate': 0.1, 'model.expert_dropout': 0.0},
@@ -122,7 +123,7 @@ def TRAIN(config, workdir: str, quiet: bool = False) -> dict:
     os.remove(os.path.join(workdir, 'metrics.jsonl'))
   writer = MetricWriter(workdir)
   batches = balanced_batches(*few_passages(*splits['train'], TRAIN_PASSAGES), BATCH, config.seed)
-  with loop.stop_requests() as stop:
+  with stop_requests() as stop:
     for step in range(STEPS):
       tokens, labels = next(batches)
       tic = time.perf_counter()
@@ -130,9 +131,9 @@ def TRAIN(config, workdir: str, quiet: bool = False) -> dict:
       metrics = jax.device_get(metrics)
       metrics['tokens_per_sec'] = BATCH * (PASSAGE + 1) / (time.perf_counter() - tic)
       writer.write(step + 1, 'train', metrics)
-      if stop[0]:
+      if stop.signal:
         writer.close()
-        return {'stopped_by': stop[0]}
+        return {'stopped_by': stop.signal}
       if (step + 1) % EVAL_EVERY == 0:
         validation = classify(logits_fn, state, *splits['validation'])
         writer.write(step + 1, 'eval', validation)

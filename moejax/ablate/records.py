@@ -24,11 +24,12 @@ step x step_time, the training time without compilation and evaluation.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import numpy as np
+
+from moejax.train.metrics import read_metrics
 
 LAST_TRAIN_STEPS = 50  # train fraction dropped: the mean over this many last logged steps
 # The numbers of every run's record (`run_record`, plus what the runner adds).
@@ -43,8 +44,7 @@ def read_rows(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = read_metrics(path)
   latest = {(row['split'], row['step']): row for row in rows}
   return sorted(latest.values(), key=lambda row: (row['step'], row['split'] == 'eval'))
 
@@ -106,7 +106,7 @@ def eval_curve(rows: list[dict], step_time: float | None, metric: str = 'nll') -
 
 
 def eval_record(metrics: dict) -> dict:
-  """The validation numbers of an evaluation (`moejax.train.loop.evaluate`'s metrics) under the
+  """The validation numbers of an evaluation (`moejax.train.evaluation.evaluate`'s metrics) under the
   record's names: a run's numbers under one of a sweep's EVALS variants (which replace those of
   the evaluations during training: best and early NLL are then None)."""
   return {'final_nll': float(metrics['nll']), 'best_nll': None, 'early_nll': None,

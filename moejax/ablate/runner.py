@@ -101,7 +101,7 @@ def model_size(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from moejax import data as data_lib
   from moejax.models import make_model, per_token_flops
   from moejax.train.config import model_config
-  from moejax.train.step import dummy_batch, model_inputs
+  from moejax.train.inputs import dummy_batch, model_inputs
   tokenizer = data_lib.tokenizer_for(config.data, workdir)
   model_cfg = model_config(config, data_lib.model_vocab_size(tokenizer, config.data, config.task))
   lengths = (config.data.length,)
@@ -118,14 +118,15 @@ def model_size(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def evaluate_variants(spec: RunSpec, workdir: str, evals: dict, done: dict) -> dict:
   """{variant: record} of the finished run's latest checkpoint evaluated under each EVALS
   variant's overrides (those in `done` are kept)."""
-  from moejax.train import loop
+  from moejax.train.evaluation import evaluate
+  from moejax.train.resume import load
   out = dict(done)
   for name, overrides in evals.items():
     if name in out:
       continue
-    run, state = loop.load(with_overrides(spec.config.copy_and_resolve_references(), overrides),
-                           workdir)
-    metrics = loop.evaluate(run, state.params, bias_state=state.balancing_bias_state)
+    run, state = load(with_overrides(spec.config.copy_and_resolve_references(), overrides),
+                      workdir)
+    metrics = evaluate(run, state.params, bias_state=state.balancing_bias_state)
     run.checkpoints.close()
     out[name] = records.eval_record(jax.device_get(metrics))
   return out
@@ -208,17 +209,17 @@ def run_one(spec: RunSpec, workdir: str, sweep: Sweep, shared: dict, quiet: bool
 def run_sweep(sweep: Sweep, specs: list[RunSpec], sweep_dir: str, quiet: bool = False) -> bool:
   """Train every unfinished run of `specs`, in order, and evaluate the EVALS variants of each
   finished run that lacks them. True when all are finished; False when a signal stopped it."""
-  from moejax.train import loop
+  from moejax.train.stopping import stop_requests
   results = {spec.key: load_result(run_dir(sweep_dir, spec)) for spec in specs}
   check_configs(specs, results, sweep_dir)
   shared = {} if sweep.train else finished_runs(os.path.dirname(sweep_dir))
   progress = tqdm(total=len(specs), initial=sum(r is not None for r in results.values()),
                   desc=f'sweep {sweep.name}', unit='run', dynamic_ncols=True)
-  with loop.stop_requests() as stop:  # between runs; loop.train takes the signals during one
+  with stop_requests() as stop:  # between runs; loop.train takes the signals during one
     for spec in specs:
       workdir = run_dir(sweep_dir, spec)
       if results[spec.key] is None:
-        if stop[0]:
+        if stop.signal:
           break
         progress.set_postfix_str(spec.key)
         results[spec.key] = run_one(spec, workdir, sweep, shared, quiet)

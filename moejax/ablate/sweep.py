@@ -23,14 +23,15 @@ seed, then the command line's --config.* overrides.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 
-from moejax.train.config import apply_overrides, check_config, config_from_file
+from moejax.errors import InputError
+from moejax.train.config import (apply_overrides, check_config, config_from_file,
+                                 load_python_file)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SWEEPS_DIR = os.path.join('experiments', 'ablations')
@@ -153,13 +154,13 @@ class RunSpec:
 
 def sweep_path(sweep: str) -> str:
   """The file of a sweep given by name ('capacity') or path."""
-  if os.path.isfile(sweep):
-    return sweep
+  if os.path.isfile(sweep) or os.path.isdir(sweep):
+    return sweep  # load_python_file refuses a directory
   for root in ('.', REPO):
     path = os.path.join(root, SWEEPS_DIR, f'{sweep}.py')
     if os.path.isfile(path):
       return path
-  raise FileNotFoundError(f'no sweep {sweep!r}: neither a file nor {SWEEPS_DIR}/{sweep}.py '
+  raise InputError(f'no sweep {sweep!r}: neither a file nor {SWEEPS_DIR}/{sweep}.py '
                           f'(sweeps there: {", ".join(sweep_names()) or "none"})')
 
 
@@ -173,10 +174,7 @@ def sweep_names() -> list[str]:
 def load_sweep(sweep: str) -> Sweep:
   """The sweep in a file given by name or path, its fields checked."""
   path = sweep_path(sweep)
-  spec = importlib.util.spec_from_file_location(f'moejax_sweep_{os.path.basename(path)[:-3]}',
-                                                path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_python_file(path, f'moejax_sweep_{os.path.basename(path)[:-3]}', 'a sweep file')
   missing = [name for name in ('BASE', 'RUNS', 'SEEDS') if not hasattr(module, name)]
   if missing:
     raise SweepError(f'{path}: a sweep file needs BASE, RUNS and SEEDS; it lacks '

@@ -3,9 +3,10 @@ usage by token class, consecutive-token agreement, expert usage over training.""
 from __future__ import annotations
 
 import html
-import json
 
 import numpy as np
+
+from moejax.train.metrics import read_metrics
 
 TEXT_COLUMNS = 80  # characters per line of the coloured text
 
@@ -147,16 +148,14 @@ def agreement_png(path: str, agreement: dict[str, dict], reference: dict | None 
 def usage_over_training(metrics_path: str, split: str = 'train') -> dict[str, tuple]:
   """{layer: (steps [N], usage [N, E])} from a run's metrics.jsonl."""
   series: dict[str, tuple[list, list]] = {}
-  with open(metrics_path) as f:
-    for line in f:
-      row = json.loads(line)
-      if row.get('split') != split:
-        continue
-      for name, value in row.items():
-        if name.startswith('expert_usage/'):
-          steps, values = series.setdefault(name[len('expert_usage/'):], ([], []))
-          steps.append(row['step'])
-          values.append(value)
+  for row in read_metrics(metrics_path):
+    if row.get('split') != split:
+      continue
+    for name, value in row.items():
+      if name.startswith('expert_usage/'):
+        steps, values = series.setdefault(name[len('expert_usage/'):], ([], []))
+        steps.append(row['step'])
+        values.append(value)
   return {layer: (np.array(steps), np.array(values)) for layer, (steps, values) in series.items()}
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from moejax.analysis import figures, stats
 from moejax.analysis.routes import LayerRouting, route_tokens, with_eval_capacity
 from moejax.data.tokenizers import ByteTokenizer
+from moejax.errors import InputError
 
 # Mixtral (Jiang et al. 2024, Table 5): consecutive tokens with the same first choice, 8 experts,
 # top-2, across its evaluation corpora; 12.5% by chance under uniform usage.
@@ -49,28 +50,37 @@ def layer_report(routing: LayerRouting, dropless: LayerRouting, token_ids: np.nd
 
 def analyze_run(workdir: str, text: str | None = None, out: str | None = None,
                 step: int | None = None, max_tokens: int = 4096, config=None,
-                at_init: bool = False) -> dict:
+                at_init: bool = False, stop=None) -> dict | None:
   """Route `text` (default: the start of the validation split) through the run's checkpoint
   (`step`, default the latest) and write routing.json and the figures into `out` (default
   <workdir>/analysis). `config`: the run's (default: its saved config.json). `at_init`: route
   through the run's initial parameters instead (the untrained baseline: what the router does
-  before it learns anything). Returns the report written to routing.json."""
-  from moejax.train import loop
+  before it learns anything). Returns the report written to routing.json; None, having written
+  nothing, when `stop` (a `moejax.train.stopping.StopRequest`) asks to stop before the writing."""
   from moejax.train.config import saved_config
+  from moejax.train.resume import load
+  from moejax.train.run import open_run
+  from moejax.train.stopping import agreed_stop
+  stopped = lambda: stop is not None and bool(agreed_stop(stop))
   config = config or saved_config(workdir)
   if at_init:
-    run = loop.open_run(config, workdir)
+    run = open_run(config, workdir)
     state = run.fresh_state()
   else:
-    run, state = loop.load(config, workdir, step)
+    run, state = load(config, workdir, step)
   text = validation_text(run, 4 * max_tokens) if text is None else text
   token_ids = run.tokenizer.encode(text)[:max_tokens]
   if len(token_ids) < 2:
-    raise ValueError(f'the text to analyze has {len(token_ids)} token(s); it needs at least 2')
+    raise InputError(f'the text to analyze has {len(token_ids)} token(s); it needs at least 2')
   model_config, length = run.model_config, run.config.data.length
   route = lambda factor: route_tokens(with_eval_capacity(model_config, factor), state.params,
                                       token_ids, length, state.balancing_bias_state)
-  routes, dropless = route(model_config.eval_capacity_factor), route(None)
+  routes = route(model_config.eval_capacity_factor)
+  if stopped():
+    return None
+  dropless = route(None)
+  if stopped():
+    return None
   out = out or os.path.join(workdir, 'analysis')
   os.makedirs(out, exist_ok=True)
   report = {'workdir': os.path.abspath(workdir), 'step': int(state.step),

@@ -15,7 +15,7 @@ import re
 
 import tensorflow_datasets as tfds
 
-from moejax.checks import ConfigError
+from moejax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -76,8 +76,6 @@ def check_utf8(path: str) -> None:
 def local_text_builder(path: str, validation_fraction: float,
                        data_dir: str | None) -> LocalText:
   """The prepared builder for `path` (prepared on first use into `data_dir`; one per process)."""
-  if not 0 < validation_fraction < 1:
-    raise ValueError(f'data.validation_fraction={validation_fraction!r} must be in (0, 1).')
   files = _files(path)
   for file in files:
     check_utf8(file)

@@ -3,13 +3,13 @@
 Features of a batch (numpy):
   decoder LM:       targets [B, L] int32, weights [B, L] float32 (1 on real tokens, 0 on padding)
   encoder-decoder:  inputs [B, M] int32, input_mask [B, M] float32, targets [B, L], weights [B, L]
-Decoder inputs are the targets shifted right (`moejax.train.step.shift_right`).
+Decoder inputs are the targets shifted right (`moejax.train.inputs.shift_right`).
 
 Determinism: the training stream is a function of (data, seed) alone: packed examples are shuffled
 with the seed, reshuffled each epoch from it, and span corruption draws its noise from (seed, index
 in the stream). `train_batches(..., start=n)` skips the first n batches, which is how a resumed run
 continues where the checkpoint left off. Every process builds the same global batches (and keeps
-its own rows of each: `moejax.train.loop.Run.to_global`), so a run's numbers do not depend on how
+its own rows of each: `moejax.train.run.Run.to_global`), so a run's numbers do not depend on how
 many processes feed it.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from moejax.checks import ConfigError
+from moejax.errors import ConfigError
 from moejax.data.local_text import local_text_builder
 from moejax.data.tokenizers import EOS_ID, PAD_ID, make_tokenizer
 

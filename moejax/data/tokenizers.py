@@ -11,7 +11,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from moejax.errors import ConfigError
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+TOKENIZERS = ('bytes', 'sentencepiece')  # data.tokenizer
 
 
 class ByteTokenizer:
@@ -78,15 +81,14 @@ def make_tokenizer(kind: str, spm_model: str | None, vocab_size: int, train_text
   """
   if kind == 'bytes':
     return ByteTokenizer()
-  if kind != 'sentencepiece':
-    raise ValueError(f"data.tokenizer={kind!r} is invalid: it must be 'bytes' or 'sentencepiece'.")
   path = spm_model or cache_path
   if path and os.path.exists(path):
     return SentencePieceTokenizer.load(path)
   if spm_model:
-    raise FileNotFoundError(f'data.spm_model={spm_model!r} does not exist.')
+    raise ConfigError('spm_model', spm_model, 'no such file', 'data')
   tokenizer = train_sentencepiece(train_texts(), vocab_size)
   if cache_path:
-    with open(cache_path, 'wb') as f:
+    with open(cache_path + '.tmp', 'wb') as f:
       f.write(tokenizer.model_proto)
+    os.replace(cache_path + '.tmp', cache_path)  # a crash leaves no half-written vocabulary
   return tokenizer

@@ -1,5 +1,10 @@
 """Orbax checkpoints of the whole run: train state (params, optimizer state, step, rng, non-finite
-counters), the data position, and the model config (to explain a shape mismatch on resume).
+counters), the data position, the signature of the state (every array's path, dtype and shape)
+and the config fields that shape it.
+
+Compatibility: before Orbax reads a step, its saved signature is compared with the state this
+run would build; when they differ (another optimizer, `model.num_experts`, `model.ffn_dim`, ...),
+`IncompatibleCheckpointError` names the changed fields and nothing on disk changes.
 
 Restoring reads every array straight onto the shardings of a template state, so a checkpoint
 saved on one device restores onto any mesh (experts split over 'expert', say).
@@ -26,13 +31,14 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from moejax.models import ModelConfig
+from moejax.distributed import broadcast_json
 
 MANIFEST = 'moejax_checksums.json'
 
 
-class ShapeMismatchError(ValueError):
-  """The checkpoint's arrays do not fit the configured model."""
+class IncompatibleCheckpointError(ValueError):
+  """A complete checkpoint whose state does not fit the configured run (another optimizer, other
+  shapes or dtypes): a setting changed, nothing is damaged, nothing is moved."""
 
 
 class CheckpointError(RuntimeError):
@@ -43,27 +49,39 @@ class CheckpointWarning(UserWarning):
   """A checkpoint step was skipped (damaged, partial or empty)."""
 
 
-def _shapes(tree: Any) -> dict[str, tuple]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
+def _empty(node: Any) -> bool:
+  return node is None or (isinstance(node, (tuple, list, dict)) and not node)
 
 
-def check_compatible(saved_model: dict, model: ModelConfig, saved_shapes: dict,
-                     shapes: dict) -> None:
-  """Raise ShapeMismatchError naming the differing model fields if the param shapes differ."""
-  if saved_shapes == shapes:
+def state_signature(state: Any) -> dict[str, str]:
+  """{path: 'dtype[shape]'} of every array of a state (or of any tree), and {path: 'empty'} of
+  every empty node (an optimizer's stateless step): what a checkpoint must match to restore
+  into it."""
+  flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_empty)[0]
+  return {jax.tree_util.keystr(path): 'empty' if _empty(leaf) else
+          f'{jax.numpy.dtype(leaf.dtype).name}{list(leaf.shape)}' for path, leaf in flat}
+
+
+def check_compatible(saved: dict, fields: dict, signature: dict[str, str], where: str) -> None:
+  """IncompatibleCheckpointError, one line, when the saved state's signature (`saved`: the
+  step's metadata) differs from `signature`: the config fields that differ (`fields`: those that shape the state, saved beside
+  it), then the first arrays that differ."""
+  saved_signature = saved.get('state_signature')
+  if saved_signature is None or saved_signature == signature:
     return
-  current = model.to_dict()
-  fields = sorted(k for k in set(saved_model) | set(current)
-                  if saved_model.get(k) != current.get(k))
-  changes = ', '.join(f'model.{k}: {saved_model.get(k)!r} -> {current.get(k)!r}' for k in fields)
-  arrays = sorted(k for k in set(saved_shapes) | set(shapes)
-                  if saved_shapes.get(k) != shapes.get(k))
-  raise ShapeMismatchError(
-      f'the checkpoint does not fit this model; differing config fields: {changes or "none"}. '
-      f'Arrays that differ ({len(arrays)}): '
-      + ', '.join(f'{k} {saved_shapes.get(k)} -> {shapes.get(k)}' for k in arrays[:5])
-      + ('...' if len(arrays) > 5 else '') + '. Use another --workdir, or the saved config.')
+  saved_fields = saved.get('fields', {})
+  changed = [f'{k}: {saved_fields.get(k)!r} (saved) -> {fields.get(k)!r} (now)'
+             for k in sorted(set(saved_fields) | set(fields))
+             if saved_fields.get(k) != fields.get(k)]
+  arrays = sorted(k for k in set(saved_signature) | set(signature)
+                  if saved_signature.get(k) != signature.get(k))
+  shown = ', '.join(f'{k} {saved_signature.get(k, "absent")} -> {signature.get(k, "absent")}'
+                    for k in arrays[:3])
+  raise IncompatibleCheckpointError(
+      f'the checkpoint {where} does not fit this config; differing fields: '
+      f'{"; ".join(changed) or "none named"}. {len(arrays)} state entries differ ({shown}'
+      f'{", ..." if len(arrays) > 3 else ""}). Nothing was changed: resume with the saved '
+      'settings, train in another --workdir, or start afresh with --restart')
 
 
 def _sha256(path: str) -> str:
@@ -107,20 +125,34 @@ def step_problem(step_dir: str) -> str | None:
     file = os.path.join(step_dir, name)
     if not os.path.exists(file):
       return f'missing file {name}'
-    if _sha256(file) != digest:
-      return f'checksum mismatch in {name}'
+    try:
+      if _sha256(file) != digest:
+        return f'checksum mismatch in {name}'
+    except OSError as error:
+      return f'unreadable file {name} ({error.strerror or error})'
   return None
 
 
 class Checkpoints:
   """CheckpointManager over <directory>: save every `every_steps` (and when forced), keep `keep`;
-  each save is finished and sealed with its checksum manifest before `save` returns."""
+  each save is finished and sealed with its checksum manifest before `save` returns.
 
-  def __init__(self, directory: str, every_steps: int, keep: int):
+  `fields`: the config fields that shape the train state ({'model.num_experts': 4,
+  'train.optimizer': 'adamw', ...}), saved beside it so that a checkpoint that does not fit is
+  explained by the settings that changed. With several processes, process 0 verifies the
+  checksums and every process takes its verdict.
+  """
+
+  def __init__(self, directory: str, every_steps: int, keep: int, fields: dict | None = None):
     self.directory = os.path.abspath(directory)
+    self.fields = dict(fields or {})
     options = ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=keep,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  @property
+  def set_aside_directory(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), 'set_aside_checkpoints')
 
   def step_dirs(self) -> dict[int, str]:
     """{step: directory} of every step directory, complete or not, in step order."""
@@ -135,30 +167,43 @@ class Checkpoints:
     """Whether this run writes manifests (False: every step predates them; not verified)."""
     return any(os.path.exists(os.path.join(d, MANIFEST)) for d in self.step_dirs().values())
 
+  def problems(self) -> dict[int, str | None]:
+    """{step: why it is not a complete checkpoint, or None}, in step order; decided on process 0
+    (hashing every file once per job) and agreed by all."""
+    problems = {}
+    if jax.process_index() == 0:
+      sealed = self._sealed()
+      for step, directory in self.step_dirs().items():
+        if sealed:
+          problems[step] = step_problem(directory)
+        else:
+          problems[step] = None if _files(directory) else 'empty'
+    if jax.process_count() > 1:
+      problems = {int(k): v for k, v in broadcast_json(problems).items()}
+    return problems
+
   def problem(self, step: int) -> str | None:
-    directory = self.step_dirs().get(step)
-    if directory is None:
-      return 'no such step'
-    if not self._sealed():
-      return None if _files(directory) else 'empty'
-    return step_problem(directory)
+    return self.problems().get(step, 'no such step')
 
   def latest_step(self) -> int | None:
     """The newest complete step (None when there is none)."""
-    return next((s for s in reversed(self.step_dirs()) if self.problem(s) is None), None)
+    complete = [s for s, problem in self.problems().items() if problem is None]
+    return complete[-1] if complete else None
 
-  def save(self, state, data_position: int, model: ModelConfig, force: bool = False) -> bool:
+  def save(self, state, data_position: int, force: bool = False) -> bool:
     step = int(jax.device_get(state.step))
     if step in self.step_dirs():
       return False
-    meta = {'data_position': data_position, 'model': model.to_dict(),
-            'param_shapes': {k: list(v) for k, v in _shapes(state.params).items()}}
+    meta = {'data_position': data_position, 'fields': self.fields,
+            'state_signature': state_signature(state)}
     saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
     if saved:
       self.manager.wait_until_finished()
       if jax.process_index() == 0:
         write_manifest(os.path.join(self.directory, str(step)))
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'moejax sealed step {step}')
     return saved
 
   def set_aside(self, step: int, reason: str, move: bool) -> None:
@@ -167,7 +212,7 @@ class Checkpoints:
     directory = self.step_dirs()[step]
     where = ''
     if move:
-      target = os.path.join(os.path.dirname(self.directory), 'set_aside_checkpoints',
+      target = os.path.join(self.set_aside_directory,
                             f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
       if jax.process_index() == 0:
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -179,57 +224,64 @@ class Checkpoints:
     warnings.warn(f'checkpoint step {step} in {self.directory} is skipped: {reason}{where}',
                   CheckpointWarning, stacklevel=3)
 
-  def restore(self, template, model: ModelConfig, step: int | None = None,
-              quarantine: bool = False):
+  def restore(self, template, step: int | None = None, quarantine: bool = False):
     """(state on the template's shardings, data position) of `step`, or of the newest complete
     step (warning about, and with `quarantine` moving aside, each newer damaged one; with
     `quarantine` and `step`, the steps after it are moved aside too: training goes on from it).
-    Raises CheckpointError when `step` is missing or damaged, or when no step is usable."""
-    steps = self.step_dirs()
+
+    Only damage (a checksum that does not match, a missing, unreadable or half-written file) sets
+    a step aside, and only once a step before it has restored. A complete step that does not
+    fit `template` raises IncompatibleCheckpointError and moves nothing; CheckpointError when
+    `step` is missing or damaged, or when no step is usable.
+    """
+    problems = self.problems()
     if step is not None:
-      if step not in steps:
+      if step not in problems:
         raise CheckpointError(f'no checkpoint at step {step} in {self.directory}; saved steps: '
-                              f'{list(steps) or "none"}')
-      problem = self.problem(step)
-      if problem:
+                              f'{list(problems) or "none"}')
+      if problems[step]:
         raise CheckpointError(f'checkpoint step {step} in {self.directory} is damaged: '
-                              f'{problem}; complete steps: {self._complete()}')
-      restored = self._restore(step, template, model)
-      for later in [s for s in steps if s > step] if quarantine else []:
+                              f'{problems[step]}; complete steps: {_complete(problems)}')
+      restored = self._restore(step, template)
+      for later in [s for s in problems if s > step] if quarantine else []:
         self.set_aside(later, f'training resumes from step {step}', move=True)
       return restored
-    if not self._sealed() and steps:
+    if not self._sealed() and problems:
       warnings.warn(f'the checkpoints in {self.directory} predate checksum manifests: '
                     'restoring without verifying them', CheckpointWarning, stacklevel=2)
-    for candidate in reversed(steps):
-      problem = self.problem(candidate)
-      if problem is None:
-        try:
-          return self._restore(candidate, template, model)
-        except ShapeMismatchError:
-          raise
-        except Exception as error:  # unreadable despite its manifest (or an unsealed run)
-          problem = f'restore failed: {type(error).__name__}: {error}'
-      self.set_aside(candidate, problem, quarantine)
-    raise CheckpointError(f'no usable checkpoint in {self.directory} (steps tried: '
-                          f'{list(steps) or "none"}); move the directory away to start afresh')
+    complete = _complete(problems)
+    if not complete:
+      for damaged in reversed(problems):
+        self.set_aside(damaged, problems[damaged], quarantine)
+      raise CheckpointError(f'no usable checkpoint in {self.directory} (steps tried: '
+                            f'{list(problems) or "none"})' + (
+                                f'; the damaged steps are in {self.set_aside_directory}'
+                                if quarantine and problems else ''))
+    restored = self._restore(complete[-1], template)
+    for damaged in [s for s in reversed(problems) if s > complete[-1]]:
+      self.set_aside(damaged, problems[damaged], quarantine)
+    return restored
 
-  def _complete(self) -> list[int]:
-    return [s for s in self.step_dirs() if self.problem(s) is None]
-
-  def _restore(self, step: int, template, model: ModelConfig):
+  def _restore(self, step: int, template):
+    """Step `step` (verified complete) restored into `template`'s shapes and shardings."""
     if self.manager.all_steps() != list(self.step_dirs()):
       self.manager.reload()
+    where = f'at step {step} in {self.directory}'
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    saved_shapes = {k: tuple(v) for k, v in meta['param_shapes'].items()}
-    check_compatible(meta['model'], model, saved_shapes, _shapes(template.params))
+    check_compatible(meta, self.fields, state_signature(template), where)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))
+    except Exception as error:  # its files match their checksums: not damage, do not move it
+      raise CheckpointError(f'the checkpoint {where} passed its checksums but could not be '
+                            f'restored ({type(error).__name__}: {str(error)[:300]}); nothing '
+                            'was moved') from error
     return restored['state'], meta['data_position']
-
-  def wait(self):
-    self.manager.wait_until_finished()
 
   def close(self):
     self.manager.close()
+
+
+def _complete(problems: dict[int, str | None]) -> list[int]:
+  return [s for s, problem in problems.items() if problem is None]

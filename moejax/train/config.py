@@ -11,13 +11,17 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import os
 
 import ml_collections
 
-from moejax.checks import ConfigError
+from moejax.errors import ConfigError, InputError
+from moejax.data.tokenizers import TOKENIZERS
 from moejax.models import ModelConfig
-from moejax.train.optim import make_optimizer
+from moejax.train.optim import OPTIMIZERS, SCHEDULES, make_optimizer
+
+TASKS = {'lm': 'decoder', 'span_corruption': 'encoder_decoder'}  # task -> the model.kind it needs
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -74,13 +78,33 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def config_from_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of an experiment file (what `moejax train --config path` runs)."""
+  """`get_config()` of an experiment file (what `moejax train --config path` runs); InputError
+  when the file is missing, a directory, not Python, or has no get_config() returning a config."""
+  module = load_python_file(path, 'experiment_config', 'an experiment config file')
+  if not callable(getattr(module, 'get_config', None)):
+    raise InputError(f'{path} has no get_config() function')
+  config = module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise InputError(f'{path}: get_config() returned {type(config).__name__}, not a ConfigDict')
+  return config
+
+
+def load_python_file(path: str, module_name: str, what: str):
+  """The module a Python file defines, run; InputError naming the file when it is missing, a
+  directory, unreadable, or not valid Python (errors its code raises are its own)."""
+  if os.path.isdir(path):
+    raise InputError(f'{path} is a directory; it must be {what} (.py)')
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'no experiment config file {path}')
-  spec = importlib.util.spec_from_file_location('experiment_config', path)
+    raise InputError(f'no {what} {path}')
+  spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as error:
+    raise InputError(f'{path} line {error.lineno} is not valid Python: {error.msg}') from None
+  except (OSError, UnicodeDecodeError) as error:
+    raise InputError(f'cannot read {path}: {error}') from None
+  return module
 
 
 def parse_value(text: str):
@@ -177,6 +201,12 @@ RANGES = {
 }
 
 
+# The valid values of every string field outside `model` that names a choice (ModelConfig and its
+# layers check theirs: kind, positions, routing, dispatch, router, activation, dtypes, ...).
+CHOICES = {'task': tuple(TASKS), 'data.tokenizer': TOKENIZERS, 'train.optimizer': OPTIMIZERS,
+           'train.schedule': SCHEDULES}
+
+
 def _owner_and_field(path: str) -> tuple[str, str]:
   section, _, field = path.rpartition('.')
   return section or 'config', field
@@ -199,12 +229,26 @@ def check_unknown_fields(config: ml_collections.ConfigDict,
       check_unknown_fields(value, reference[key], key if owner == 'config' else f'{owner}.{key}')
 
 
+def check_finite(config: ml_collections.ConfigDict, owner: str = 'config') -> None:
+  """No field, in any section, is inf or nan: no setting means either."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      check_finite(value, key if owner == 'config' else f'{owner}.{key}')
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(key, value, 'it must be a finite number', owner)
+
+
 def check_ranges(config: ml_collections.ConfigDict) -> None:
   for path, (test, text) in RANGES.items():
     owner, field = _owner_and_field(path)
     node = config if owner == 'config' else config.get(owner)
     if node is not None and field in node and not test(node[field]):
       raise ConfigError(field, node[field], text, owner)
+  for path, choices in CHOICES.items():
+    owner, field = _owner_and_field(path)
+    node = config if owner == 'config' else config.get(owner)
+    if node is not None and field in node and node[field] not in choices:
+      raise ConfigError(field, node[field], f'it must be one of {choices}', owner)
 
 
 def check_mesh(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
@@ -247,8 +291,9 @@ def check_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """The model config a run would build (vocabulary size 1 until the data sets it), after
   checking every section, so that a bad field fails here, before any data or compilation, with
   the field named (`model.top_p=...`, `train.learning_rate=...`, `mesh.expert=...`): unknown
-  fields, ranges, the optimizer, the model and its layers, the mesh, the group size."""
+  fields, finite numbers, ranges and choices, the optimizer, the model and its layers, the mesh, the group size."""
   check_unknown_fields(config)
+  check_finite(config)
   check_ranges(config)
   make_optimizer(config.train)
   model = model_config(config, vocab_size=1)
@@ -272,19 +317,34 @@ def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with (its config.json)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise InputError(f'--workdir {workdir} is a file; it must be a run directory')
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'no {path}: not a run directory (train first)')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    raise InputError(f'no {path}: not a run directory (train first)')
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except ValueError as error:
+    raise InputError(f'{path} is not valid JSON ({error}); it is written atomically, so it was '
+                     'edited or damaged: restore it, or pass --config FILE') from None
+  except OSError as error:
+    raise InputError(f'cannot read {path}: {error.strerror or error}') from None
+
+
+def write_saved_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """<workdir>/config.json (paths absolute), written atomically: a crash leaves the old one."""
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
+    f.write(absolute_paths(config.copy_and_resolve_references()).to_json(indent=2))
+  os.replace(path + '.tmp', path)
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
   """The run's ModelConfig: config.model plus the vocabulary size of the data."""
-  expected_kind = {'lm': 'decoder', 'span_corruption': 'encoder_decoder'}
-  if config.task not in expected_kind:
-    raise ConfigError('task', config.task, f'it must be one of {tuple(expected_kind)}', 'config')
-  if config.model.kind != expected_kind[config.task]:
+  if config.task not in TASKS:
+    raise ConfigError('task', config.task, f'it must be one of {tuple(TASKS)}', 'config')
+  if config.model.kind != TASKS[config.task]:
     raise ConfigError('kind', config.model.kind, f'task={config.task!r} needs '
-                      f'model.kind={expected_kind[config.task]!r}', 'model')
+                      f'model.kind={TASKS[config.task]!r}', 'model')
   return ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': vocab_size})

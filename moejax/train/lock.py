@@ -2,7 +2,8 @@
 
 The lock is the kernel's (`fcntl.flock`), so it is released whenever its holder ends, even by
 kill -9; the file also records the holder (pid, host, start time) for the message a second run
-gets. A record left by a holder that ended without clearing it is taken over with a warning.
+gets. A record left by a holder that ended without clearing it is taken over with a warning. A
+job of several processes holds it once, on process 0, and all agree on the outcome.
 """
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import os
 import socket
 import time
 import warnings
+
+import jax
+
+from moejax.distributed import broadcast_json
 
 LOCK_FILE = 'train.lock'
 
@@ -36,7 +41,28 @@ def _holder(text: str) -> str:
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
   """Hold the work directory's lock for the duration of the `with` block, or raise
-  WorkdirLocked naming its holder."""
+  WorkdirLocked naming its holder. With several processes, process 0 takes the lock and every
+  process raises the same WorkdirLocked when it could not."""
+  if jax.process_count() == 1:
+    with _held(workdir):
+      yield
+    return
+  refusal, held = None, contextlib.ExitStack()
+  if jax.process_index() == 0:
+    try:
+      held.enter_context(_held(workdir))
+    except WorkdirLocked as error:
+      refusal = str(error)
+  refusal = broadcast_json(refusal)
+  if refusal is not None:
+    raise WorkdirLocked(refusal)
+  with held:
+    yield
+
+
+@contextlib.contextmanager
+def _held(workdir: str):
+  """The kernel's lock on <workdir>/train.lock, with this process recorded as its holder."""
   path = os.path.join(workdir, LOCK_FILE)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:

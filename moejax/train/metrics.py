@@ -3,6 +3,9 @@
 Both are written in the training loop's own thread and flushed at each write, so a failing disk
 raises `MetricsWriteError` at once (naming the file) instead of killing a writer thread and
 leaving the loop blocked on its queue.
+
+metrics.jsonl is append-only, so a crash (kill -9, a full disk) can leave its last line torn:
+`read_metrics` skips that line with a warning, and the next writer starts on a new line.
 """
 from __future__ import annotations
 
@@ -10,10 +13,13 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from moejax.errors import InputError
 
 
 class MetricsWriteError(OSError):
@@ -55,6 +61,8 @@ class MetricWriter:
     self._tensorboard = os.path.join(workdir, 'tensorboard')
     with _reporting(self._jsonl_path):
       self._jsonl = open(self._jsonl_path, 'a')
+      if _ends_torn(self._jsonl_path):
+        self._jsonl.write('\n')  # after a torn last line (a crash), not on it
     with _reporting(self._tensorboard):
       os.makedirs(self._tensorboard, exist_ok=True)
       self._tb = EventsWriter(os.path.join(self._tensorboard, 'events'))
@@ -82,6 +90,36 @@ class MetricWriter:
         file.close()
       except OSError:
         pass
+
+
+def _ends_torn(path: str) -> bool:
+  """Whether the file is non-empty and its last byte is not a newline."""
+  with open(path, 'rb') as f:
+    f.seek(0, os.SEEK_END)
+    if f.tell() == 0:
+      return False
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) != b'\n'
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl, in file order. A torn last line is skipped with a warning; a
+  broken line before it is an InputError naming the file and the line."""
+  with open(path) as f:
+    lines = f.read().split('\n')
+  rows = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except ValueError as error:
+      if any(rest.strip() for rest in lines[number:]):
+        raise InputError(f'{path} line {number} is not JSON ({error}); only a torn last line '
+                         'is expected after a crash') from None
+      warnings.warn(f'{path}: skipping its torn last line {number} (a crash while writing)',
+                    stacklevel=2)
+  return rows
 
 
 class NullWriter:

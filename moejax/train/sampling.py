@@ -57,3 +57,27 @@ def generate(model: nn.Module, params, prompt: np.ndarray, num_tokens: int, leng
     context.append(token)
     out.append(token)
   return np.asarray(out, np.int32)
+
+
+SENTINEL = '<X>'
+
+
+def encode_prompt(run, prompt: str) -> np.ndarray:
+  """Token ids of a prompt; for span corruption, each '<X>' becomes the next sentinel id."""
+  if run.config.task != 'span_corruption':
+    return run.tokenizer.encode(prompt)
+  ids = []
+  for i, piece in enumerate(prompt.split(SENTINEL)):
+    if i:
+      ids.append(run.model_config.vocab_size - i)  # sentinel i - 1
+    ids.extend(run.tokenizer.encode(piece))
+  return np.asarray(ids, np.int32)
+
+
+def sample_text(run, params, prompt: str, num_tokens: int, temperature: float,
+                seed: int, bias_state=None) -> str:
+  """Continue `prompt` (decoder), or fill its '<X>' spans (encoder-decoder; the generated
+  sentinels are dropped from the text). bias_state: as in `evaluate`."""
+  ids = generate(run.model, params, encode_prompt(run, prompt), num_tokens,
+                 run.config.data.length, temperature, seed, bias_state)
+  return run.tokenizer.decode(ids)

@@ -13,13 +13,11 @@ from moejax.train import loop
 from moejax.train.checkpoint import (MANIFEST, CheckpointError, Checkpoints, CheckpointWarning)
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A 5-step smoke run (checkpoints at steps 2, 4 and 5) and a template state to restore into."""
-  root = tmp_path_factory.mktemp('trained')
-  config = smoke_config(root / 'tfds')
-  summary = loop.train(config, str(root / 'run'), quiet=True)
-  return root / 'run', summary['run'], summary['state']
+@pytest.fixture
+def trained(smoke_run):
+  """The session's 5-step smoke run (checkpoints at steps 2, 4 and 5): (workdir, run, state)."""
+  workdir, summary = smoke_run
+  return workdir, summary['run'], summary['state']
 
 
 @pytest.fixture
@@ -37,7 +35,7 @@ _TEMPLATES = {}
 def _restore(checkpoints, run, **kwargs):
   """restore() into a template state (made once per run: it only gives shapes and shardings)."""
   template = _TEMPLATES.setdefault(id(run), run.fresh_state())
-  return checkpoints.restore(template, run.model_config, **kwargs)
+  return checkpoints.restore(template, **kwargs)
 
 
 def _flip_byte(path):
@@ -100,13 +98,13 @@ def test_truncated_empty_and_partial_steps_fall_back(copy):
 
 
 @pytest.mark.slow
-def test_training_resumes_from_the_previous_step_and_saves_again(trained, tmp_path):
+def test_training_resumes_from_the_previous_step_and_saves_again(trained, tfds_dir, tmp_path):
   workdir, _, final = trained
   resumed = tmp_path / 'run'
   shutil.copytree(workdir, resumed, ignore=shutil.ignore_patterns('train.lock'))
   _flip_byte(next(p for p in (resumed / 'checkpoints' / '5').rglob('*')
                   if p.is_file() and p.parent.name == 'd'))
-  config = smoke_config(tmp_path.parent / 'trained0' / 'tfds')
+  config = smoke_config(tfds_dir)
   with pytest.warns(CheckpointWarning, match='step 5 .* moved to .*set_aside_checkpoints'):
     summary = loop.train(config, str(resumed), quiet=True)
   assert summary['step'] == 5
@@ -146,11 +144,11 @@ def test_checkpoints_from_before_manifests_restore_with_a_warning(copy):
 
 
 @pytest.mark.slow
-def test_train_from_a_chosen_step_sets_the_later_ones_aside(trained, tmp_path):
+def test_train_from_a_chosen_step_sets_the_later_ones_aside(trained, tfds_dir, tmp_path):
   workdir, _, final = trained
   resumed = tmp_path / 'run'
   shutil.copytree(workdir, resumed, ignore=shutil.ignore_patterns('train.lock'))
-  config = smoke_config(tmp_path.parent / 'trained0' / 'tfds')
+  config = smoke_config(tfds_dir)
   with pytest.warns(CheckpointWarning, match='step 5 .* training resumes from step 2'):
     summary = loop.train(config, str(resumed), quiet=True, step=2)
   assert summary['step'] == 5 and len(os.listdir(resumed / 'set_aside_checkpoints')) == 2

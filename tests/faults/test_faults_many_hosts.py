@@ -15,8 +15,10 @@ import pytest
 from helpers import REPO, SMOKE_CONFIG, smoke_config
 from moejax.data import documents
 from moejax.train.checkpoint import Checkpoints
+from moejax.train.lock import workdir_lock
 
 MESH = ['--config.mesh.data=2', '--config.mesh.expert=4']
+SHAKESPEARE = os.path.join(REPO, 'data', 'tinyshakespeare.txt')
 
 
 def _free_port() -> int:
@@ -40,16 +42,24 @@ def _launch(command, workdir, data_dir, *args, processes=1):
           for i in range(processes)]
 
 
-def _wait(processes, timeout=400):
-  outputs = []
+def _results(processes, timeout=400):
+  """[(exit status, stdout, stderr)] of each process."""
+  results = []
   for process in processes:
     try:
       out, err = process.communicate(timeout=timeout)
     finally:
       process.kill()
-    assert process.returncode == 0, err[-3000:]
-    outputs.append(out)
-  return outputs
+    results.append((process.returncode, out, err))
+  return results
+
+
+def _wait(processes, timeout=400):
+  """The stdout of each process, all of which must exit 0."""
+  results = _results(processes, timeout)
+  for status, _, err in results:
+    assert status == 0, err[-3000:]
+  return [out for _, out, _ in results]
 
 
 def _metrics(workdir):
@@ -103,3 +113,63 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, data_dir):
   assert 'SIGTERM (on another process)' in stopped and 3 <= step < 100000
   checkpoints = Checkpoints(str(workdir / 'checkpoints'), 50000, 3)
   assert checkpoints.latest_step() == step and checkpoints.problem(step) is None
+
+
+def _moejax_lines(err: str) -> list[str]:
+  return [line for line in err.splitlines() if line.startswith('moejax train:')]
+
+
+@pytest.mark.slow
+def test_a_locked_workdir_refuses_every_process_with_the_same_line(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  with workdir_lock(str(workdir)):
+    results = _results(_launch('train', workdir, data_dir, processes=2))
+  lines = [_moejax_lines(err) for _, _, err in results]
+  assert [rc for rc, _, _ in results] == [1, 1], [err[-2000:] for _, _, err in results]
+  assert lines[0] == lines[1] and len(lines[0]) == 1 and f'pid {os.getpid()}' in lines[0][0]
+  assert not (workdir / 'config.json').exists()
+
+
+@pytest.mark.slow
+def test_a_metrics_write_failure_on_process_0_saves_and_stops_both(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  os.symlink('/dev/full', workdir / 'metrics.jsonl')  # every write: ENOSPC, on process 0 only
+  results = _results(_launch('train', workdir, data_dir, processes=2))
+  assert [rc for rc, _, _ in results] == [1, 1], [err[-2000:] for _, _, err in results]
+  (first,), (second,) = (_moejax_lines(err) for _, _, err in results)
+  assert 'No space left on device' in first and 'metrics.jsonl' in first
+  assert 'failed on another process' in second
+  for line in (first, second):
+    assert 'the run stopped at step 1; the last complete checkpoint is step 1' in line
+  checkpoints = Checkpoints(str(workdir / 'checkpoints'), 2, 3)
+  assert checkpoints.latest_step() == 1
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_mid_run_evaluation_stops_both_processes_between_batches(
+    tmp_path, data_dir):
+  """A long evaluation (the whole validation split of tiny shakespeare, about 430 batches) after
+  step 2; the second process is signalled as it starts: both stop inside it, at step 2."""
+  workdir = tmp_path / 'run'
+  config = smoke_config(data_dir)
+  config.data.source = SHAKESPEARE
+  documents(config.data, 'train')  # prepared before the processes read it
+  processes = _launch('train', workdir, data_dir, '--config.train.num_steps=50',
+                      '--config.eval.every_steps=2', '--config.eval.max_batches=None',
+                      '--config.eval.batch_size=8', f'--config.data.source={SHAKESPEARE}',
+                      processes=2)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (workdir / 'metrics.jsonl').exists():
+    time.sleep(0.05)
+  while time.time() < deadline and '"step": 2' not in (workdir / 'metrics.jsonl').read_text():
+    time.sleep(0.05)
+  processes[1].send_signal(signal.SIGTERM)
+  results = _results(processes)
+  assert [rc for rc, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
+  (stopped,) = [l for l in results[0][1].splitlines() if l.startswith('stopped by')]
+  assert 'SIGTERM (on another process)' in stopped and 'checkpoint saved at step 2' in stopped
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  assert [r['split'] for r in rows] == ['train', 'train']  # the evaluation was not finished
+  assert Checkpoints(str(workdir / 'checkpoints'), 2, 3).latest_step() == 2

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from helpers import REPO, SMOKE_CONFIG, smoke_config
-from moejax.checks import ConfigError
+from moejax import cli
+from moejax.errors import ConfigError
 from moejax.train import loop
 from moejax.train.config import apply_overrides, check_config
 
@@ -70,8 +71,8 @@ def test_batch_must_split_over_the_mesh(mesh, batch, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_valid_group_size_larger_than_one_row_is_accepted(tmp_path):
-  config = smoke_config(tmp_path / 'tfds', num_steps=2)
+def test_a_valid_group_size_larger_than_one_row_is_accepted(tmp_path, tfds_dir):
+  config = smoke_config(tfds_dir, num_steps=2)
   config.model.group_size = 64  # 2 rows of 32 tokens; a batch-1 initialization has only 32
   summary = loop.train(config, str(tmp_path / 'run'), quiet=True)
   assert summary['step'] == 2 and summary['eval']['nll'] > 0
@@ -116,10 +117,10 @@ def test_the_cli_refuses_before_compiling_with_one_line(tmp_path):
     assert time.perf_counter() - start < 60
 
 
-def test_sample_flags_are_checked_like_config_fields(tmp_path):
+def test_sample_flags_are_checked_like_config_fields(tmp_path, tfds_dir):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   (tmp_path / 'run').mkdir()
-  config = smoke_config(tmp_path / 'tfds')
+  config = smoke_config(tfds_dir)
   (tmp_path / 'run' / 'config.json').write_text(config.to_json())
   result = subprocess.run([sys.executable, '-m', 'moejax.cli', 'sample', '--workdir',
                            str(tmp_path / 'run'), '--temperature=-1'], cwd=REPO, env=env,
@@ -127,3 +128,70 @@ def test_sample_flags_are_checked_like_config_fields(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip() == ('moejax sample: sample.temperature=-1.0 is invalid: it must '
                                    'be a number >= 0 (0: greedy).')
+
+
+# Every string field that names a choice, with a value it does not allow.
+STRING_CHOICES = [('data.tokenizer', 'bpe'), ('train.optimizer', 'sgd'),
+                  ('train.schedule', 'linear'), ('task', 'lm2'), ('model.positions', 'alibi'),
+                  ('model.activation', 'swish'), ('model.routing', 'random'),
+                  ('model.dispatch', 'fast'), ('model.router', 'mlp'),
+                  ('model.router_dtype', 'float64'), ('model.dtype', 'float16'),
+                  ('model.load_balancing_loss_scale', 'per_group'),
+                  ('model.kind', 'encoder')]
+
+
+def _cli(capsys, *args) -> tuple[int, list[str]]:
+  """`moejax ARGS` in this process: (exit status, stderr lines)."""
+  capsys.readouterr()
+  status = cli.main(['moejax', *map(str, args)])
+  return status, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize('field,value', STRING_CHOICES, ids=[f for f, _ in STRING_CHOICES])
+def test_a_bad_string_value_is_one_line_listing_the_choices(field, value, capsys):
+  status, lines = _cli(capsys, 'train', '--config', SMOKE_CONFIG, '--print_config',
+                       f'--config.{field}={value}')
+  assert status == 2 and len(lines) == 1, lines
+  owner, _, name = field.rpartition('.')
+  assert lines[0].startswith(f"moejax train: {owner or 'config'}.{name}={value!r} is invalid: ")
+  if field == 'model.kind':  # the task allows one kind
+    assert "task='lm' needs model.kind='decoder'" in lines[0]
+  else:
+    assert 'one of (' in lines[0]
+
+
+def test_paths_of_the_wrong_kind_broken_files_and_infinities_are_one_line(tmp_path, capsys):
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_config(:\n')
+  not_a_config = tmp_path / 'empty.py'
+  not_a_config.write_text('x = 1\n')
+  a_file = tmp_path / 'file'
+  a_file.write_text('')
+  cases = [
+      (('train', '--config', tmp_path, '--print_config'), 'is a directory'),
+      (('train', '--config', broken, '--print_config'), 'line 1 is not valid Python'),
+      (('train', '--config', not_a_config, '--print_config'), 'has no get_config() function'),
+      (('train', '--config', SMOKE_CONFIG, '--workdir', a_file), 'is a file'),
+      (('eval', '--workdir', a_file), 'is a file'),
+      (('eval', '--workdir', tmp_path / 'nothing'), 'not a run directory'),
+      (('train', '--config', SMOKE_CONFIG, '--print_config',
+        '--config.train.learning_rate=1e999'), 'train.learning_rate=inf is invalid: it must be '
+                                               'a finite number'),
+      (('train', '--config', SMOKE_CONFIG, '--print_config',
+        '--config.model.train_capacity_factor=1e999'), 'model.train_capacity_factor=inf'),
+      (('ablate', tmp_path), 'is a directory'),
+      (('ablate', broken), 'line 1 is not valid Python'),
+  ]
+  for args, message in cases:
+    status, lines = _cli(capsys, *args)
+    assert status == 2 and len(lines) == 1 and message in lines[0], (args, lines)
+  assert not (tmp_path / 'nothing').exists()
+
+
+def test_an_empty_text_to_analyze_is_one_line(smoke_run, tmp_path, capsys):
+  empty = tmp_path / 'empty.txt'
+  empty.write_text('')
+  status, lines = _cli(capsys, 'analyze', '--workdir', smoke_run[0], '--text', empty,
+                       '--out', tmp_path / 'out')
+  assert status == 2 and lines == ['moejax analyze: the text to analyze has 0 token(s); it '
+                                   'needs at least 2'], lines

@@ -1,0 +1,119 @@
+"""A run: what every command on a work directory needs, built from its config (tokenizer, model,
+optimizer, mesh, checkpoints), and how its state and batches are placed on the mesh.
+
+A run lives in its work directory: checkpoints/ (Orbax), metrics.jsonl, tensorboard/, config.json
+(and spm.model when it trains a SentencePiece vocabulary).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from moejax import data as data_lib
+from moejax import sharding as moe_sharding
+from moejax.models import make_model
+from moejax.train import sharding
+from moejax.train.checkpoint import Checkpoints
+from moejax.train.config import check_config, model_config
+from moejax.train.inputs import dummy_batch
+from moejax.train.optim import make_optimizer
+from moejax.train.step import init_state, make_eval_step
+
+# The train fields that change the train state's arrays (the optimizer's state tree), saved in
+# each checkpoint beside every model field, so a resume that does not fit names what changed.
+STATE_TRAIN_FIELDS = ('optimizer', 'weight_decay')
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a command needs: config, tokenizer, model, optimizer, mesh, checkpoints."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  tokenizer: object
+  model_config: object
+  model: object
+  tx: object
+  mesh: object
+  checkpoints: Checkpoints
+
+  def example_batch(self, batch_size):
+    length = self.config.data.length
+    if self.config.task == 'span_corruption':
+      inputs_len, targets_len = data_lib.span_corruption_lengths(
+          length, self.config.data.noise_density, self.config.data.mean_span_length)
+      return dummy_batch(self.model_config, batch_size, targets_len, inputs_len)
+    return dummy_batch(self.model_config, batch_size, length)
+
+  @property
+  def init_batch_size(self) -> int:
+    """The fewest rows whose tokens `model.group_size` divides (1 without groups): what params
+    are initialized (and their specs traced) on."""
+    group_size, length = self.model_config.group_size, self.config.data.length
+    return 1 if group_size is None else group_size // math.gcd(group_size, length)
+
+  def shardings(self, state):
+    """NamedShardings of a state (or params) tree on the run's mesh; None without a mesh."""
+    if self.mesh is None:
+      return None
+    specs = sharding.param_specs(self.model, self.example_batch(self.init_batch_size))
+    return sharding.state_shardings(state, specs, self.mesh)
+
+  def to_global(self, batch: dict) -> dict:
+    """A global batch (every process builds the same) as the steps take it: on a mesh, global
+    arrays assembled from each process's own rows."""
+    if self.mesh is None:
+      return batch
+    rows = moe_sharding.process_rows(self.mesh, len(next(iter(batch.values()))))
+    return moe_sharding.shard_batch({name: value[rows] for name, value in batch.items()},
+                                    self.mesh)
+
+  def fresh_state(self):
+    """The initial state, placed on the mesh's shardings when there is a mesh."""
+    batch = self.example_batch(self.init_batch_size)
+    init = lambda: init_state(self.model, self.tx, batch, self.config.seed)
+    return jax.jit(init, out_shardings=self.shardings(jax.eval_shape(init)))()
+
+  def eval_step(self, params):
+    return make_eval_step(self.model, self.mesh, self.shardings(params))
+
+  @functools.cached_property
+  def eval_batches(self) -> list:
+    cfg = self.config
+    return data_lib.eval_batches(cfg.data, self.tokenizer, cfg.task, cfg.eval.batch_size,
+                                 cfg.eval.max_batches)
+
+  @functools.cached_property
+  def chars_per_token(self) -> float:
+    return data_lib.chars_per_token(self.config.data, self.tokenizer, self.config.data.eval_split)
+
+
+def state_fields(config: ml_collections.ConfigDict, model) -> dict:
+  """{'model.<field>': value, 'train.optimizer': ..., ...}: the settings that shape the state."""
+  fields = {f'model.{k}': v for k, v in model.to_dict().items()}
+  fields.update({f'train.{k}': config.train[k] for k in STATE_TRAIN_FIELDS})
+  return fields
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """The run of `config` in `workdir`: the config checked (ConfigError naming the field), the
+  corpus checked against data.length, the tokenizer, model, optimizer, mesh and checkpoints."""
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer = data_lib.tokenizer_for(config.data, workdir)
+  data_lib.check_corpus(config.data, tokenizer)
+  vocab_size = data_lib.model_vocab_size(tokenizer, config.data, config.task)
+  model_cfg = model_config(config, vocab_size)
+  mesh_shape = (config.mesh.data, config.mesh.expert, config.mesh.model)
+  mesh = None
+  if np.prod(mesh_shape) > 1:
+    mesh = moe_sharding.make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint.every_steps,
+                            config.checkpoint.keep, state_fields(config, model_cfg))
+  return Run(config, workdir, tokenizer, model_cfg, make_model(model_cfg),
+             make_optimizer(config.train), mesh, checkpoints)
