@@ -18,12 +18,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/moejax train --config experiments/configs/switch_tiny.py --workdir runs/switch_tiny
 
+# Two workers (one per core of the reference machine), tests grouped by xdist_group marks, the 15
+# slowest listed at the end. The JAX compilation cache is per session (tests/conftest.py).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # The edit-test loop: everything not marked slow.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m 'not slow'
+	$(PYTEST) -m 'not slow'
 
 # Layer vs FLOP-matched dense FFN (writes benchmarks/results/layer.json and its table into
 # benchmarks/RESULTS.md), train step vs dense twin, expert-parallel all-to-all volume and overhead.

@@ -23,7 +23,8 @@ from moejax.ablate.sweep import BASE_SCALE, Sweep, with_overrides
 from moejax.models import make_model
 from moejax.train import default_config, loop
 from moejax.train.config import check_config
-from moejax.train.step import dummy_batch, model_inputs
+from moejax.train.inputs import dummy_batch, model_inputs
+from moejax.train.resume import load
 
 LONG_RUN_STEPS = 200  # the run the test interrupts
 
@@ -97,7 +98,7 @@ def test_a_sweep_trains_stops_resumes_skips_and_reports(tmp_path, monkeypatch):
   copied = load_result(copied_dir)
   assert copied['name'] == 'same_as_e2' and copied['copied_from'] == short
   assert copied['record'] == load_result(short)['record']
-  run, state = loop.load(other_specs[0].config, copied_dir)  # a whole run, checkpoints included
+  run, state = load(other_specs[0].config, copied_dir)  # a whole run, checkpoints included
   run.checkpoints.close()
   assert int(state.step) == 6
 
@@ -114,14 +115,15 @@ def test_a_sweep_trains_stops_resumes_skips_and_reports(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_expert_dropout_pretrains_once_and_fine_tunes_on_a_few_passages(tmp_path, monkeypatch):
+def test_expert_dropout_pretrains_once_and_fine_tunes_on_a_few_passages(tmp_path, monkeypatch,
+                                                                      tfds_dir):
   sweep = load_sweep('expert_dropout')
   tiny = {'STEPS': 4, 'EVAL_EVERY': 2, 'TRAIN_PASSAGES': 8, 'BATCH': 8}
   for name, value in tiny.items():
     monkeypatch.setitem(sweep.train.__globals__, name, value)
   overrides = [('model.model_dim', '32'), ('model.ffn_dim', '64'), ('train.batch_size', '8'),
                ('train.num_steps', '3'), ('train.warmup_steps', '1'), ('eval.every_steps', '3'),
-               ('data.data_dir', repr(str(tmp_path / 'tfds')))]
+               ('data.data_dir', repr(str(tfds_dir)))]
   specs = [spec for spec in run_specs(sweep, overrides=overrides) if spec.seed == 0]
   sweep_dir = str(tmp_path / 'expert_dropout')
   assert run_sweep(sweep, specs, sweep_dir, quiet=True)
@@ -260,7 +262,7 @@ def test_a_claims_verdict_follows_the_two_standard_error_rule():
 
 
 def test_router_max_logit_is_the_largest_logit_of_a_real_token():
-  layer = MoeLayer(num_experts=4, expert_hidden_dim=8, dispatch='einsum')
+  layer = MoeLayer(num_experts=4, ffn_dim=8, dispatch='einsum')
   x = jax.random.normal(jax.random.key(0), (2, 6, 16))
   mask = jnp.ones((2, 6), bool).at[1, -2:].set(False)
   variables = jax.jit(lambda x: init_layer(layer, x))(x)

@@ -1,20 +1,16 @@
 """moejax.analysis: hand-computed statistics of a hand-built routing, a model's routing read back,
 the figures written, and `moejax analyze` end to end."""
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import matplotlib.image
 import numpy as np
 import pytest
 
-from helpers import REPO, smoke_config
+from moejax import cli
 from moejax.analysis import LayerRouting, figures, route_tokens, stats, token_rows
 from moejax.analysis.routes import with_eval_capacity
 from moejax.models import ModelConfig, make_model
-from moejax.train import loop
 
 EXPERT = np.array([[0, 1], [0, 2], [1, 0], [1, 2], [2, 1]])  # [T=5, K=2], first choices 0 0 1 1 2
 
@@ -178,17 +174,15 @@ def test_figures_are_written(tmp_path):
 
 
 @pytest.mark.slow
-def test_analyze_command_end_to_end(tmp_path):
-  workdir = tmp_path / 'run'
-  loop.train(smoke_config(tmp_path / 'tfds'), str(workdir), quiet=True)
+def test_analyze_command_end_to_end(smoke_run, tmp_path, capsys):
+  workdir = smoke_run[0]
   text = tmp_path / 'text.txt'
   text.write_text('It was a dark and stormy night; the rain fell in torrents.\n' * 4)
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  result = subprocess.run([sys.executable, '-m', 'moejax.cli', 'analyze', '--workdir',
-                           str(workdir), '--text', str(text), '--out', str(tmp_path / 'out')],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr
-  assert 'same first choice' in result.stdout and 'token purity' in result.stdout
+  capsys.readouterr()
+  assert cli.main(['moejax', 'analyze', '--workdir', str(workdir), '--text', str(text),
+                   '--out', str(tmp_path / 'out')]) == 0
+  out = capsys.readouterr().out
+  assert 'same first choice' in out and 'token purity' in out
   report = json.loads((tmp_path / 'out' / 'routing.json').read_text())
   assert report['tokens'] == len(text.read_text()) and report['step'] == 5
   (layer,) = report['layers'].values()
@@ -198,8 +192,6 @@ def test_analyze_command_end_to_end(tmp_path):
   for name in ('colored_text.png', 'class_usage.png', 'agreement.png', 'usage_over_training.png'):
     assert _is_image(tmp_path / 'out' / name), name
   assert (tmp_path / 'out' / 'colored_text.html').stat().st_size > 1000
-  init = subprocess.run([sys.executable, '-m', 'moejax.cli', 'analyze', '--workdir', str(workdir),
-                         '--text', str(text), '--out', str(tmp_path / 'init'), '--at_init'],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert init.returncode == 0, init.stderr
+  assert cli.main(['moejax', 'analyze', '--workdir', str(workdir), '--text', str(text),
+                   '--out', str(tmp_path / 'init'), '--at_init']) == 0
   assert json.loads((tmp_path / 'init' / 'routing.json').read_text())['step'] == 0
