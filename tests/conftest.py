@@ -30,6 +30,15 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ['MOEJAX_TEST_JAX_CACHE'], ignore_errors=True)
 
 
+def pytest_collection_modifyitems(config, items):
+  """Every test that reads a corpus through the data pipeline (TensorFlow, a TFDS preparation),
+  which is every test that trains a run, is slow: those that ask for `tfds_dir` (`smoke_run` and
+  `copy_run` do). `make test-fast` leaves them out."""
+  for item in items:
+    if 'tfds_dir' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope='session')
 def tfds_dir(tmp_path_factory):
   """A TFDS data_dir shared by the session's tests: each local corpus is prepared into it once."""

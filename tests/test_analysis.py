@@ -98,6 +98,7 @@ def _tiny(scan_layers=False, **fields):
   return config, params
 
 
+@pytest.mark.slow
 def test_route_tokens_reads_every_layer_in_text_order():
   config, params = _tiny()
   ids = np.random.default_rng(0).integers(3, 40, size=21)
@@ -121,6 +122,7 @@ def test_route_tokens_reads_every_layer_in_text_order():
   assert rows.shape == (3, 8) and mask.sum() == 21 and (rows[mask] == ids).all()
 
 
+@pytest.mark.slow
 def test_route_tokens_same_with_scanned_layers():
   config, params = _tiny()
   scanned, _ = _tiny(scan_layers=True)
@@ -136,6 +138,7 @@ def test_route_tokens_same_with_scanned_layers():
     np.testing.assert_array_equal(plain[name].expert, scan[name].expert)
 
 
+@pytest.mark.slow
 def test_route_tokens_refuses_routing_without_first_choices():
   config, params = _tiny(routing='dense')
   with pytest.raises(ValueError, match="model.routing='dense'"):

@@ -64,6 +64,7 @@ def test_the_config_checks_by_the_layers_rules_and_names_the_model_field():
     _config(group_size='8')
 
 
+@pytest.mark.slow
 def test_experts_choose_fills_every_expert_of_the_encoder_and_a_decoder_refuses_it():
   config = _config(kind='encoder_decoder', routing='experts_choose', eval_capacity_factor=1.0)
   _, _, decisions, _ = _run(config)
@@ -91,6 +92,7 @@ def _dropped_before_dispatched(decision) -> bool:
   return False
 
 
+@pytest.mark.slow
 def test_batch_prioritized_orders_the_encoder_by_confidence_and_a_decoder_refuses_it():
   config = _config(kind='encoder_decoder', batch_prioritized=True, eval_capacity_factor=0.5,
                    min_expert_capacity=1, router_init_scale=10.0)
@@ -101,6 +103,7 @@ def test_batch_prioritized_orders_the_encoder_by_confidence_and_a_decoder_refuse
     _config(batch_prioritized=True)
 
 
+@pytest.mark.slow
 def test_random_routing_drops_second_choices_in_training_only():
   config = _config(num_selected_experts=2, random_routing=True)
   _, params, train, _ = _run(config, deterministic=False)
@@ -119,6 +122,7 @@ def test_router_bias_and_router_dim_shape_the_router():
   assert router['projection']['kernel'].shape == (32, 8)
 
 
+@pytest.mark.slow
 def test_gumbel_temperature_changes_the_router_gradient_not_the_forward_pass():
   def loss_and_router_grad(temperature, params=None):
     config = _config(router='gumbel', gumbel_temperature=temperature)
@@ -138,6 +142,7 @@ def test_gumbel_temperature_changes_the_router_gradient_not_the_forward_pass():
   assert not np.allclose(cold_grad['dense']['kernel'], hot_grad['dense']['kernel'])
 
 
+@pytest.mark.slow
 def test_block_size_gives_the_same_numbers_and_must_be_a_power_of_two():
   config = _config(dispatch='sorted', block_size=16)
   assert config.moe_layer(causal=True).block_size == 16

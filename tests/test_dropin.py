@@ -42,6 +42,7 @@ def _task(seed=0):
   return tokens, (tokens + 1) % 64
 
 
+@pytest.mark.slow
 def test_plainly_scanned_foreign_model_trains_and_collects_aux_losses():
   model = ScannedModel()
   tokens, targets = _task()
@@ -74,6 +75,7 @@ def test_plainly_scanned_foreign_model_trains_and_collects_aux_losses():
   assert tuple(axes['Embed_0']['embedding']) == (None, None)
 
 
+@pytest.mark.slow
 def test_decisions_of_a_scanned_foreign_model_come_per_layer():
   tokens, _ = _task()
   model = ScannedModel()
@@ -98,8 +100,9 @@ def _nnx_and_linen(**fields):
   return layer, moejax.MoeLayer(num_experts=E, ffn_dim=F, **fields), params
 
 
-@pytest.mark.parametrize('fields', [dict(), dict(num_selected_experts=2, dispatch='einsum'),
-                                    dict(router='cosine', num_selected_experts=2, glu=True)])
+@pytest.mark.parametrize('fields', [
+    dict(), pytest.param(dict(num_selected_experts=2, dispatch='einsum'), marks=pytest.mark.slow),
+    pytest.param(dict(router='cosine', num_selected_experts=2, glu=True), marks=pytest.mark.slow)])
 def test_nnx_layer_gives_the_linen_numbers(fields):
   layer, linen_layer, params = _nnx_and_linen(**fields)
   x = jax.random.normal(jax.random.key(1), (2, L, D))
@@ -129,6 +132,7 @@ class NnxModel(nnx.Module):
     return self.out(x + self.moe(self.norm(x), deterministic))
 
 
+@pytest.mark.slow
 def test_nnx_model_trains_50_steps_with_nnx_optimizer():
   model = NnxModel(nnx.Rngs(params=0, jitter=1))
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
@@ -153,6 +157,7 @@ def test_nnx_model_trains_50_steps_with_nnx_optimizer():
   np.testing.assert_allclose(metrics['expert_usage'].sum(), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_nnx_balancing_bias_records_the_load_and_moves_against_it():
   layer = moejax.nnx.MoeLayer(D, num_experts=E, ffn_dim=F, balancing_bias=True,
                               rngs=nnx.Rngs(0))

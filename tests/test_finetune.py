@@ -69,6 +69,7 @@ def tiny_state():
   return model, tx, jax.jit(lambda: init_state(model, tx, batch, seed=0))()
 
 
+@pytest.mark.slow
 def test_the_loss_counts_the_label_token_only(tiny_state):
   model, _, state = tiny_state
   tokens, labels = book_passages(PATHS, 'validation', length=64)
@@ -82,6 +83,7 @@ def test_the_loss_counts_the_label_token_only(tiny_state):
   np.testing.assert_allclose(metrics['nll_sum'], expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_tiny_moe_learns_which_book(tiny_state):
   model, tx, state = tiny_state
   state = jax.tree.map(jnp.copy, state)  # the step donates its input; the fixture's stays intact

@@ -112,6 +112,7 @@ def test_decoder_never_looks_at_later_tokens_even_when_experts_overflow():
   assert not np.allclose(logits[0][:, 12:], logits[1][:, 12:])
 
 
+@pytest.mark.slow
 def test_encoder_padding_is_ignored():
   config = ModelConfig(**TINY, kind='encoder_decoder')
   model, params, batch = _init(config)
@@ -147,6 +148,7 @@ def test_unknown_model_field_is_named():
     ModelConfig.from_dict({**TINY, 'num_expert': 3})
 
 
+@pytest.mark.slow
 def test_soft_moe_encoder_flops_by_formula_match_the_compiled_model():
   """per_token_flops counts an encoder's Soft MoE layers (slot logits, dispatch, combine and
   E * P / S expert FFNs per token): the formula's difference between a Soft MoE encoder with

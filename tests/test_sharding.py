@@ -67,10 +67,11 @@ def _assert_close(a, b):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5), a, b)
 
 
-@pytest.mark.parametrize('data,expert', MESHES)
-@pytest.mark.parametrize('num_experts', [8, 16])
-@pytest.mark.parametrize('k', [1, 2])
-@pytest.mark.parametrize('overflow', [True, False], ids=['overflow', 'roomy'])
+@pytest.mark.parametrize('data,expert,num_experts,k,overflow', [
+    pytest.param(data, expert, e, k, overflow,
+                 id=f'{"overflow" if overflow else "roomy"}-{k}-{e}-{data}-{expert}',
+                 marks=() if (data, expert, e, k, overflow) == (2, 4, 8, 2, True) else pytest.mark.slow)
+    for overflow in (True, False) for k in (1, 2) for e in (8, 16) for data, expert in MESHES])
 def test_sharded_layer_equals_single_device(data, expert, num_experts, k, overflow):
   layer = _layer(num_experts, k, overflow)
   variables, loss, out, metrics, grads = _reference(layer)
@@ -87,8 +88,13 @@ def test_sharded_layer_equals_single_device(data, expert, num_experts, k, overfl
   assert (float(metrics['fraction_dropped']) > 0.2) == overflow
 
 
-@pytest.mark.parametrize('dispatch', ['einsum', 'indices', 'sorted'])
-@pytest.mark.parametrize('routing', ['tokens_choose', 'experts_choose', 'dense'])
+@pytest.mark.parametrize('dispatch,routing', [
+    pytest.param(dispatch, routing, id=f'{routing}-{dispatch}',
+                 marks=() if (dispatch, routing) in {('indices', 'tokens_choose'),
+                                                     ('einsum', 'experts_choose')}
+                 else pytest.mark.slow)
+    for routing in ('tokens_choose', 'experts_choose', 'dense')
+    for dispatch in ('einsum', 'indices', 'sorted')])
 def test_sharded_dispatch_methods_and_routings(dispatch, routing):
   layer = _layer(8, 2, True, dispatch=dispatch, routing=routing, causal=False)
   variables, loss, out, metrics, grads = _reference(layer)
@@ -154,6 +160,7 @@ def test_all_to_all_bytes_equal_theory(data, expert, k):
   assert moved == 2 * slots * D * 4 * (expert - 1) / expert
 
 
+@pytest.mark.slow
 def test_sharding_errors():
   mesh = sharding.make_mesh(data=2, expert=4)
   layer = MoeLayer(num_experts=6, ffn_dim=F)

@@ -21,16 +21,16 @@ from moejax.train.resume import load
 from moejax.train.inputs import dummy_batch
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('tfds')
+@pytest.fixture
+def data_dir(tfds_dir):
+  return tfds_dir
 
 
 @pytest.fixture(scope='module')
-def run20(data_dir, tmp_path_factory):
+def run20(tfds_dir, tmp_path_factory):
   """A 20-step run of the smoke config on one device (shared by several tests)."""
   workdir = str(tmp_path_factory.mktemp('run20'))
-  config = smoke_config(data_dir, num_steps=20)
+  config = smoke_config(tfds_dir, num_steps=20)
   summary = loop.train(config, workdir, quiet=True)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     lines = [json.loads(line) for line in f]
@@ -167,6 +167,7 @@ def test_nonfinite_step_leaves_params_and_optimizer_state_unchanged(tiny_step):
   assert not np.array_equal(good.params['logits']['kernel'], after.params['logits']['kernel'])
 
 
+@pytest.mark.slow
 def test_train_step_on_a_data2_expert4_mesh_matches_one_device(tiny_step):
   model, tx, batch = tiny_step
   init = lambda: init_state(model, tx, batch, 0)
@@ -185,6 +186,7 @@ def test_train_step_on_a_data2_expert4_mesh_matches_one_device(tiny_step):
                jax.device_get(eight.params), jax.device_get(one.params))
 
 
+@pytest.mark.slow
 def test_adafactor_with_t5_rsqrt_schedule_trains(tiny_step):
   model, _, batch = tiny_step
   train = default_config().train
@@ -232,6 +234,7 @@ def test_encoder_decoder_trains_on_span_corruption_and_fills_a_span(data_dir, tm
   assert isinstance(text, str) and '<X>' not in text
 
 
+@pytest.mark.slow
 def test_one_adamw_step_is_the_same_scanned_and_looped():
   """Weight decay picks leaves by name: under scan_layers the stacked norm scales are 2-D, and
   still are not decayed, so a scanned model takes the looped model's step, leaf by leaf."""

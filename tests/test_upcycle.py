@@ -44,6 +44,7 @@ def logits(config, params, tokens):
 TOKENS = jax.random.randint(jax.random.key(7), (3, 12), 0, 40)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('k,glu', [(1, False), (2, False), (2, True)])
 def test_first_forward_pass_equals_the_dense_model(k, glu):
   config = dataclasses.replace(TINY, num_selected_experts=k, glu=glu)

@@ -56,7 +56,8 @@ def _apply_with_decision(layer, variables, x, **kwargs):
   return out, state, decision
 
 
-@pytest.mark.parametrize('dispatch', ['einsum', 'indices', 'sorted'])
+@pytest.mark.parametrize('dispatch', ['indices', pytest.param('einsum', marks=pytest.mark.slow),
+                                      pytest.param('sorted', marks=pytest.mark.slow)])
 @pytest.mark.parametrize('name', list(VARIANTS))
 def test_contract_shape_padding_capacity_gradients(name, dispatch):
   """Forced overflow (capacity factor 0.25) with padding: shape [B, L, D], padding never
@@ -219,6 +220,7 @@ def test_balancing_bias_selects_but_does_not_weight():
   np.testing.assert_allclose(updated['bias'], [0.1, 0.1, 0.1, 4.9], rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_train_step_updates_the_balancing_bias(scan_layers):
   config = ModelConfig(vocab_size=32, num_layers=2, model_dim=D, num_heads=2, ffn_dim=F,
@@ -264,6 +266,7 @@ def test_shared_experts_see_every_token():
   np.testing.assert_array_equal(out[~mask], 0.0)
 
 
+@pytest.mark.slow
 def test_fine_grained_has_the_flops_and_params_of_its_coarse_twin():
   num_experts, hidden, k, m = 8, 64, 2, 4
   fields = fine_grained(num_experts, hidden, k, m)

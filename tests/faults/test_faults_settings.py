@@ -93,6 +93,7 @@ def test_misspelt_fields_in_every_section_of_an_experiment_file(tmp_path):
     check_config(config)
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_before_compiling_with_one_line(tmp_path):
   experiment = tmp_path / 'experiment.py'
   experiment.write_text(f'from importlib.machinery import SourceFileLoader\n'
