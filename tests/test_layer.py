@@ -394,3 +394,18 @@ def test_auto_dispatch_and_block_sizes():
       1024, 1024, 256, 128, 64, 16]
   # The tile: a sixteenth of the block, at least 16 rows unless the block is smaller.
   assert [block_tile(b) for b in (1024, 256, 16, 4)] == [64, 16, 16, 4]
+
+
+def test_one_name_for_the_ffn_width():
+  """F is `ffn_dim` in every module that has it (the layer, Soft MoE, the expert weights, the
+  dense FFN and ModelConfig, which hands its own to the layer); the retired names are gone."""
+  import dataclasses
+
+  from moejax import ExpertWeights, ModelConfig, SoftMoeLayer
+  from moejax.models.config import MOE_FIELDS_SET_BY_MODEL
+  from moejax.models.transformer import Mlp
+  for cls in (MoeLayer, SoftMoeLayer, ExpertWeights, Mlp, ModelConfig):
+    names = {field.name for field in dataclasses.fields(cls)}
+    assert 'ffn_dim' in names and not names & {'expert_hidden_dim', 'hidden_dim', 'd_ff',
+                                               'mlp_dim'}, cls
+  assert MOE_FIELDS_SET_BY_MODEL['ffn_dim'] == 'ffn_dim'
