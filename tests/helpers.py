@@ -36,6 +36,24 @@ def sigterm_once_logged(command: list[str], metrics, lines: int = 3,
   return proc.returncode, out, err
 
 
+def run_cli(capsys, *args, cwd=None) -> tuple[int, str, str]:
+  """`moejax ARGS` in this process (from `cwd`): (exit status, stdout, stderr). argparse's exits
+  (--help, usage errors) count as the status they give."""
+  from moejax import cli
+  capsys.readouterr()
+  here = os.getcwd()
+  try:
+    if cwd:
+      os.chdir(cwd)
+    status = cli.main(['moejax', *map(str, args)])
+  except SystemExit as exit_:
+    status = exit_.code
+  finally:
+    os.chdir(here)
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
 def smoke_config(data_dir, **train):
   """experiments/configs/smoke.py with its TFDS data_dir in `data_dir` and `train` overrides."""
   config = config_from_file(os.path.join(REPO, SMOKE_CONFIG))

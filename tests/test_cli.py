@@ -8,27 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import SMOKE_CONFIG, sigterm_once_logged, smoke_config
+from helpers import SMOKE_CONFIG, run_cli as _moejax, sigterm_once_logged, smoke_config
 from moejax import cli
 from moejax.train import loop
 from moejax.train.resume import load
-
-
-def _moejax(capsys, *args, cwd=None):
-  """`moejax ARGS` in this process (from `cwd`): (exit status, stdout, stderr). argparse's exits
-  (--help, usage errors) count as the status they give."""
-  capsys.readouterr()
-  here = os.getcwd()
-  try:
-    if cwd:
-      os.chdir(cwd)
-    status = cli.main(['moejax', *map(str, args)])
-  except SystemExit as exit_:
-    status = exit_.code
-  finally:
-    os.chdir(here)
-  out, err = capsys.readouterr()
-  return status, out, err
 
 
 def _train_args(workdir, data_dir, *overrides):

@@ -187,7 +187,7 @@ class Checkpoints:
 
   def latest_step(self) -> int | None:
     """The newest complete step (None when there is none)."""
-    complete = [s for s, problem in self.problems().items() if problem is None]
+    complete = _complete(self.problems())
     return complete[-1] if complete else None
 
   def save(self, state, data_position: int, force: bool = False) -> bool:

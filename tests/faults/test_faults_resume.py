@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-from helpers import SMOKE_CONFIG, smoke_config
-from moejax import cli
+from helpers import SMOKE_CONFIG, run_cli as _moejax, smoke_config
 from moejax.train import loop
 from moejax.train.checkpoint import CheckpointError
 
@@ -21,14 +20,6 @@ def _snapshot(directory) -> dict[str, str]:
       with open(path, 'rb') as f:
         files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
   return files
-
-
-def _moejax(capsys, *args) -> tuple[int, str, str]:
-  """`moejax ARGS` in this process: (exit status, stdout, stderr)."""
-  capsys.readouterr()
-  status = cli.main(['moejax', *map(str, args)])
-  out, err = capsys.readouterr()
-  return status, out, err
 
 
 def _train(workdir, tfds_dir, *overrides):

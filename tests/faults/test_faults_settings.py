@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from helpers import REPO, SMOKE_CONFIG, smoke_config
-from moejax import cli
+from helpers import REPO, SMOKE_CONFIG, run_cli, smoke_config
 from moejax.errors import ConfigError
 from moejax.train import loop
 from moejax.train.config import apply_overrides, check_config
@@ -143,9 +142,8 @@ STRING_CHOICES = [('data.tokenizer', 'bpe'), ('train.optimizer', 'sgd'),
 
 def _cli(capsys, *args) -> tuple[int, list[str]]:
   """`moejax ARGS` in this process: (exit status, stderr lines)."""
-  capsys.readouterr()
-  status = cli.main(['moejax', *map(str, args)])
-  return status, capsys.readouterr().err.strip().splitlines()
+  status, _, err = run_cli(capsys, *args)
+  return status, err.strip().splitlines()
 
 
 @pytest.mark.parametrize('field,value', STRING_CHOICES, ids=[f for f, _ in STRING_CHOICES])
