@@ -3,19 +3,23 @@
 Axis legend (DESIGN.md): G groups, S tokens per group, E experts, K choices per token, C capacity,
 D model width, N = G * S * K token choices, R rows of a row buffer.
 
-Three dispatchers, all giving the same numbers:
+Four dispatchers, all giving the same numbers:
 - `EinsumDispatcher` (GShard): one-hot [G, S, E, C] dispatch and combine tensors in einsums.
 - `IndicesDispatcher`: the same [E, G, C, D] buffers filled and read by gathers.
 - `SortedDispatcher`: only the dispatched choices, sorted by expert (each expert's rows padded to
   a small tile); the experts run on them block by block (`experts.block_expert_ffn`), so empty
   capacity slots cost nothing.
+- `GroupedDispatcher`: the same sorted rows with exact group sizes (no padding between experts),
+  for grouped matmuls (`experts.grouped_expert_ffn`) and the ragged exchange between devices
+  (`moejax.exchange`).
 They come in two kinds, each with a written contract (a `typing.Protocol`):
 - `BufferDispatcher` (einsum, indices): `dispatch(tokens [G, S, D]) -> [E, G, C, D]` and
   `combine([E, G, C, D]) -> [G, S, D]`. Buffers of a fixed shape, one per expert and group: what
   the expert-parallel all-to-all exchanges between devices.
-- `RowDispatcher` (sorted): `dispatch_rows(tokens [G, S, D]) -> [R, D]` and
+- `RowDispatcher` (sorted, grouped): `dispatch_rows(tokens [G, S, D]) -> [R, D]` and
   `combine_rows([R, D]) -> [G, S, D]`, with each expert's rows at `first_row[e]`, `row_count[e]`.
-  Rows whose number follows the tokens dispatched, not a capacity: they stay on their device.
+  Rows whose number follows the tokens dispatched, not a capacity: sorted rows stay on their
+  device; grouped rows travel to their experts' devices in a ragged exchange.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from flax import struct
 
 from moejax.routing import RoutingDecision
 
-DISPATCH_METHODS = ('auto', 'einsum', 'indices', 'sorted')
+DISPATCH_METHODS = ('auto', 'einsum', 'indices', 'sorted', 'grouped')
 
 
 @runtime_checkable
@@ -110,7 +114,7 @@ class _GatherDispatcher:
     return jnp.einsum('gskd,gsk->gsd', per_choice, self.weight)
 
 
-def _inverse_rows(choice_row: jax.Array, num_rows: int) -> jax.Array:
+def inverse_rows(choice_row: jax.Array, num_rows: int) -> jax.Array:
   """[N] rows of the choices (num_rows: none) -> [R] choice of each row (N: none)."""
   num_choices = choice_row.shape[0]
   return jnp.full((num_rows,), num_choices, jnp.int32).at[choice_row].set(
@@ -158,7 +162,7 @@ class IndicesDispatcher(_GatherDispatcher):
     group = jnp.arange(num_groups, dtype=jnp.int32)[:, None, None]  # Shape: [G, 1, 1]
     row = (decision.expert_index * num_groups + group) * decision.capacity + decision.position
     choice_row = jnp.where(decision.dispatched, row, num_rows).reshape(-1)  # Shape: [N]
-    return cls(choice_row=choice_row, row_choice=_inverse_rows(choice_row, num_rows),
+    return cls(choice_row=choice_row, row_choice=inverse_rows(choice_row, num_rows),
                weight=decision.weight.astype(dtype), capacity=decision.capacity,
                num_experts=decision.num_experts)
 
@@ -208,9 +212,25 @@ class SortedDispatcher(_GatherDispatcher):
         sorted_expert]
     sorted_row = jnp.where(sorted_expert < num_experts, sorted_row, total_rows)  # Shape: [N]
     choice_row = jnp.zeros_like(sorted_row).at[order].set(sorted_row).astype(jnp.int32)
-    return cls(choice_row=choice_row, row_choice=_inverse_rows(choice_row, total_rows),
+    return cls(choice_row=choice_row, row_choice=inverse_rows(choice_row, total_rows),
                weight=decision.weight.astype(dtype), first_row=first_row.astype(jnp.int32),
                row_count=row_count.astype(jnp.int32), tile=tile)
+
+
+@struct.dataclass
+class GroupedDispatcher(SortedDispatcher):
+  """The sorted rows with exact group sizes (a tile of one row): expert e owns the row_count[e]
+  rows after those of experts 0 .. e-1, with no empty row between experts, as grouped matmuls
+  (`jax.lax.ragged_dot`) and the ragged exchange (`moejax.exchange`) read them.
+
+  max_group: the most rows one expert can get, G * C (C = S when dropless).
+  """
+  max_group: int = struct.field(pytree_node=False, default=0)
+
+  @classmethod
+  def from_decision(cls, decision: RoutingDecision, dtype) -> 'GroupedDispatcher':
+    return super().from_decision(decision, dtype, tile=1).replace(
+        max_group=decision.expert_index.shape[0] * decision.capacity)
 
 
 def default_block_size(num_choices: int, num_experts: int) -> int:
@@ -241,6 +261,8 @@ def auto_dispatch(backend: str, dropless: bool) -> str:
   TPU: 'einsum' (GShard's one-hot matmuls; not yet measured by moejax).
   GPU and any other backend: 'einsum', or 'indices' when dropless ([G, S, E, S] one-hot tensors
     are too large); 'sorted', a scan over experts, has only been measured on CPU.
+  Never 'grouped': XLA:CPU runs its grouped matmuls as dense masked products (E times the
+  FLOPs), and it has not yet been timed on a GPU or TPU (`benchmarks/accelerator.py` does).
   """
   if backend == 'cpu':
     return 'sorted'
@@ -252,11 +274,14 @@ def auto_dispatch(backend: str, dropless: bool) -> str:
 def make_dispatcher(decision: RoutingDecision, method: str, dtype,
                     tile: int = 16) -> BufferDispatcher | RowDispatcher:
   """The dispatcher named `method` for `decision`: a BufferDispatcher ('einsum', 'indices') or a
-  RowDispatcher ('sorted', each expert's rows padded to whole tiles of `tile` rows)."""
+  RowDispatcher ('sorted', each expert's rows padded to whole tiles of `tile` rows; 'grouped',
+  exact group sizes)."""
   if method == 'einsum':
     return EinsumDispatcher.from_decision(decision, dtype)
   if method == 'indices':
     return IndicesDispatcher.from_decision(decision, dtype)
   if method == 'sorted':
     return SortedDispatcher.from_decision(decision, dtype, tile)
+  if method == 'grouped':
+    return GroupedDispatcher.from_decision(decision, dtype)
   raise ValueError(f'dispatch={method!r} is not one of {DISPATCH_METHODS}')

@@ -1,7 +1,7 @@
 """E feed-forward experts with stacked weights, run as one batched matmul.
 
-Axis legend (DESIGN.md): E experts, G groups, C capacity, N tokens per expert, D model width,
-F expert hidden width. Weights follow Flax's (in, out) layout with a leading expert axis:
+Axis legend (DESIGN.md): E experts, G groups, C capacity, N tokens per expert, R rows sorted by
+expert, D model width, F expert hidden width. Weights follow Flax's (in, out) layout with a leading expert axis:
 `wi [E, D, F]` (and `wi_gate [E, D, F]` for GLU), `wo [E, F, D]`; no biases, as in T5 and Switch.
 They are plain arrays; `moejax.sharding` names their axes by parameter path ('expert', 'embed',
 'mlp') and maps those to the mesh axes ('expert', None, 'model').
@@ -98,14 +98,44 @@ def block_expert_ffn(rows: jax.Array, first_row: jax.Array, row_count: jax.Array
   """
   if block_size % tile:
     raise ValueError(f'block_size={block_size} must be a multiple of tile={tile}')
-  scale = None
-  if dropout_rng is not None and dropout_rate > 0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate,
-                                (rows.shape[0], weights['wi'].shape[-1]))
-    scale = (keep / (1.0 - dropout_rate)).astype(dtype)  # Shape: [R, F]
+  scale = _dropout_scale(dropout_rng, dropout_rate, (rows.shape[0], weights['wi'].shape[-1]),
+                         dtype)
   cast = {name: w.astype(dtype) for name, w in weights.items()}
   return _block_ffn(activation, block_size, tile, rows.astype(dtype), first_row, row_count,
                     cast['wi'], cast['wo'], cast.get('wi_gate'), scale)
+
+
+def grouped_expert_ffn(rows: jax.Array, group_sizes: jax.Array, weights: dict[str, jax.Array], *,
+                       activation: str, dtype: Any, dropout_rate: float = 0.0,
+                       dropout_rng: jax.Array | None = None) -> jax.Array:
+  """The E FFNs on rows sorted by expert, as grouped matmuls (`jax.lax.ragged_dot`):
+  rows [R, D] -> [R, D].
+
+  Expert e owns the group_sizes[e] rows ([E] int32) that follow those of experts 0 .. e-1; rows
+  past sum(group_sizes) get zeros. On GPU and TPU a grouped matmul reads each row with its own
+  expert's weights only; XLA:CPU lowers it to a dense product masked by group, E times the
+  FLOPs. Its default gradient is grouped matmuls again (`ragged_dot_general`, the weight
+  gradients contracting over each group's rows), so it has no hand-written backward pass.
+  """
+  scale = _dropout_scale(dropout_rng, dropout_rate, (rows.shape[0], weights['wi'].shape[-1]),
+                         dtype)
+  def grouped(x, name):
+    return jax.lax.ragged_dot(x, weights[name].astype(dtype), group_sizes)
+
+  rows = rows.astype(dtype)
+  gate_pre = grouped(rows, 'wi_gate') if 'wi_gate' in weights else None  # Shape: [R, F]
+  hidden = _hidden(activation, grouped(rows, 'wi'), gate_pre, scale)  # Shape: [R, F]
+  return grouped(hidden, 'wo')  # Shape: [R, D]
+
+
+def _dropout_scale(rng: jax.Array | None, rate: float, shape: tuple[int, ...],
+                   dtype: Any) -> jax.Array | None:
+  """The dropout factors of hidden activations of `shape` (0 or 1 / (1 - rate)); None when
+  there is no dropout."""
+  if rng is None or rate <= 0:
+    return None
+  keep = jax.random.bernoulli(rng, 1.0 - rate, shape)
+  return (keep / (1.0 - rate)).astype(dtype)
 
 
 def _for_each_block(carry, first_row, row_count, block_size, tile, max_rows, run_block):

@@ -21,12 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax import routers, routing, sharding
+from moejax import exchange, routers, routing, sharding
 from moejax.balancing import BIAS_COLLECTION
 from moejax.checks import check_moe_layer
-from moejax.dispatch import (BufferDispatcher, RowDispatcher, auto_dispatch,
+from moejax.dispatch import (BufferDispatcher, GroupedDispatcher, RowDispatcher, auto_dispatch,
                              block_tile, default_block_size, make_dispatcher)
-from moejax.experts import ExpertWeights, block_expert_ffn, expert_ffn
+from moejax.experts import ExpertWeights, block_expert_ffn, expert_ffn, grouped_expert_ffn
 from moejax.intermediates import DECISIONS
 
 
@@ -70,8 +70,13 @@ class MoeLayer(nn.Module):
       'sorted': dispatched tokens sorted by expert into blocks of `block_size` rows; the experts
         run block by block, so empty capacity slots cost nothing. Under an expert-parallel mesh
         the all-to-all needs [E, G, C, D] buffers: it runs as 'indices'.
+      'grouped': dispatched tokens sorted by expert, the experts run as grouped matmuls
+        (`jax.lax.ragged_dot`, MaxText's path on GPU); under an expert-parallel mesh the rows
+        travel in a ragged exchange (`moejax.exchange`): only the tokens dispatched, no
+        capacity buffers. On CPU the grouped matmuls cost E times the FLOPs.
       'auto': the fastest path measured on this backend (`moejax.dispatch.auto_dispatch`: sorted
-        on CPU, einsum on TPU and GPU, indices there when C = S; benchmarks/RESULTS.md).
+        on CPU, einsum on TPU and GPU, indices there when C = S; never grouped, not yet
+        measured on a GPU or TPU; benchmarks/RESULTS.md).
     block_size: rows of the largest block for 'sorted' dispatch, a power of two; each expert's
       rows are padded to a tile of block_size / 16 rows, at least 16 (`dispatch.block_tile`).
       None picks one from the shapes (`dispatch.default_block_size`).
@@ -165,7 +170,7 @@ class MoeLayer(nn.Module):
   def dispatch_method(self, sharded: bool, deterministic: bool) -> str:
     """The dispatch method this layer runs: 'auto' resolved by `dispatch.auto_dispatch`, and
     'sorted' under an expert-parallel mesh replaced by 'indices' (the exchange moves
-    [E, G, C, D] buffers)."""
+    [E, G, C, D] buffers); 'grouped' rows travel in a ragged exchange."""
     method = self.dispatch
     if method == 'auto':
       factor = self.eval_capacity_factor if deterministic else self.train_capacity_factor
@@ -283,7 +288,9 @@ class MoeLayer(nn.Module):
                                                        self.num_experts)
     dispatcher = make_dispatcher(decision, self.dispatch_method(sharded, deterministic),
                                  self.dtype, tile=block_tile(block_size))
-    if isinstance(dispatcher, RowDispatcher):
+    if isinstance(dispatcher, GroupedDispatcher):
+      out = self._run_grouped(tokens, dispatcher, weights, dropout_rng, sharded)
+    elif isinstance(dispatcher, RowDispatcher):
       out = self._run_rows(tokens, dispatcher, weights, dropout_rng, block_size)
     else:
       out = self._run_buffers(tokens, dispatcher, weights, dropout_rng, sharded)
@@ -316,6 +323,27 @@ class MoeLayer(nn.Module):
                             activation=self.activation, dtype=self.dtype,
                             dropout_rate=self.expert_dropout, dropout_rng=dropout_rng)
     return dispatcher.combine_rows(rows)
+
+  def _run_grouped(self, tokens: jax.Array, dispatcher: GroupedDispatcher,
+                   weights: dict[str, jax.Array], dropout_rng: jax.Array | None,
+                   sharded: bool) -> jax.Array:
+    """tokens [G, S, D] -> [G, S, D] through grouped matmuls over the dispatched rows, which
+    travel to their experts' devices and back in ragged exchanges when `sharded`."""
+    rows = dispatcher.dispatch_rows(tokens.astype(self.dtype))  # Shape: [R, D]
+    expert_rows, group_sizes = rows, dispatcher.row_count  # Shapes: [R, D], [E]
+    if sharded:
+      num_local_experts = weights['wi'].shape[0]
+      plan = exchange.plan_exchange(group_sizes, num_local_experts, max_send=min(
+          rows.shape[0], num_local_experts * dispatcher.max_group))
+      expert_rows = exchange.to_expert_devices(rows, plan)  # Shape: [n_expert * max_send, D]
+      group_sizes = plan.group_sizes  # Shape: [E_local]
+      dropout_rng = sharding.device_rng(dropout_rng)
+    expert_out = grouped_expert_ffn(expert_rows, group_sizes, weights,
+                                    activation=self.activation, dtype=self.dtype,
+                                    dropout_rate=self.expert_dropout, dropout_rng=dropout_rng)
+    if sharded:
+      expert_out = exchange.from_expert_devices(expert_out, plan, rows.shape[0])  # Shape: [R, D]
+    return dispatcher.combine_rows(expert_out)
 
   def _shared_experts(self, x: jax.Array, valid: jax.Array,
                       dropout_rng: jax.Array | None) -> jax.Array:

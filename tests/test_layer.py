@@ -13,7 +13,7 @@ from moejax import MoeLayer, collect_aux_losses, collect_routing_metrics
 from moejax.dispatch import auto_dispatch, block_tile, default_block_size
 
 D, F = 8, 16
-DISPATCHES = ['einsum', 'indices', 'sorted']
+DISPATCHES = ['einsum', 'indices', 'sorted', 'grouped']
 
 
 def _inputs(batch=2, length=16, seed=0):
@@ -69,22 +69,23 @@ FAST_EQUIVALENCE = {(2, 4, 'overflow')}  # the rest: `make test` only
                  marks=() if (k, e, name) in FAST_EQUIVALENCE else pytest.mark.slow)
     for name, factor in CAPACITIES.items() for k, e in EQUIVALENCE_CASES])
 def test_dispatch_methods_agree(k, num_experts, capacity_factor):
-  """einsum, indices and sorted dispatch (blocks of 3 and of the default size): same outputs and
-  gradients; None is dropless."""
+  """einsum, indices, sorted (blocks of 4 and of the default size) and grouped dispatch: same
+  outputs and gradients; None is dropless."""
   x = _inputs(batch=2, length=32, seed=k * num_experts)
   padding_mask = jnp.ones((2, 32), bool).at[1, -5:].set(False)
   results = []
   for dispatch, block_size in (('einsum', None), ('indices', None), ('sorted', 4),
-                               ('sorted', None)):
+                               ('sorted', None), ('grouped', None)):
     layer = MoeLayer(num_experts=num_experts, ffn_dim=F, num_selected_experts=k,
                      eval_capacity_factor=capacity_factor, min_expert_capacity=1,
                      dispatch=dispatch, block_size=block_size, router_init_scale=10.0)
     variables = init_layer(layer, x)
-    results.append(_loss_and_grads(layer, variables, x, padding_mask))
-  out_a, grads_a = results[0]
-  for out_b, grads_b in results[1:]:
-    np.testing.assert_allclose(out_a, out_b, atol=1e-6, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6),
+    tol = 1e-5 if dispatch == 'grouped' else 1e-6  # XLA:CPU's ragged_dot sums in another order
+    results.append((tol, *_loss_and_grads(layer, variables, x, padding_mask)))
+  _, out_a, grads_a = results[0]
+  for tol, out_b, grads_b in results[1:]:
+    np.testing.assert_allclose(out_a, out_b, atol=tol, rtol=tol)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=tol, rtol=tol),
                  grads_a, grads_b)
   if capacity_factor is not None and capacity_factor < 1 and num_experts > 1:  # really overflows
     layer = MoeLayer(num_experts=num_experts, ffn_dim=F, num_selected_experts=k,
@@ -387,6 +388,11 @@ def test_auto_dispatch_and_block_sizes():
   for dropless in (False, True):
     assert auto_dispatch('cpu', dropless) == 'sorted'
     assert auto_dispatch('tpu', dropless) == 'einsum'
+  # Grouped matmuls are never picked: dense masked products on CPU, not yet timed elsewhere.
+  assert 'grouped' not in {auto_dispatch(backend, dropless) for backend in ('cpu', 'gpu', 'tpu')
+                           for dropless in (False, True)}
+  grouped = layer.clone(dispatch='grouped')
+  assert grouped.dispatch_method(sharded=True, deterministic=False) == 'grouped'  # ragged exchange
   assert auto_dispatch('gpu', dropless=False) == 'einsum'
   assert auto_dispatch('gpu', dropless=True) == 'indices'
   # The largest block: twice an expert's mean load rounded up to a power of two, in [16, 1024].

@@ -94,7 +94,7 @@ def test_sharded_layer_equals_single_device(data, expert, num_experts, k, overfl
                                                      ('einsum', 'experts_choose')}
                  else pytest.mark.slow)
     for routing in ('tokens_choose', 'experts_choose', 'dense')
-    for dispatch in ('einsum', 'indices', 'sorted')])
+    for dispatch in ('einsum', 'indices', 'sorted', 'grouped')])
 def test_sharded_dispatch_methods_and_routings(dispatch, routing):
   layer = _layer(8, 2, True, dispatch=dispatch, routing=routing, causal=False)
   variables, loss, out, metrics, grads = _reference(layer)
@@ -115,6 +115,28 @@ def test_sharded_dropless_equals_single_device():
   np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
   _assert_close((out_s, metrics_s, grads_s), (out, metrics, grads))
   assert float(metrics['fraction_dropped']) == 0
+
+
+@pytest.mark.parametrize('data,expert,model,capacity_factor', [
+    pytest.param(data, expert, model, factor, id=f'{factor}-{data}-{expert}-{model}',
+                 marks=() if (data, expert, model, factor) == (2, 4, 1, None)
+                 else pytest.mark.slow)
+    for factor in (None, 0.5) for data, expert, model in [(1, 8, 1), (2, 4, 1), (4, 2, 1),
+                                                          (2, 2, 2)]])
+def test_sharded_grouped_ragged_exchange_equals_single_device(data, expert, model,
+                                                              capacity_factor):
+  """dispatch='grouped' under a mesh exchanges only the dispatched rows (ragged all-to-all,
+  emulated on CPU): outputs, metrics and gradients of the one-device layer, dropless and with
+  overflow, with F split over 'model' too; GLU experts."""
+  layer = MoeLayer(num_experts=8, ffn_dim=F, num_selected_experts=2, dispatch='grouped',
+                   eval_capacity_factor=capacity_factor, min_expert_capacity=1,
+                   router_init_scale=5.0, glu=True)
+  variables, loss, out, metrics, grads = _reference(layer)
+  mesh = sharding.make_mesh(data=data, expert=expert, model=model)
+  _, ((loss_s, (out_s, metrics_s)), grads_s) = _sharded(layer, variables, mesh)
+  np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
+  _assert_close((out_s, metrics_s, grads_s), (out, metrics, grads))
+  assert (float(metrics['fraction_dropped']) > 0.2) == (capacity_factor is not None)
 
 
 @pytest.mark.parametrize('glu', [False, True])
