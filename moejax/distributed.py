@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from moejax.errors import InputError
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -68,3 +71,23 @@ def broadcast_json(value: Any) -> Any:
   size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size if lead else 0)))
   buffer = data if lead else np.zeros(size, np.uint8)
   return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
+
+
+def on_lead(work: Callable[[], Any], what: str) -> Any:
+  """Run `work` on process 0 alone (preparing a dataset, training a vocabulary: one writer, no
+  race) and return its result (anything JSON can hold) on every process once it is done. When it
+  fails, process 0 raises its error and every other process an InputError with its message."""
+  if jax.process_count() == 1:
+    return work()
+  outcome, failure = None, None
+  if jax.process_index() == 0:
+    try:
+      outcome = {'value': work()}
+    except BaseException as error:  # broadcast first, so the others do not wait forever
+      outcome, failure = {'error': str(error)}, error
+  outcome = broadcast_json(outcome)
+  if failure is not None:
+    raise failure
+  if 'error' in outcome:
+    raise InputError(f'process 0 could not {what}: {outcome["error"]}')
+  return outcome['value']

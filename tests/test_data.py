@@ -1,14 +1,20 @@
-"""Data: the local TFDS builder, tfds.load by name, tokenizers, packing, span corruption, order."""
+"""Data: the local TFDS builder, tfds.load by name, tokenizers, token streams, packing, span
+corruption, the order of the grain stream and its resumption."""
 import itertools
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from helpers import REPO, smoke_config
 from moejax import data
+from moejax.data.pipeline import READ_OPTIONS
 from moejax.data.tokenizers import EOS_ID, PAD_ID
 
 TIMEMACHINE = os.path.join(REPO, 'data', 'timemachine.txt')
@@ -77,38 +83,119 @@ def test_sentencepiece_trains_on_the_corpus_and_round_trips(config, tmp_path):
   np.testing.assert_array_equal(reloaded.encode(sentence), ids)
 
 
-def test_pack_concatenates_documents_with_eos_and_pads_the_tail():
-  docs = [np.array([5, 6, 7], np.int32), np.array([8, 9], np.int32)]
-  tokens = tf.data.Dataset.from_generator(lambda: (np.append(d, EOS_ID) for d in docs),
-                                          output_signature=tf.TensorSpec([None], tf.int32))
-  examples = list(tfds.as_numpy(data.pack(tokens, 4)))
+def test_packed_concatenates_documents_with_eos_and_pads_the_tail():
+  tokens = data.tokenize(['\x02\x03\x04', '\x05\x06'], data.ByteTokenizer()).tokens
+  np.testing.assert_array_equal(tokens, [5, 6, 7, EOS_ID, 8, 9, EOS_ID])
+  examples = [data.packed(tokens, 4, i) for i in range(2)]
   np.testing.assert_array_equal([e['targets'] for e in examples], [[5, 6, 7, 1], [8, 9, 1, 0]])
   np.testing.assert_array_equal([e['weights'] for e in examples], [[1, 1, 1, 1], [1, 1, 1, 0]])
 
 
-def _first_batches(config, seed, n=3, start=0):
-  batches = data.train_batches(config.data, data.ByteTokenizer(), 'lm', 8, seed, start=start)
-  return [b['targets'] for b in itertools.islice(batches, n)]
+@pytest.fixture(scope='module')
+def train_tokens(config, tmp_path_factory):
+  return data.split_tokens(config.data, 'train', data.ByteTokenizer(),
+                           str(tmp_path_factory.mktemp('tokens'))).tokens
 
 
-def test_same_seed_same_examples_other_seed_other_examples(config):
-  a, b, c = _first_batches(config, 0), _first_batches(config, 0), _first_batches(config, 1)
-  np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, c)
+def _batches(config, tokens, seed, n, rows=slice(0, 8), state=None, task='lm'):
+  batches = data.train_batches(tokens, config.data, task, 259 + 100, 8, seed, rows, state)
+  return [b for b in itertools.islice(batches, n)], batches.get_state()
+
+
+def test_the_split_is_tokenized_once_and_memory_mapped(config, tmp_path):
+  first = data.split_tokens(config.data, 'validation', data.ByteTokenizer(), str(tmp_path))
+  assert isinstance(first.tokens, np.memmap) and first.chars == len(_texts(config, 'validation')[0])
+  files = sorted(os.listdir(tmp_path))
+  assert [f.rsplit('.', 1)[1] for f in files] == ['json', 'npy']
+  again = data.split_tokens(config.data, 'validation', data.ByteTokenizer(), str(tmp_path))
+  np.testing.assert_array_equal(again.tokens, first.tokens)
+  assert sorted(os.listdir(tmp_path)) == files  # read back, not written again
+  other = data.split_tokens(config.data, 'train', data.ByteTokenizer(), str(tmp_path))
+  assert len(os.listdir(tmp_path)) == 4 and len(other.tokens) > len(first.tokens)
+
+
+def test_same_seed_same_examples_other_seed_other_examples(config, train_tokens):
+  a, b, c = (_batches(config, train_tokens, seed, 3)[0] for seed in (0, 0, 1))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['targets'], y['targets'])
+  assert not np.array_equal(a[0]['targets'], c[0]['targets'])
   # Shuffled, not in file order: the first example is not the start of the book.
-  text = data.ByteTokenizer().decode(a[0][0])
+  text = data.ByteTokenizer().decode(a[0]['targets'][0])
   with open(TIMEMACHINE, encoding='utf-8') as f:
     assert not f.read().startswith(text)
 
 
-def test_start_skips_exactly_the_consumed_batches(config):
+def test_an_epoch_holds_every_example_once_and_the_next_is_reshuffled(config):
+  tokens = np.arange(3, 3 + 32 * 10, dtype=np.int32)  # 10 whole examples of 32 tokens
+  stream = data.train_stream(tokens, config.data, 'lm', 259, seed=0)
+  first = [int(stream[i]['targets'][0]) for i in range(10)]
+  second = [int(stream[i]['targets'][0]) for i in range(10, 20)]
+  assert sorted(first) == sorted(second) == list(range(3, 3 + 320, 32))
+  assert first != second
+
+
+@pytest.mark.parametrize('task', ['lm', 'span_corruption'])
+def test_resuming_from_the_saved_state_gives_the_uninterrupted_batches(config, train_tokens, task):
   """A resumed run continues with the batches an uninterrupted run would have seen."""
-  np.testing.assert_array_equal(_first_batches(config, 0, n=5)[3:],
-                                _first_batches(config, 0, n=2, start=3))
+  uninterrupted, _ = _batches(config, train_tokens, 0, 5, task=task)
+  _, state = _batches(config, train_tokens, 0, 3, task=task)
+  assert state == {'next_index': 3}
+  resumed, _ = _batches(config, train_tokens, 0, 2, state=state, task=task)
+  for a, b in zip(uninterrupted[3:], resumed):
+    assert a.keys() == b.keys()
+    for name in a:
+      np.testing.assert_array_equal(a[name], b[name])
 
 
-def test_eval_batches_cover_the_split_once_in_order(config):
-  batches = data.eval_batches(config.data, data.ByteTokenizer(), 'lm', 16)
+class _CountingTokens:
+  """A token stream that counts the slices read from it."""
+
+  def __init__(self, tokens):
+    self.tokens, self.reads = tokens, 0
+
+  def __len__(self):
+    return len(self.tokens)
+
+  def __getitem__(self, index):
+    self.reads += 1
+    return self.tokens[index]
+
+
+def _resume_cost(config, train_tokens, step):
+  """(seconds, examples read) to restore the iterator at `step` and read its first batch."""
+  counting = _CountingTokens(train_tokens)
+  start = time.perf_counter()
+  batches = data.train_batches(counting, config.data, 'lm', 259, 8, 0, slice(0, 8),
+                               {'next_index': step})
+  next(batches)
+  return time.perf_counter() - start, counting.reads
+
+
+def test_resuming_at_step_10000_costs_what_resuming_at_step_10_does(config, train_tokens):
+  """O(1): the restored iterator reads the rows of the batches it returns (and of the few it
+  prefetches), never the ones before; a replay would read 80,000 examples to reach 10,000."""
+  most = 8 * (1 + READ_OPTIONS.prefetch_buffer_size)
+  costs = {10: [], 10_000: []}
+  for _ in range(9):  # interleaved, so both see the same load
+    for step in costs:
+      seconds, reads = _resume_cost(config, train_tokens, step)
+      assert 8 <= reads <= most
+      costs[step].append(seconds)
+  assert min(costs[10_000]) < 2 * min(costs[10])
+
+
+def test_each_process_reads_its_own_rows_of_the_global_batch(config, train_tokens):
+  whole, _ = _batches(config, train_tokens, 0, 4)
+  halves = [_batches(config, train_tokens, 0, 4, rows=rows)[0]
+            for rows in (slice(0, 4), slice(4, 8))]
+  for step in range(4):
+    np.testing.assert_array_equal(
+        np.concatenate([h[step]['targets'] for h in halves]), whole[step]['targets'])
+
+
+def test_eval_batches_cover_the_split_once_in_order(config, tmp_path):
+  tokens = data.split_tokens(config.data, 'validation', data.ByteTokenizer(), None).tokens
+  batches = data.eval_batches(tokens, config.data, 'lm', 259, 16)
   targets = np.concatenate([b['targets'] for b in batches])
   weights = np.concatenate([b['weights'] for b in batches])
   text = data.ByteTokenizer().decode(targets[weights > 0].ravel())
@@ -135,12 +222,53 @@ def test_span_corruption_hides_spans_behind_sentinels():
   assert not np.array_equal(inputs, other)
 
 
-def test_span_corruption_batches_for_the_encoder_decoder(config):
+def test_span_corruption_batches_for_the_encoder_decoder(config, train_tokens):
   tokenizer = data.ByteTokenizer()
-  batches = data.train_batches(config.data, tokenizer, 'span_corruption', 4, seed=0)
-  batch = next(batches)
+  vocab = data.model_vocab_size(tokenizer, config.data, 'span_corruption')
+  batch = _batches(config, train_tokens, 0, 1, rows=slice(0, 4), task='span_corruption')[0][0]
   inputs_len, targets_len = data.span_corruption_lengths(32, 0.15, 3.0)
   assert batch['inputs'].shape == (4, inputs_len) and batch['targets'].shape == (4, targets_len)
-  vocab = data.model_vocab_size(tokenizer, config.data, 'span_corruption')
   assert vocab == 259 + 100 and batch['targets'][:, 0].min() >= 259  # starts with a sentinel
   assert batch['input_mask'].all() and batch['weights'].all()
+
+
+DATA_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_worker.py')
+
+
+def _data_worker(workdir, data_dir, *args):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  return subprocess.Popen([sys.executable, DATA_WORKER, '--workdir', str(workdir), '--data-dir',
+                           str(data_dir), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env)
+
+
+def _data_result(process):
+  try:
+    out, err = process.communicate(timeout=240)
+  finally:
+    process.kill()
+  assert process.returncode == 0, err[-3000:]
+  return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_two_processes_read_their_halves_of_the_batches_and_resume_alike(tfds_dir, tmp_path):
+  """2 processes (jax.distributed on 127.0.0.1): process 0 alone trains the vocabulary and
+  tokenizes the split in the shared work directory; each reads its half of every batch, and
+  the halves make the 1-process batches; resumed at batch 3, each reads what it would have."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = str(s.getsockname()[1])
+  workers = [_data_worker(tmp_path / 'two', tfds_dir, '--num-processes', '2', '--process-id',
+                          str(i), '--port', port) for i in range(2)]
+  reference = _data_result(_data_worker(tmp_path / 'one', tfds_dir))
+  halves = [_data_result(w) for w in workers]
+  assert [h['rows'] for h in halves] == [[0, 4], [4, 8]] and reference['rows'] == [0, 8]
+  assert halves[0]['vocabulary'] == halves[1]['vocabulary'] == reference['vocabulary']
+  assert sorted(os.listdir(tmp_path / 'two')) == ['spm.model', 'tokens']
+  assert len(os.listdir(tmp_path / 'two' / 'tokens')) == 2  # one .npy and its .json
+  for result in (reference, *halves):
+    assert result['state'] == {'next_index': 3}
+    assert result['resumed'] == result['uninterrupted'][3:]
+  for step, batch in enumerate(reference['uninterrupted']):
+    assert halves[0]['uninterrupted'][step] + halves[1]['uninterrupted'][step] == batch

@@ -40,3 +40,9 @@ def test_the_layer_models_and_sampling_import_without_tensorflow():
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_grain_is_required_wherever_it_has_wheels():
+  for (system, machine) in PLATFORMS:
+    required = _required({'sys_platform': system, 'platform_machine': machine, 'extra': ''})
+    assert ('grain' in required) == ((system, machine) != ('darwin', 'x86_64')), (system, machine)

@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from helpers import smoke_config
+from moejax import data as data_lib
 from moejax.models import ModelConfig, make_model
 from moejax.train import (IncompatibleCheckpointError, default_config, init_state, learning_rate_schedule,
                           make_mesh, make_optimizer, make_train_step, param_specs,
@@ -106,20 +107,32 @@ def test_resuming_with_other_shapes_names_the_fields(run20, data_dir):
     loop.train(config, workdir, quiet=True)
 
 
-def _nan_batches_from(first_nan, last_nan=None):
-  """Wrap the data pipeline: batches number first_nan..last_nan get NaN loss weights."""
-  real = loop.data_lib.train_batches
+class _NanBatches:
+  """The training batches of the data pipeline, those numbered first_nan..last_nan with NaN loss
+  weights; its state is the pipeline's."""
 
-  def batches(*args, start=0, **kwargs):
-    for i, batch in enumerate(real(*args, start=start, **kwargs), start):
-      if first_nan <= i and (last_nan is None or i <= last_nan):
-        batch = dict(batch, weights=np.full_like(batch['weights'], np.nan))
-      yield batch
-  return batches
+  def __init__(self, batches, first_nan, last_nan):
+    self.batches, self.first_nan, self.last_nan = batches, first_nan, last_nan
+
+  def __next__(self):
+    number = self.batches.get_state()['next_index']
+    batch = next(self.batches)
+    if self.first_nan <= number and (self.last_nan is None or number <= self.last_nan):
+      batch = dict(batch, weights=np.full_like(batch['weights'], np.nan))
+    return batch
+
+  def get_state(self):
+    return self.batches.get_state()
+
+
+def _nan_batches_from(monkeypatch, first_nan, last_nan=None):
+  real = data_lib.train_batches
+  monkeypatch.setattr(data_lib, 'train_batches',
+                      lambda *args: _NanBatches(real(*args), first_nan, last_nan))
 
 
 def test_nan_batch_is_skipped_and_counted(data_dir, tmp_path, monkeypatch):
-  monkeypatch.setattr(loop.data_lib, 'train_batches', _nan_batches_from(2, 2))
+  _nan_batches_from(monkeypatch, 2, 2)
   summary = loop.train(smoke_config(data_dir, num_steps=5), str(tmp_path), quiet=True)
   assert summary['step'] == 5 and summary['nonfinite_total'] == 1
   with open(tmp_path / 'metrics.jsonl') as f:
@@ -130,7 +143,7 @@ def test_nan_batch_is_skipped_and_counted(data_dir, tmp_path, monkeypatch):
 
 def test_nonfinite_steps_in_a_row_stop_the_run_keeping_the_last_good_checkpoint(
     data_dir, tmp_path, monkeypatch):
-  monkeypatch.setattr(loop.data_lib, 'train_batches', _nan_batches_from(4))
+  _nan_batches_from(monkeypatch, 4)
   config = smoke_config(data_dir, num_steps=12, max_nonfinite_in_a_row=3)
   with pytest.raises(loop.TrainingDiverged, match='up to step 7'):
     loop.train(config, str(tmp_path), quiet=True)

@@ -1,4 +1,5 @@
-"""Data: TFDS datasets (local text files or any registered name), tokenizers, packing, span corruption.
+"""Data: TFDS datasets (local text files or any registered name), tokenizers, token streams
+written once and memory-mapped, packing, span corruption, grain pipelines.
 
 The only part of moejax that imports TensorFlow, and only when a pipeline name is first used
 (`moejax.data.train_batches`, ...): the tokenizers (`moejax.data.tokenizers`) do not need it, so
@@ -12,13 +13,16 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads: n
 from moejax.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, make_tokenizer,
                                     train_sentencepiece)
 
-# name -> the submodule that defines it; those submodules import TensorFlow (datasets).
+# name -> the submodule that defines it; all but span_corruption import TensorFlow (datasets).
 _WITH_TENSORFLOW = {
     'LocalText': 'local_text', 'local_text_builder': 'local_text',
-    'chars_per_token': 'pipeline', 'check_corpus': 'pipeline', 'documents': 'pipeline', 'eval_batches': 'pipeline',
-    'model_vocab_size': 'pipeline', 'pack': 'pipeline', 'span_corrupt': 'pipeline',
-    'span_corruption_lengths': 'pipeline', 'tokenizer_for': 'pipeline',
-    'train_batches': 'pipeline',
+    'dataset_name': 'sources', 'documents': 'sources', 'is_local': 'sources',
+    'SplitTokens': 'tokens', 'packed': 'tokens', 'split_tokens': 'tokens', 'tokenize': 'tokens',
+    'corrupted': 'span_corruption', 'span_corrupt': 'span_corruption',
+    'span_corruption_lengths': 'span_corruption',
+    'chars_per_token': 'pipeline', 'check_corpus': 'pipeline', 'eval_batches': 'pipeline',
+    'model_vocab_size': 'pipeline', 'tokenizer_for': 'pipeline', 'train_batches': 'pipeline',
+    'train_stream': 'pipeline',
 }
 
 
@@ -28,9 +32,9 @@ def __getattr__(name):
   try:
     module = importlib.import_module(f'{__name__}.{_WITH_TENSORFLOW[name]}')
   except ImportError as error:
-    raise ImportError(f'moejax.data.{name} needs TensorFlow and tensorflow-datasets ({error}); '
-                      "install them with: pip install 'moejax[tf]' (or tensorflow on macOS "
-                      'and Colab)') from error
+    raise ImportError(f'moejax.data.{name} needs TensorFlow, tensorflow-datasets and grain '
+                      f"({error}); install them with: pip install 'moejax[tf]' (grain has no "
+                      'wheels for macOS on Intel)') from error
   return getattr(module, name)
 
 

@@ -1,5 +1,5 @@
 """Orbax checkpoints of the whole run: train state (params, optimizer state, step, rng, non-finite
-counters), the data position, the signature of the state (every array's path, dtype and shape)
+counters), the data iterator's state, the signature of the state (every array's path, dtype and shape)
 and the config fields that shape it.
 
 Compatibility: before Orbax reads a step, its saved signature is compared with the state this
@@ -190,11 +190,13 @@ class Checkpoints:
     complete = _complete(self.problems())
     return complete[-1] if complete else None
 
-  def save(self, state, data_position: int, force: bool = False) -> bool:
+  def save(self, state, data_state: dict, force: bool = False) -> bool:
+    """Save `state` and `data_state` (the training batches' iterator state, JSON) at the
+    state's step, when it is a step to save (or `force`); whether it saved."""
     step = int(jax.device_get(state.step))
     if step in self.step_dirs():
       return False
-    meta = {'data_position': data_position, 'fields': self.fields,
+    meta = {'data_state': data_state, 'fields': self.fields,
             'state_signature': state_signature(state)}
     saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
@@ -225,7 +227,7 @@ class Checkpoints:
                   CheckpointWarning, stacklevel=3)
 
   def restore(self, template, step: int | None = None, quarantine: bool = False):
-    """(state on the template's shardings, data position) of `step`, or of the newest complete
+    """(state on the template's shardings, data iterator state) of `step`, or of the newest complete
     step (warning about, and with `quarantine` moving aside, each newer damaged one; with
     `quarantine` and `step`, the steps after it are moved aside too: training goes on from it).
 
@@ -277,7 +279,9 @@ class Checkpoints:
       raise CheckpointError(f'the checkpoint {where} passed its checksums but could not be '
                             f'restored ({type(error).__name__}: {str(error)[:300]}); nothing '
                             'was moved') from error
-    return restored['state'], meta['data_position']
+    # Checkpoints written before the grain pipeline saved the number of batches read instead.
+    data_state = meta.get('data_state', {'next_index': meta.get('data_position', 0)})
+    return restored['state'], data_state
 
   def close(self):
     self.manager.close()

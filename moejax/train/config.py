@@ -41,7 +41,6 @@ def default_config() -> ml_collections.ConfigDict:
       spm_model=ml_collections.config_dict.placeholder(str),  # a .model file; None: train one
       spm_vocab_size=1024,
       length=128,                        # L: packed example length
-      shuffle_buffer=10_000,
       noise_density=0.15, mean_span_length=3.0, num_sentinels=100,  # span corruption (T5)
   ))
 
@@ -174,9 +173,10 @@ def _number(test, text: str, none_ok: bool = False):
 
 # The range of every numeric field outside `model` (ModelConfig and MoeLayer check their own).
 RANGES = {
-    'seed': _integer(0),
+    'seed': (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32,
+             'it must be an integer in [0, 2**32) (the data shuffle\'s seed)'),
     'data.length': _integer(2), 'data.spm_vocab_size': _integer(8),
-    'data.shuffle_buffer': _integer(1), 'data.num_sentinels': _integer(1),
+    'data.num_sentinels': _integer(1),
     'data.validation_fraction': _number(lambda v: 0 < v < 1, 'in (0, 1)'),
     'data.noise_density': _number(lambda v: 0 < v < 1, 'in (0, 1)'),
     'data.mean_span_length': _number(lambda v: v >= 1, '>= 1'),

@@ -16,7 +16,6 @@ import jax
 import ml_collections
 from tqdm import tqdm
 
-from moejax import data as data_lib
 from moejax.train.config import write_saved_config
 from moejax.train.evaluation import evaluate
 from moejax.train.lock import workdir_lock
@@ -80,15 +79,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, quiet: bool,
   cfg, tcfg = config, config.train
   run = open_run(config, workdir)
   lead = jax.process_index() == 0  # writes config.json, metrics and the progress bar
-  state, position = restore_or_init(run, resume_step)  # may refuse: nothing written before it
+  state, data_state = restore_or_init(run, resume_step)  # may refuse: nothing written before it
   if lead:
     write_saved_config(config, workdir)
   start = int(jax.device_get(state.step))
   train_step = make_train_step(run.model, run.tx, tcfg.load_balancing_loss_coef,
                                tcfg.router_z_loss_coef, run.mesh, run.shardings(state))
   eval_step = run.eval_step(state.params)
-  batches = data_lib.train_batches(cfg.data, run.tokenizer, cfg.task, tcfg.batch_size, cfg.seed,
-                                   start=position)
+  batches = run.train_batches(data_state)  # this process's rows of each batch
   schedule = learning_rate_schedule(tcfg)
   tokens_per_step = tcfg.batch_size * cfg.data.length
   step_seconds, train_dropped, eval_metrics = [], [], {}
@@ -129,13 +127,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, quiet: bool,
             progress.write(f'step {step + 1}: validation loss {eval_metrics["nll"]:.4f} '
                            'nats/token')
         if in_a_row == 0:  # never save during a non-finite streak: it may be heading to divergence
-          run.checkpoints.save(state, step + 1)
+          run.checkpoints.save(state, batches.get_state())
         stop = agreed_stop(request)
         if stop:
           break
       end = int(jax.device_get(state.step))
       if not stop.failed and int(jax.device_get(state.nonfinite_in_a_row)) == 0:
-        run.checkpoints.save(state, end, force=True)  # sealed when it returns
+        run.checkpoints.save(state, batches.get_state(), force=True)  # sealed when it returns
       if not stop and end == tcfg.num_steps:  # a signal here stops the evaluation only
         evaluated = evaluate(run, state.params, eval_step, state.balancing_bias_state, request)
         if evaluated is None:
@@ -147,7 +145,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, quiet: bool,
     finally:
       writer.close()
   if stop.failed:
-    _raise_write_failure(request, save_after_failure(run, state))
+    _raise_write_failure(request, save_after_failure(run, state, batches.get_state()))
   return summarize(run, state, stop.signal, eval_metrics, step_seconds, train_dropped)
 
 

@@ -56,17 +56,17 @@ def check_not_orphaned(run: Run) -> None:
 
 
 def upcycled_state(run: Run):
-  """(state, data position) of a run that starts by upcycling the dense run in
+  """(state, data iterator state) of a run that starts by upcycling the dense run in
   `config.upcycle.from_workdir` at checkpoint `config.upcycle.step` (default: its latest).
 
   Params and Adam moments come from `moejax.upcycle`; the step, the optimizer's counts (so the
-  learning-rate schedule goes on where the dense run was) and the data position are the dense
+  learning-rate schedule goes on where the dense run was) and the data iterator's state are the dense
   run's, so both runs see the same batches from there (given the same data config, batch size
   and seed: the shuffle is seeded).
   """
   up = run.config.upcycle
   dense_run = open_run(saved_config(up.from_workdir), up.from_workdir)
-  dense, position = dense_run.checkpoints.restore(dense_run.fresh_state(), up.step)
+  dense, data_state = dense_run.checkpoints.restore(dense_run.fresh_state(), up.step)
   dense_run.checkpoints.close()
   fresh = run.fresh_state()
   noise_rng = jax.random.fold_in(jax.random.key(run.config.seed), 1)
@@ -75,29 +75,30 @@ def upcycled_state(run: Run):
                         opt_state=upcycle_optimizer_state(dense.opt_state, fresh.opt_state,
                                                           fresh.params))
   shardings = run.shardings(state)
-  return (state if shardings is None else jax.device_put(state, shardings)), position
+  return (state if shardings is None else jax.device_put(state, shardings)), data_state
 
 
 def restore_or_init(run: Run, step: int | None = None):
-  """(state, data position): checkpoint `step`'s (later steps are moved aside), or the newest
+  """(state, data iterator state): checkpoint `step`'s (later steps are moved aside), or the newest
   complete checkpoint's (damaged newer steps are moved aside with a warning; CheckpointError when
   none is usable; IncompatibleCheckpointError, moving nothing, when it does not fit the config);
   else, when `config.upcycle.from_workdir` is set, the upcycled dense checkpoint's; else a fresh
-  state at position 0 (refused while set-aside steps wait: `check_not_orphaned`)."""
+  state and None, the first batch (refused while set-aside steps wait: `check_not_orphaned`)."""
   if run.checkpoints.step_dirs() or step is not None:
     return run.checkpoints.restore(run.fresh_state(), step, quarantine=True)
   check_not_orphaned(run)
   if run.config.get('upcycle') and run.config.upcycle.from_workdir:
     return upcycled_state(run)
-  return run.fresh_state(), 0
+  return run.fresh_state(), None
 
 
-def save_after_failure(run: Run, state) -> str:
-  """Save `state` if it is not mid non-finite streak; says what was saved."""
+def save_after_failure(run: Run, state, data_state: dict) -> str:
+  """Save `state` (and the data iterator's `data_state`) if it is not mid non-finite streak;
+  says what was saved."""
   step = int(jax.device_get(state.step))
   try:
     if int(jax.device_get(state.nonfinite_in_a_row)) == 0:
-      run.checkpoints.save(state, step, force=True)
+      run.checkpoints.save(state, data_state, force=True)
   except Exception as error:  # the disk that failed the metrics may fail this too
     return (f'the run stopped at step {step}; saving a checkpoint failed too ({error}); the '
             f'last complete checkpoint is step {run.checkpoints.latest_step()}')

@@ -1,8 +1,9 @@
 """A run: what every command on a work directory needs, built from its config (tokenizer, model,
 optimizer, mesh, checkpoints), and how its state and batches are placed on the mesh.
 
-A run lives in its work directory: checkpoints/ (Orbax), metrics.jsonl, tensorboard/, config.json
-(and spm.model when it trains a SentencePiece vocabulary).
+A run lives in its work directory: checkpoints/ (Orbax), metrics.jsonl, tensorboard/, config.json,
+tokens/ (each split tokenized once, `moejax.data.tokens`), and spm.model when it trains a
+SentencePiece vocabulary.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class Run:
   tx: object
   mesh: object
   checkpoints: Checkpoints
+  _tokens: dict = dataclasses.field(default_factory=dict, repr=False)  # split -> SplitTokens
 
   def example_batch(self, batch_size):
     length = self.config.data.length
@@ -64,14 +66,31 @@ class Run:
     specs = sharding.param_specs(self.model, self.example_batch(self.init_batch_size))
     return sharding.state_shardings(state, specs, self.mesh)
 
-  def to_global(self, batch: dict) -> dict:
-    """A global batch (every process builds the same) as the steps take it: on a mesh, global
-    arrays assembled from each process's own rows."""
+  def rows(self, batch_size: int) -> slice:
+    """The rows of a global batch this process feeds: those its devices hold (all without a
+    mesh)."""
     if self.mesh is None:
-      return batch
-    rows = moe_sharding.process_rows(self.mesh, len(next(iter(batch.values()))))
-    return moe_sharding.shard_batch({name: value[rows] for name, value in batch.items()},
-                                    self.mesh)
+      return slice(0, batch_size)
+    return moe_sharding.process_rows(self.mesh, batch_size)
+
+  def to_global(self, rows: dict) -> dict:
+    """This process's rows of a batch as the steps take it: on a mesh, global arrays assembled
+    from every process's rows."""
+    return rows if self.mesh is None else moe_sharding.shard_batch(rows, self.mesh)
+
+  def tokens(self, split: str):
+    """The split's tokens (`moejax.data.SplitTokens`), written once into <workdir>/tokens/."""
+    if split not in self._tokens:
+      self._tokens[split] = data_lib.split_tokens(self.config.data, split, self.tokenizer,
+                                                  os.path.join(self.workdir, 'tokens'))
+    return self._tokens[split]
+
+  def train_batches(self, data_state: dict | None):
+    """This process's rows of each training batch, from a checkpoint's `data_state`."""
+    cfg = self.config
+    return data_lib.train_batches(self.tokens(cfg.data.train_split).tokens, cfg.data, cfg.task,
+                                  self.model_config.vocab_size, cfg.train.batch_size, cfg.seed,
+                                  self.rows(cfg.train.batch_size), data_state)
 
   def fresh_state(self):
     """The initial state, placed on the mesh's shardings when there is a mesh."""
@@ -84,13 +103,17 @@ class Run:
 
   @functools.cached_property
   def eval_batches(self) -> list:
+    """This process's rows of each evaluation batch (the whole split, in order)."""
     cfg = self.config
-    return data_lib.eval_batches(cfg.data, self.tokenizer, cfg.task, cfg.eval.batch_size,
-                                 cfg.eval.max_batches)
+    batches = data_lib.eval_batches(self.tokens(cfg.data.eval_split).tokens, cfg.data, cfg.task,
+                                    self.model_config.vocab_size, cfg.eval.batch_size,
+                                    cfg.eval.max_batches)
+    rows = self.rows(cfg.eval.batch_size)
+    return [{name: value[rows] for name, value in batch.items()} for batch in batches]
 
   @functools.cached_property
   def chars_per_token(self) -> float:
-    return data_lib.chars_per_token(self.config.data, self.tokenizer, self.config.data.eval_split)
+    return data_lib.chars_per_token(self.tokens(self.config.data.eval_split))
 
 
 def state_fields(config: ml_collections.ConfigDict, model) -> dict:
@@ -106,7 +129,6 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   tokenizer = data_lib.tokenizer_for(config.data, workdir)
-  data_lib.check_corpus(config.data, tokenizer)
   vocab_size = data_lib.model_vocab_size(tokenizer, config.data, config.task)
   model_cfg = model_config(config, vocab_size)
   mesh_shape = (config.mesh.data, config.mesh.expert, config.mesh.model)
@@ -115,5 +137,9 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     mesh = moe_sharding.make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint.every_steps,
                             config.checkpoint.keep, state_fields(config, model_cfg))
-  return Run(config, workdir, tokenizer, model_cfg, make_model(model_cfg),
-             make_optimizer(config.train), mesh, checkpoints)
+  run = Run(config, workdir, tokenizer, model_cfg, make_model(model_cfg),
+            make_optimizer(config.train), mesh, checkpoints)
+  if data_lib.is_local(config.data.source):  # a short local corpus is refused before training
+    data_lib.check_corpus(config.data, {split: run.tokens(split) for split in
+                                        (config.data.train_split, config.data.eval_split)})
+  return run

@@ -75,8 +75,8 @@ def test_a_flipped_byte_in_every_kind_of_file_falls_back(trained, tmp_path):
     checkpoints = Checkpoints(str(directory), every_steps=2, keep=3)
     assert checkpoints.latest_step() == 4, name
     with pytest.warns(CheckpointWarning, match=f'step 5 .* checksum mismatch in {name}'):
-      state, position = _restore(checkpoints, run)
-    assert int(state.step) == 4 and position == 4, name
+      state, data_state = _restore(checkpoints, run)
+    assert int(state.step) == 4 and data_state == {'next_index': 4}, name
 
 
 def test_truncated_empty_and_partial_steps_fall_back(copy):
@@ -111,7 +111,7 @@ def test_training_resumes_from_the_previous_step_and_saves_again(trained, tfds_d
   checkpoints = Checkpoints(str(resumed / 'checkpoints'), 2, 3)
   assert checkpoints.latest_step() == 5 and checkpoints.problem(5) is None
   assert len(os.listdir(resumed / 'set_aside_checkpoints')) == 1
-  # Steps 4 -> 5 again from the same data position: the same parameters as the first time.
+  # Steps 4 -> 5 again from the same data state: the same parameters as the first time.
   for a, b in zip(jax.tree.leaves(summary['state'].params), jax.tree.leaves(final.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -5,7 +5,7 @@ import pytest
 
 from helpers import smoke_config
 from moejax.errors import ConfigError
-from moejax.data import pipeline
+from moejax.data import sources
 from moejax.train import loop
 
 
@@ -55,7 +55,7 @@ def test_an_unknown_dataset_name_is_refused(tmp_path, tfds_dir):
 
 
 def test_an_unprepared_dataset_without_network_fails_in_seconds(tmp_path, monkeypatch, tfds_dir):
-  monkeypatch.setattr(pipeline, '_network_reachable', lambda: False)
+  monkeypatch.setattr(sources, '_network_reachable', lambda: False)
   config = smoke_config(tfds_dir)
   config.data.source = 'tiny_shakespeare'
   start = time.perf_counter()
@@ -67,5 +67,5 @@ def test_an_unprepared_dataset_without_network_fails_in_seconds(tmp_path, monkey
 
 def test_the_network_probe_answers_in_seconds():
   start = time.perf_counter()
-  pipeline._network_reachable(timeout=2.0)  # reachable or not: it must not hang
+  sources._network_reachable(timeout=2.0)  # reachable or not: it must not hang
   assert time.perf_counter() - start < 10

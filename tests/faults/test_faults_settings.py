@@ -43,7 +43,7 @@ INVALID = [
     ('mesh.model=3', 'mesh.model'),                          # does not divide F = 64
     ('data.length=1', 'data.length'),
     ('data.validation_fraction=1.5', 'data.validation_fraction'),
-    ('data.shuffle_buffer=0', 'data.shuffle_buffer'),
+    ('seed=4294967296', 'config.seed'),                     # past the data shuffle's 32 bits
     ('sample.temperature=-1.0', 'sample.temperature'),
     ('sample.num_tokens=0', 'sample.num_tokens'),
     ('seed=-1', 'config.seed'),

@@ -1,0 +1,63 @@
+"""T5 span corruption (Raffel et al. 2020, 3.1.4): noise spans of a packed example replaced by
+sentinels in the encoder inputs; the decoder targets list each sentinel and the span it hid.
+
+NumPy, one example at a time, its noise drawn from a generator the caller seeds (the training
+stream seeds it with (seed, index of the element in the stream): `moejax.data.pipeline`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moejax.data.tokenizers import EOS_ID, PAD_ID
+
+
+def random_segments(total: int, num: int, rng: np.random.Generator) -> np.ndarray:
+  """`total` split into `num` positive parts at random (T5's random_segmentation)."""
+  cuts = np.sort(rng.choice(np.arange(1, total), num - 1, replace=False))
+  return np.diff(np.concatenate([[0], cuts, [total]]))
+
+
+def span_lengths(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+  """(noise tokens, noise spans) for T5 span corruption of `length` tokens."""
+  num_noise = int(np.clip(round(length * noise_density), 1, length - 1))
+  num_spans = int(np.clip(round(num_noise / mean_span_length), 1, min(num_noise,
+                                                                        length - num_noise)))
+  return num_noise, num_spans
+
+
+def span_corruption_lengths(length: int, noise_density: float,
+                            mean_span_length: float) -> tuple[int, int]:
+  """(M, L): encoder input and decoder target lengths after corrupting `length` tokens."""
+  num_noise, num_spans = span_lengths(length, noise_density, mean_span_length)
+  return length - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+
+def span_corrupt(tokens: np.ndarray, rng: np.random.Generator, noise_density: float,
+                 mean_span_length: float, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """T5 span corruption of tokens [N] -> (inputs [M], targets [L]), both ending with EOS.
+
+  Noise spans are replaced by sentinels in the inputs; the targets list each sentinel followed by
+  the span it replaced. Sentinel i is `vocab_size - 1 - i` (T5's convention: the top ids).
+  """
+  num_noise, num_spans = span_lengths(len(tokens), noise_density, mean_span_length)
+  noise = random_segments(num_noise, num_spans, rng)
+  keep = random_segments(len(tokens) - num_noise, num_spans, rng)
+  inputs, targets, start = [], [], 0
+  for i, (k, n) in enumerate(zip(keep, noise)):
+    sentinel = vocab_size - 1 - i
+    inputs += [*tokens[start:start + k], sentinel]
+    targets += [sentinel, *tokens[start + k:start + k + n]]
+    start += k + n
+  return (np.array(inputs + [EOS_ID], np.int32), np.array(targets + [EOS_ID], np.int32))
+
+
+def corrupted(example: dict[str, np.ndarray], rng: np.random.Generator, data: Any,
+              vocab_size: int) -> dict[str, np.ndarray]:
+  """A whole packed LM example -> the encoder-decoder example: inputs [M], input_mask [M],
+  targets [L], weights [L] (`span_corruption_lengths`)."""
+  inputs, targets = span_corrupt(example['targets'], rng, data.noise_density,
+                                 data.mean_span_length, vocab_size)
+  return {'inputs': inputs, 'input_mask': (inputs != PAD_ID).astype(np.float32),
+          'targets': targets, 'weights': (targets != PAD_ID).astype(np.float32)}
