@@ -137,10 +137,28 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     (dict(moe_every=3, scan_layers=True), 'model.num_layers'),
     (dict(num_selected_experts=5), 'model.num_selected_experts'),
     (dict(dtype='float16'), 'model.dtype'),
+    (dict(num_kv_heads=3, num_heads=4), 'model.num_kv_heads'),
+    (dict(rope_theta=0.0), 'model.rope_theta'),
+    (dict(norm_eps=-1e-6), 'model.norm_eps'),
 ])
 def test_bad_model_config_names_the_field(fields, message):
   with pytest.raises(ValueError, match=message):
     ModelConfig(**{**TINY, **fields})
+
+
+def test_grouped_query_attention_is_attention_with_each_key_value_head_repeated():
+  """2 key/value heads serving 4 query heads give the numbers of 4 heads whose key and value
+  kernels repeat each of the 2 (heads 0, 1 share the first; 2, 3 the second)."""
+  base = dict(TINY, num_heads=4, head_dim=8, moe_every=1, rope_theta=1e6)
+  grouped = ModelConfig(**base, num_kv_heads=2)
+  model, params, batch = _init(grouped)
+  full = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.repeat(x, 2, axis=1) if str(path[-2].key) in ('key', 'value') else x,
+      params)
+  logits = model.apply({'params': params}, *model_inputs(grouped, batch), True)
+  full_model = make_model(ModelConfig(**base))
+  expected = full_model.apply({'params': full}, *model_inputs(grouped, batch), True)
+  np.testing.assert_allclose(logits, expected, atol=1e-5)
 
 
 def test_unknown_model_field_is_named():

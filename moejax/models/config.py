@@ -60,6 +60,11 @@ class _ModelFields:
   model_dim: int = 128                # D
   num_heads: int = 4
   head_dim: int | None = None         # None: model_dim // num_heads
+  num_kv_heads: int | None = None     # key/value heads (grouped-query attention); None: num_heads
+  attention_bias: bool = False        # biases on the query, key and value projections (Qwen)
+  qk_norm: bool = False               # RMSNorm over all of q and of k before the heads (OLMoE)
+  rope_theta: float = 10_000.0        # rotary positions' base (Mixtral: 1e6)
+  norm_eps: float = 1e-6              # every RMSNorm's epsilon (Mixtral, OLMoE: 1e-5)
   ffn_dim: int = 512                  # F: width of dense FFNs and of each expert
   activation: str = 'gelu'
   glu: bool = False
@@ -142,6 +147,11 @@ class _ModelConfigChecks:
       raise bad('head_dim', 'it must be >= 1, or None')
     if self.head_dim is None and self.model_dim % self.num_heads:
       raise bad('num_heads', f'it must divide model_dim={self.model_dim} (or set head_dim)')
+    if self.num_kv_heads is not None and (self.num_kv_heads < 1
+                                          or self.num_heads % self.num_kv_heads):
+      raise bad('num_kv_heads', f'it must be >= 1 and divide num_heads={self.num_heads}, or None')
+    if self.rope_theta <= 0 or self.norm_eps <= 0:
+      raise bad('rope_theta' if self.rope_theta <= 0 else 'norm_eps', 'it must be > 0')
     if self.activation not in ACTIVATIONS:  # the dense FFNs' too, not only the experts'
       raise bad('activation', f'it must be one of {tuple(ACTIVATIONS)}')
     if not 0 <= self.dropout_rate < 1:
@@ -199,6 +209,11 @@ class _ModelConfigChecks:
     return self.head_dim or self.model_dim // self.num_heads
 
   @property
+  def kv_heads(self) -> int:
+    """Key/value heads: num_kv_heads, or num_heads when it is None."""
+    return self.num_kv_heads or self.num_heads
+
+  @property
   def position_kind(self) -> str:
     return self.positions or ('rotary' if self.kind == 'decoder' else 'relative')
 
@@ -248,6 +263,7 @@ def per_token_flops(config: ModelConfig, length: int, target_length: int | None 
   target tokens.
   """
   d, inner = config.model_dim, config.num_heads * config.attention_head_dim
+  kv_inner = config.kv_heads * config.attention_head_dim
   ffn_mats = 3 if config.glu else 2
 
   def ffn(layer, encoder):
@@ -263,7 +279,7 @@ def per_token_flops(config: ModelConfig, length: int, target_length: int | None 
     return k * 2 * ffn_mats * d * config.ffn_dim + 2 * d * config.num_experts
 
   def stack(keys, cross_keys=None, cross_ratio=0.0):
-    attention = 2 * 4 * d * inner + 2 * 2 * keys * inner
+    attention = 2 * 2 * d * (inner + kv_inner) + 2 * 2 * keys * inner
     if cross_keys is not None:  # q, out per target token; k, v per encoder token
       attention += 2 * 2 * d * inner * (1 + cross_ratio) + 2 * 2 * cross_keys * inner
     return sum(attention + ffn(i, cross_keys is None and config.kind == 'encoder_decoder')

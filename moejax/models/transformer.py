@@ -22,10 +22,11 @@ from moejax.intermediates import DECISIONS
 from moejax.models.config import ModelConfig
 
 
-def rotary(x: jax.Array) -> jax.Array:
-  """Rotary position embedding of x [B, L, H, A] (A even), position = index along L."""
+def rotary(x: jax.Array, theta: float = 10_000.0) -> jax.Array:
+  """Rotary position embedding of x [B, L, H, A] (A even), position = index along L; the
+  frequencies theta^(-i / (A/2)) of the two halves of A (Hugging Face's rotate_half layout)."""
   length, half = x.shape[1], x.shape[-1] // 2
-  inv_freq = 1.0 / (10_000 ** (jnp.arange(half, dtype=jnp.float32) / half))  # Shape: [A/2]
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # Shape: [A/2]
   angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq  # Shape: [L, A/2]
   sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]  # Shape: [L, 1, A/2]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -65,8 +66,16 @@ class RelativePositionBias(nn.Module):
     return jnp.transpose(table[buckets], (2, 0, 1))[None]  # Shape: [1, H, L, M]
 
 
+def rms_norm(config: ModelConfig, name: str, axes: tuple[int, ...] = (-1,)) -> nn.RMSNorm:
+  """RMSNorm over `axes` (a scale per feature of them), epsilon `config.norm_eps`."""
+  return nn.RMSNorm(epsilon=config.norm_eps, dtype=config.compute_dtype, reduction_axes=axes,
+                    feature_axes=axes, name=name)
+
+
 class Attention(nn.Module):
-  """Multi-head attention; rotary positions on q and k when `use_rotary`."""
+  """Multi-head attention with `config.kv_heads` key/value heads (grouped-query attention when
+  fewer than the H query heads: each serves H / kv_heads consecutive query heads); rotary
+  positions on q and k when `use_rotary`."""
   config: ModelConfig
   use_rotary: bool = False
 
@@ -75,11 +84,17 @@ class Attention(nn.Module):
                bias: jax.Array | None) -> jax.Array:
     """x [B, L, D], kv [B, M, D], mask [B, 1, L, M] (True: attend), bias [1, H, L, M] or None."""
     cfg = self.config
-    dense = lambda name: nn.DenseGeneral((cfg.num_heads, cfg.attention_head_dim), use_bias=False,
-                                         dtype=cfg.compute_dtype, name=name)
-    q, k, v = dense('query')(x), dense('key')(kv), dense('value')(kv)  # Shapes: [B, L|M, H, A]
+    dense = lambda heads, name: nn.DenseGeneral(
+        (heads, cfg.attention_head_dim), use_bias=cfg.attention_bias, dtype=cfg.compute_dtype,
+        name=name)
+    q = dense(cfg.num_heads, 'query')(x)  # Shape: [B, L, H, A]
+    k, v = dense(cfg.kv_heads, 'key')(kv), dense(cfg.kv_heads, 'value')(kv)  # [B, M, KV, A]
+    if cfg.qk_norm:
+      q, k = rms_norm(cfg, 'query_norm', (-2, -1))(q), rms_norm(cfg, 'key_norm', (-2, -1))(k)
     if self.use_rotary:
-      q, k = rotary(q), rotary(k)
+      q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
+    group = cfg.num_heads // cfg.kv_heads
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # Shapes: [B, M, H, A]
     logits = (jnp.einsum('blha,bmha->bhlm', q, k).astype(jnp.float32)
               / math.sqrt(cfg.attention_head_dim))
     if bias is not None:
@@ -136,7 +151,7 @@ class Block(nn.Module):
     """x [B, L, D], padding_mask [B, L]; encoded [B, M, D], encoded_mask [B, M] when cross;
     token_ids [B, L]: the stack's input ids (hash routing reads them)."""
     cfg = self.config
-    norm = lambda name: nn.RMSNorm(dtype=cfg.compute_dtype, name=name)
+    norm = lambda name: rms_norm(cfg, name)
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
     use_rotary = cfg.position_kind == 'rotary'
     mask = (causal_mask(padding_mask) if self.causal
@@ -214,7 +229,7 @@ class Stack(nn.Module):
       for i in range(num_units * cfg.period, cfg.num_layers):
         x = Block(cfg, False, self.causal, self.cross_attention, deterministic,
                   name=f'block_{i}')(x, *args)
-    return nn.RMSNorm(dtype=cfg.compute_dtype, name='final_norm')(x)
+    return rms_norm(cfg, 'final_norm')(x)
 
 
 class DecoderLM(nn.Module):

@@ -1,0 +1,132 @@
+"""Published checkpoints in and out: moejax's import of tiny random Hugging Face models against the
+outputs transformers 4.57.6 gave for them (tests/fixtures/hf, made by tools/make_hf_fixtures.py),
+the export back, and the safetensors reader and writer. No torch needed."""
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import REPO
+from moejax import collect_decisions, collect_router_probs
+from moejax.convert import from_hf, to_hf
+from moejax.convert.safetensors import Checkpoint, SafetensorsFile, write_safetensors
+from moejax.errors import InputError
+from moejax.models import make_model
+
+FIXTURES = os.path.join(REPO, 'tests', 'fixtures', 'hf')
+FAMILIES = ['mixtral', 'olmoe']
+
+
+def _reference(family):
+  return dict(np.load(os.path.join(FIXTURES, family, 'reference.npz')))
+
+
+def _apply(config, params, input_ids):
+  """(logits [B, L, V], {layer: router probs [B * L, E]}, {layer: chosen experts [B * L, K]})."""
+  ids = jnp.asarray(input_ids)
+  logits, state = make_model(config).apply({'params': params}, ids, jnp.ones(ids.shape, bool),
+                                           True, mutable=['decisions'])
+  flat = lambda x: np.asarray(x).reshape(-1, x.shape[-1])
+  probs = {name: flat(p) for name, p in collect_router_probs(state).items()}
+  chosen = {name: flat(d.expert_index) for name, d in collect_decisions(state).items()}
+  return np.asarray(logits), probs, chosen
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_imported_model_gives_the_reference_logits_probabilities_and_experts(family):
+  config, params = from_hf(os.path.join(FIXTURES, family))
+  reference = _reference(family)
+  logits, probs, chosen = _apply(config, params, reference['input_ids'])
+  np.testing.assert_allclose(logits, reference['logits'], atol=1e-4, rtol=0)
+  assert len(probs) == len(reference['router_probs']) == config.num_layers
+  for layer, name in enumerate(sorted(probs, key=_layer_number)):
+    np.testing.assert_allclose(probs[name], reference['router_probs'][layer], atol=1e-5)
+    # The same experts, in the same order (by probability, the reference's torch.topk).
+    np.testing.assert_array_equal(chosen[name], reference['experts'][layer])
+
+
+def _layer_number(name):
+  """'decoder/unit_3/block_0' -> 3: layers in stack order (names sort as text otherwise)."""
+  return int(name.split('unit_')[1].split('/')[0])
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_export_writes_the_hub_tensors_bit_for_bit_and_imports_again(family, tmp_path):
+  source = os.path.join(FIXTURES, family)
+  config, params = from_hf(source)
+  to_hf(config, params, str(tmp_path), family)
+  original, exported = Checkpoint(source), Checkpoint(str(tmp_path))
+  assert exported.names() == original.names()
+  for name in original.names():
+    a, b = original.tensor(name), exported.tensor(name)
+    assert a.dtype == b.dtype and a.shape == b.shape, name
+    assert a.tobytes() == b.tobytes(), name
+  again_config, again = from_hf(str(tmp_path))
+  assert again_config == config
+  flat = lambda tree: {k: v for k, v in _leaves(tree)}
+  first, second = flat(params), flat(again)
+  assert first.keys() == second.keys()
+  for key in first:
+    assert first[key].tobytes() == second[key].tobytes(), key
+  with open(os.path.join(source, 'config.json')) as f:
+    hub = json.load(f)
+  with open(tmp_path / 'config.json') as f:
+    written = json.load(f)
+  shared = set(hub) & set(written) - {'torch_dtype', 'transformers_version', 'dtype'}
+  assert {k: written[k] for k in shared} == {k: hub[k] for k in shared}
+
+
+def _leaves(tree, prefix=()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _leaves(value, (*prefix, key))
+    else:
+      yield '/'.join((*prefix, key)), np.asarray(value)
+
+
+def test_safetensors_round_trip_by_hand(tmp_path):
+  tensors = {'b': np.arange(6, dtype=np.float32).reshape(2, 3),
+             'a': np.array([1, -2], np.int64), 'empty': np.zeros((0, 4), np.float16)}
+  shapes = {name: (t.shape, t.dtype) for name, t in tensors.items()}
+  path = str(tmp_path / 'x.safetensors')
+  write_safetensors(path, iter(tensors.items()), shapes, {'format': 'pt'})
+  with open(path, 'rb') as f:
+    size = int.from_bytes(f.read(8), 'little')
+    header = json.loads(f.read(size))
+  assert (8 + size) % 8 == 0 and header['__metadata__'] == {'format': 'pt'}
+  assert header['b'] == {'dtype': 'F32', 'shape': [2, 3], 'data_offsets': [0, 24]}
+  assert header['a'] == {'dtype': 'I64', 'shape': [2], 'data_offsets': [24, 40]}
+  read = SafetensorsFile(path)
+  for name, tensor in tensors.items():
+    np.testing.assert_array_equal(read.tensor(name), tensor)
+    assert read.tensor(name).dtype == tensor.dtype
+  with pytest.raises(ValueError, match='announced'):
+    write_safetensors(path, iter([('a', tensors['a'])]), {'a': ((3,), np.int64)})
+
+
+def test_a_checkpoint_moejax_cannot_import_is_refused_naming_why(tmp_path):
+  with pytest.raises(InputError, match='not a Hugging Face hub directory'):
+    from_hf(str(tmp_path))
+  source = os.path.join(FIXTURES, 'mixtral')
+  for change, message in (({'model_type': 'deepseek_v3'}, "model_type 'deepseek_v3' is not one"),
+                          ({'tie_word_embeddings': True}, 'tie_word_embeddings=True is not'),
+                          ({'rope_scaling': {'type': 'yarn'}}, 'rope_scaling=.* is not')):
+    directory = tmp_path / next(iter(change))
+    shutil.copytree(source, directory)
+    with open(directory / 'config.json') as f:
+      hub = json.load(f)
+    with open(directory / 'config.json', 'w') as f:
+      json.dump({**hub, **change}, f)
+    with pytest.raises(InputError, match=message):
+      from_hf(str(directory))
+  fewer = tmp_path / 'fewer'
+  shutil.copytree(source, fewer)
+  with open(fewer / 'config.json') as f:
+    hub = json.load(f)
+  with open(fewer / 'config.json', 'w') as f:
+    json.dump({**hub, 'num_hidden_layers': 3}, f)
+  with pytest.raises(InputError, match='no tensor model.layers.2'):
+    from_hf(str(fewer))

@@ -1,0 +1,82 @@
+"""Tiny random Hugging Face MoE models and their outputs: the references moejax's import is tested
+against (`tests/test_convert.py`). Not run by `make test`: it needs torch and transformers 4.57.6.
+
+  python -m venv /tmp/hf && /tmp/hf/bin/pip install torch==2.13.0 transformers==4.57.6
+  /tmp/hf/bin/python tools/make_hf_fixtures.py tests/fixtures/hf
+
+For each family, <out>/<family>/ holds the model in hub layout (config.json, model.safetensors) and
+reference.npz: input_ids [B, L], logits [B, L, V] float32, and per MoE layer (stacked) the router
+probabilities [layers, B * L, E] and the chosen experts [layers, B * L, K]. The weights are drawn
+with a large enough scale that logits differ visibly and every token's K-th and (K+1)-th router
+probabilities differ by at least MIN_MARGIN, so the expert choices are not decided by rounding.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+import transformers
+
+BATCH, LENGTH, VOCAB = 2, 12, 96
+MIN_MARGIN = 1e-3
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
+              tie_word_embeddings=False, attn_implementation='eager')
+
+FAMILIES = {
+    'mixtral': (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
+        intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6,
+        rms_norm_eps=1e-5)),
+    'olmoe': (transformers.OlmoeConfig, transformers.OlmoeForCausalLM, dict(
+        intermediate_size=24, num_experts=8, num_experts_per_tok=4, norm_topk_prob=False,
+        rms_norm_eps=1e-5)),
+    'qwen2_moe': (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, dict(
+        intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=48,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
+        rms_norm_eps=1e-6, rope_theta=1e4)),
+}
+
+
+def _reference(model, config, input_ids):
+  with torch.no_grad():
+    out = model(input_ids=input_ids, output_router_logits=True)
+  k = config.num_experts_per_tok
+  probs = torch.stack([torch.softmax(r.float(), -1) for r in out.router_logits])
+  top = torch.sort(probs, -1, descending=True).values
+  margin = float((top[..., k - 1] - top[..., k]).min())
+  return {'input_ids': input_ids.numpy().astype(np.int32), 'logits': out.logits.float().numpy(),
+          'router_probs': probs.numpy(), 'experts': torch.topk(probs, k, -1).indices.numpy(),
+          'margin': np.float32(margin)}
+
+
+def make(family: str, out: str) -> None:
+  config_class, model_class, fields = FAMILIES[family]
+  for seed in range(100):  # the first seed whose expert choices are clear
+    torch.manual_seed(seed)
+    config = config_class(**COMMON, **fields)
+    model = model_class(config).eval()
+    input_ids = torch.randint(3, VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
+    reference = _reference(model, config, input_ids)
+    if reference['margin'] >= MIN_MARGIN:
+      break
+  else:
+    raise SystemExit(f'{family}: no seed below 100 gives router margins >= {MIN_MARGIN}')
+  directory = os.path.join(out, family)
+  model.save_pretrained(directory, safe_serialization=True)
+  np.savez_compressed(os.path.join(directory, 'reference.npz'), **reference)
+  print(f'{family}: seed {seed}, margin {reference["margin"]:.2e}, '
+        f'{sum(p.numel() for p in model.parameters())} parameters -> {directory}')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('out', help='directory to write <family>/ into')
+  parser.add_argument('--families', nargs='*', default=list(FAMILIES))
+  args = parser.parse_args()
+  assert transformers.__version__ == '4.57.6', transformers.__version__
+  for family in args.families:
+    make(family, args.out)
+
+
+if __name__ == '__main__':
+  main()
