@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import transformers
 
-BATCH, LENGTH, VOCAB = 2, 12, 96
+BATCH, LENGTH, VOCAB = 2, 12, 260  # 260: room for the byte tokenizer's 259 ids
 MIN_MARGIN = 1e-3
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
