@@ -8,11 +8,12 @@ warm-up call each) and their medians reported, with each one's ratio to the fast
   accelerator (the default): 8,192-token layers (D 1024; E 8 with and without a capacity, E 64)
     and 8,192-token steps of a 4-block, D 512 decoder (E 8 and 64), bfloat16; meant to take a
     few minutes on one GPU.
-  cpu: the layer at benchmarks/layer.py's shape (4,096 tokens, D 512, F 2048, E 8, top-2, with
-    and without a capacity) and switch_tiny's own step, float32; about 5 minutes on 2 cores.
+  medium: the layer at benchmarks/layer.py's shape (4,096 tokens, D 512, F 2048, E 8, top-2, with
+    and without a capacity) and switch_tiny's own step, float32; 5 minutes on 2 cores with
+    `--repeats 5`.
   small (`--small`): tiny shapes, about 30 seconds on a CPU (`tests/test_accelerator_benchmark.py`).
 
-  python benchmarks/accelerator.py [--size accelerator|cpu|small] [--small] [--repeats 10]
+  python benchmarks/accelerator.py [--size accelerator|medium|small] [--small] [--repeats 10]
       [--out FILE.json]
 Writes benchmarks/results/accelerator_<backend>[_<size>].json and, beside it, the same rows as a
 markdown table (.md), which benchmarks/RESULTS.md quotes with the chip's name.
@@ -45,7 +46,7 @@ LAYER_SIZES = {
                    group_size=32, capacity_factor=1.25),
               dict(batch=2, length=32, model_dim=16, ffn_dim=32, num_experts=4, k=2,
                    group_size=32, capacity_factor=None)],
-    'cpu': [dict(batch=8, length=512, model_dim=512, ffn_dim=2048, num_experts=8, k=2,
+    'medium': [dict(batch=8, length=512, model_dim=512, ffn_dim=2048, num_experts=8, k=2,
                  group_size=512, capacity_factor=1.25),
             dict(batch=8, length=512, model_dim=512, ffn_dim=2048, num_experts=8, k=2,
                  group_size=512, capacity_factor=None)],
@@ -60,7 +61,7 @@ LAYER_SIZES = {
 STEP_SIZES = {
     'small': [dict(model=dict(num_layers=2, model_dim=32, num_heads=2, ffn_dim=64, num_experts=4,
                               num_selected_experts=2), batch_size=4, length=32)],
-    'cpu': [dict(model={}, batch_size=32, length=128)],
+    'medium': [dict(model={}, batch_size=32, length=128)],
     'accelerator': [dict(model=dict(num_layers=4, model_dim=512, num_heads=8, ffn_dim=2048,
                                     num_experts=8, num_selected_experts=2),
                          batch_size=16, length=512),

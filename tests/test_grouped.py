@@ -56,9 +56,10 @@ def test_grouped_expert_ffn_equals_each_expert_on_its_rows(glu, activation):
   def reference(rows, weights):
     return _per_expert_ffn(rows, group_sizes, weights, activation)
 
-  (_, out), grads = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(grouped, rows, weights)
-  (_, out_ref), grads_ref = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(
-      reference, rows, weights)
+  loss_and_grads = jax.jit(jax.value_and_grad(loss, argnums=(1, 2), has_aux=True),
+                           static_argnums=0)
+  (_, out), grads = loss_and_grads(grouped, rows, weights)
+  (_, out_ref), grads_ref = loss_and_grads(reference, rows, weights)
   np.testing.assert_allclose(out, out_ref, atol=1e-5, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                grads, grads_ref)
@@ -78,16 +79,16 @@ def test_grouped_dispatcher_has_exact_groups():
   dispatcher = make_dispatcher(decision, 'grouped', jnp.float32)
   assert isinstance(dispatcher, GroupedDispatcher) and isinstance(dispatcher, RowDispatcher)
   assert dispatcher.tile == 1 and dispatcher.max_group == num_groups * 3
-  expert = np.asarray(decision.expert_index)[np.asarray(decision.dispatched)]
-  counts = np.bincount(expert, minlength=4)
+  tokens = jax.random.normal(jax.random.key(3), (num_groups, group_size, D))
+  rows = np.asarray(dispatcher.dispatch_rows(tokens))
+  dispatcher, decision, tokens = jax.tree.map(np.asarray, (dispatcher, decision, tokens))
+  counts = np.bincount(decision.expert_index[decision.dispatched], minlength=4)
   assert counts.max() == 6 and counts.sum() < 2 * 14  # capacity dropped some choices
   np.testing.assert_array_equal(dispatcher.row_count, counts)
   np.testing.assert_array_equal(dispatcher.first_row, np.cumsum(counts) - counts)
-  tokens = jax.random.normal(jax.random.key(3), (num_groups, group_size, D))
-  rows = np.asarray(dispatcher.dispatch_rows(tokens))
   np.testing.assert_array_equal(rows[counts.sum():], 0.0)
-  for g, s, k in zip(*np.nonzero(np.asarray(decision.dispatched))):
-    e = int(decision.expert_index[g, s, k])
-    row = int(dispatcher.choice_row[(g * group_size + s) * 2 + k])
+  for g, s, k in zip(*np.nonzero(decision.dispatched)):
+    e = decision.expert_index[g, s, k]
+    row = dispatcher.choice_row[(g * group_size + s) * 2 + k]
     assert dispatcher.first_row[e] <= row < dispatcher.first_row[e] + counts[e]
     np.testing.assert_array_equal(rows[row], tokens[g, s])
