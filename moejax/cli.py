@@ -6,10 +6,12 @@
   moejax sample --workdir runs/x [--prompt "ROMEO:" --num_tokens 300 --temperature 0.8]
   moejax analyze --workdir runs/x [--text FILE] [--out DIR] [--at_init]
   moejax ablate SWEEP [--report] [--scale small|base] [--runs_dir DIR] [--results_dir DIR]
+  moejax import-hf HUB_DIR --workdir runs/mixtral [--config FILE] [--config.data.source=...]
 
 Every config field can be set with --config.<section>.<field>=VALUE (a Python literal, None, or
 text). `eval` and `sample` read the run's saved config.json (plus any overrides) unless --config
-names a file. A bad setting, path or file prints one line naming it (exit 2); a damaged or
+names a file; so does `train` on a work directory that has one (an imported model's, say). A
+bad setting, path or file prints one line naming it (exit 2); a damaged or
 missing checkpoint, a locked work directory or a failed metrics write exit 1; --debug (or
 MOEJAX_DEBUG=1) shows the traceback. `train --restart` starts afresh where a run exists, keeping
 its files in WORKDIR/previous_runs/.
@@ -28,7 +30,9 @@ COMMANDS = {'train': 'train (or resume) a run from an experiment config',
             'eval': "evaluate a run's checkpoint on the validation split, as JSON",
             'sample': "generate text from a run's checkpoint",
             'analyze': "which tokens go to which expert: routing.json and figures of a run's "
-                       'checkpoint'}
+                       'checkpoint',
+            'import-hf': 'a Hugging Face hub checkpoint (Mixtral, OLMoE) as a run at step 0 '
+                         'that eval, sample, analyze and train use like any other'}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,11 +47,16 @@ def _parser() -> argparse.ArgumentParser:
   for name, help_text in COMMANDS.items():
     sub = commands.add_parser(name, help=help_text, description=help_text,
                               epilog=parser.epilog)
+    if name == 'import-hf':
+      sub.add_argument('source', metavar='HUB_DIR',
+                       help='a downloaded hub directory: config.json and model.safetensors (or '
+                            'its shards)')
     sub.add_argument('--workdir', required=name != 'train',
                      help='run directory (config.json, checkpoints/, metrics.jsonl)')
-    sub.add_argument('--config', required=name == 'train', metavar='FILE',
-                     help='experiment file whose get_config() returns the config'
-                          + ('' if name == 'train' else " (default: the run's config.json)"))
+    sub.add_argument('--config', metavar='FILE',
+                     help='experiment file whose get_config() returns the config' + (
+                         " (its model section is the checkpoint's)" if name == 'import-hf' else
+                         " (default: the run's config.json; a new run needs one)"))
     sub.add_argument('--debug', action='store_true',
                      help='show tracebacks of config errors (also: MOEJAX_DEBUG=1)')
     many = sub.add_argument_group(
@@ -85,9 +94,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace, overrides: list[tuple[str, str]]):
   """The run's config: the experiment file's (or the saved run's), overrides applied, checked."""
+  from moejax.errors import InputError
   from moejax.train import config as config_lib  # imports JAX: after the arguments are checked
   if args.config:
     config = config_lib.config_from_file(args.config)
+  elif args.command == 'train' and not (
+      args.workdir and os.path.exists(os.path.join(args.workdir, 'config.json'))):
+    raise InputError(f'{args.workdir or "no --workdir"}: no run there (no config.json); a new '
+                     'run needs --config FILE')
   else:
     config = config_lib.saved_config(args.workdir)
   config = config_lib.apply_overrides(config, overrides)
@@ -207,6 +221,10 @@ def _command(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
   from moejax.errors import InputError
   if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
     raise InputError(f'--workdir {args.workdir} is a file; it must be a (run) directory')
+  if args.command == 'import-hf':
+    from moejax.convert.workdir import import_hf
+    print(json.dumps(import_hf(args.source, args.workdir, args.config, overrides), indent=1))
+    return 0
   config = _config(args, overrides)
   if args.command == 'train' and args.print_config:
     print(config.to_json(indent=2))

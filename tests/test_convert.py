@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO
+from helpers import REPO, run_cli
 from moejax import collect_decisions, collect_router_probs
 from moejax.convert import from_hf, to_hf
 from moejax.convert.safetensors import Checkpoint, SafetensorsFile, write_safetensors
@@ -130,3 +130,54 @@ def test_a_checkpoint_moejax_cannot_import_is_refused_naming_why(tmp_path):
     json.dump({**hub, 'num_hidden_layers': 3}, f)
   with pytest.raises(InputError, match='no tensor model.layers.2'):
     from_hf(str(fewer))
+
+
+def test_an_imported_checkpoint_evaluates_samples_analyzes_and_fine_tunes(tmp_path, tfds_dir,
+                                                                          capsys):
+  workdir = tmp_path / 'mixtral'
+  data = [f'--config.data.source={os.path.join(REPO, "data", "timemachine.txt")}',
+          f'--config.data.data_dir={tfds_dir}', '--config.data.length=32',
+          '--config.eval.max_batches=2', '--config.eval.batch_size=8']
+  status, out, err = run_cli(capsys, 'import-hf', os.path.join(FIXTURES, 'mixtral'),
+                             '--workdir', workdir, *data)
+  assert status == 0, err
+  # (TFDS says on stdout that it prepared the dataset first.)
+  assert json.loads(out[out.index('{'):])['parameters'] == 60064  # transformers' count too
+  # The checkpoint holds the imported params bit for bit.
+  from moejax.train.config import saved_config
+  from moejax.train.resume import load
+  _, imported = from_hf(os.path.join(FIXTURES, 'mixtral'))
+  _, state = load(saved_config(str(workdir)), str(workdir))
+  restored = dict(_leaves(state.params))
+  assert restored.keys() == dict(_leaves(imported)).keys()
+  for key, array in _leaves(imported):
+    assert array.tobytes() == restored[key].tobytes(), key
+  status, out, err = run_cli(capsys, 'eval', '--workdir', workdir)
+  assert status == 0, err
+  assert np.isfinite(json.loads(out)['nll'])
+  status, out, err = run_cli(capsys, 'sample', '--workdir', workdir, '--num_tokens', '8')
+  assert status == 0 and '--- sample' in out, err
+  status, out, err = run_cli(capsys, 'analyze', '--workdir', workdir, '--max_tokens', '64')
+  assert status == 0 and os.path.exists(workdir / 'analysis' / 'routing.json'), err
+  # Fine-tuning: train resumes from step 0 with the saved config and new settings.
+  status, out, err = run_cli(capsys, 'train', '--workdir', workdir, '--config.train.num_steps=3',
+                             '--config.train.batch_size=4', '--config.checkpoint.every_steps=3')
+  assert status == 0, err
+  with open(workdir / 'metrics.jsonl') as f:
+    losses = [json.loads(line)['loss'] for line in f if '"train"' in line]
+  assert len(losses) == 3 and all(np.isfinite(losses))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['0', '3']
+  # Importing again over the run is refused, and changes nothing.
+  status, _, err = run_cli(capsys, 'import-hf', os.path.join(FIXTURES, 'mixtral'), '--workdir',
+                           workdir, *data)
+  assert status == 2 and 'already holds checkpoints' in err
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['0', '3']
+
+
+def test_an_import_whose_overrides_change_the_architecture_is_refused(tmp_path, tfds_dir, capsys):
+  status, _, err = run_cli(capsys, 'import-hf', os.path.join(FIXTURES, 'olmoe'), '--workdir',
+                           tmp_path / 'w', f'--config.data.data_dir={tfds_dir}',
+                           '--config.data.source=' + os.path.join(REPO, 'data', 'timemachine.txt'),
+                           '--config.model.ffn_dim=32')
+  assert status == 2 and 'imported parameter' in err and 'override' in err
+  assert not os.path.exists(tmp_path / 'w' / 'config.json')

@@ -31,6 +31,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(
       {k: v for k, v in ModelConfig(vocab_size=1).to_dict().items() if k != 'vocab_size'})
+  # V; None: the tokenizer's (and span corruption's sentinels). An imported model sets its own.
+  config.model.vocab_size = ml_collections.config_dict.placeholder(int)
 
   config.data = ml_collections.ConfigDict(dict(
       source='data/tinyshakespeare.txt',  # a local file/directory, or a TFDS name ('lm1b')
@@ -341,7 +343,13 @@ def write_saved_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-  """The run's ModelConfig: config.model plus the vocabulary size of the data."""
+  """The run's ModelConfig: config.model with the data's vocabulary size `vocab_size` (or
+  `model.vocab_size` when set: at least the data's, e.g. an imported model's)."""
+  if config.model.vocab_size is not None:
+    if config.model.vocab_size < vocab_size:
+      raise ConfigError('vocab_size', config.model.vocab_size, f'the data needs {vocab_size} ids '
+                        f'(tokenizer {config.data.tokenizer!r})', 'model')
+    vocab_size = config.model.vocab_size
   if config.task not in TASKS:
     raise ConfigError('task', config.task, f'it must be one of {tuple(TASKS)}', 'config')
   if config.model.kind != TASKS[config.task]:
