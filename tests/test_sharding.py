@@ -126,16 +126,23 @@ def test_sharded_dropless_equals_single_device():
 def test_sharded_grouped_ragged_exchange_equals_single_device(data, expert, model,
                                                               capacity_factor):
   """dispatch='grouped' under a mesh exchanges only the dispatched rows (ragged all-to-all,
-  emulated on CPU): outputs, metrics and gradients of the one-device layer, dropless and with
-  overflow, with F split over 'model' too; GLU experts."""
+  emulated on CPU): outputs, metrics and gradients (parameters and inputs: these come back
+  through both exchanges) of the one-device layer, dropless and with overflow, with F split
+  over 'model' too; GLU experts."""
   layer = MoeLayer(num_experts=8, ffn_dim=F, num_selected_experts=2, dispatch='grouped',
                    eval_capacity_factor=capacity_factor, min_expert_capacity=1,
                    router_init_scale=5.0, glu=True)
   variables, loss, out, metrics, grads = _reference(layer)
   mesh = sharding.make_mesh(data=data, expert=expert, model=model)
-  _, ((loss_s, (out_s, metrics_s)), grads_s) = _sharded(layer, variables, mesh)
+  params, ((loss_s, (out_s, metrics_s)), grads_s) = _sharded(layer, variables, mesh)
   np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
   _assert_close((out_s, metrics_s, grads_s), (out, metrics, grads))
+  input_grad = jax.jit(jax.grad(lambda v, x, m: _loss(layer, v, x, m)[0], argnums=1))
+  x, padding_mask = _data()
+  expected = input_grad(variables, x, padding_mask)
+  x, padding_mask = sharding.shard_batch((x, padding_mask), mesh)
+  with jax.set_mesh(mesh):
+    _assert_close(input_grad(params, x, padding_mask), expected)
   assert (float(metrics['fraction_dropped']) > 0.2) == (capacity_factor is not None)
 
 
