@@ -4,6 +4,8 @@ the export back, and the safetensors reader and writer. No torch needed."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -181,3 +183,17 @@ def test_an_import_whose_overrides_change_the_architecture_is_refused(tmp_path, 
                            '--config.model.ffn_dim=32')
   assert status == 2 and 'imported parameter' in err and 'override' in err
   assert not os.path.exists(tmp_path / 'w' / 'config.json')
+
+
+@pytest.mark.slow
+def test_the_import_streams_one_tensor_at_a_time(tmp_path):
+  """Peak memory of an import (a 58 MiB generated checkpoint, in a fresh process): the output
+  and about one param more, far from the 2 x output of reading everything, then converting."""
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'import_memory.py'),
+                           '--small', '--out', str(tmp_path / 'memory.json')],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(tmp_path / 'memory.json') as f:
+    measured = json.load(f)
+  assert measured['output_bytes'] >= 50 * 2**20
+  assert measured['growth_bytes'] < 1.5 * measured['output_bytes']

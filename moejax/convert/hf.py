@@ -41,10 +41,12 @@ class Tensor:
   in_axes: int = 1
 
   def to_moejax(self, arrays: list[np.ndarray]) -> np.ndarray:
+    """The moejax array, in memory of its own (copied out of the hub tensors' memory maps once)."""
     if self.kind == 'experts':
-      return np.stack([a.T for a in arrays])
-    array = arrays[0].T if self.kind == 'linear' else arrays[0]
-    return np.asarray(array).reshape(self.shape)
+      array = np.stack([a.T for a in arrays])
+    else:
+      array = (arrays[0].T if self.kind == 'linear' else arrays[0]).reshape(self.shape)
+    return np.require(array, requirements=['C', 'O'])
 
   def hub_shapes(self) -> list[tuple[int, ...]]:
     if self.kind == 'experts':
@@ -211,7 +213,7 @@ def from_hf(directory: str) -> tuple[ModelConfig, dict]:
       raise InputError(f'{directory}: no tensor {missing[0]} (a {family.model_type} checkpoint '
                        f'of {config.num_layers} layers needs it)')
     array = tensor.to_moejax([checkpoint.tensor(name) for name in tensor.names])
-    _set(params, tensor.path, np.array(array))  # copied out of the memory map
+    _set(params, tensor.path, array)
   return config, params
 
 

@@ -43,8 +43,8 @@ class SafetensorsFile:
     dtype = np.dtype(DTYPES[entry['dtype']])
     if end == begin:
       return np.zeros(entry['shape'], dtype)
-    return np.memmap(self.path, dtype, 'r', offset=self.data_start + begin,
-                     shape=tuple(entry['shape']))
+    return np.asarray(np.memmap(self.path, dtype, 'r', offset=self.data_start + begin,
+                                shape=tuple(entry['shape'])))  # a plain view of the map
 
 
 class Checkpoint:
