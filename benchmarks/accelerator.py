@@ -59,8 +59,8 @@ LAYER_SIZES = {
 }
 # Train-step sizes: overrides of switch_tiny's model and data/train fields.
 STEP_SIZES = {
-    'small': [dict(model=dict(num_layers=2, model_dim=32, num_heads=2, ffn_dim=64, num_experts=4,
-                              num_selected_experts=2), batch_size=4, length=32)],
+    'small': [dict(model=dict(num_layers=1, moe_every=1, model_dim=32, num_heads=2, ffn_dim=64,
+                              num_experts=4, num_selected_experts=2), batch_size=4, length=32)],
     'medium': [dict(model={}, batch_size=32, length=128)],
     'accelerator': [dict(model=dict(num_layers=4, model_dim=512, num_heads=8, ffn_dim=2048,
                                     num_experts=8, num_selected_experts=2),
