@@ -2,9 +2,10 @@
 
 Axis legend (DESIGN.md): E experts, G groups, C capacity, N tokens per expert, R rows sorted by
 expert, D model width, F expert hidden width. Weights follow Flax's (in, out) layout with a
-leading expert axis: `wi [E, D, F]` (and `wi_gate [E, D, F]` for GLU), `wo [E, F, D]`; no biases, as in T5 and Switch.
-They are plain arrays; `moejax.sharding` names their axes by parameter path ('expert', 'embed',
-'mlp') and maps those to the mesh axes ('expert', None, 'model').
+leading expert axis: `wi [E, D, F]` (and `wi_gate [E, D, F]` for GLU), `wo [E, F, D]`; no
+biases, as in T5 and Switch. They are plain arrays; `moejax.sharding` names their axes by
+parameter path ('expert', 'embed', 'mlp') and maps those to the mesh axes ('expert', None,
+'model').
 """
 from __future__ import annotations
 
