@@ -29,11 +29,12 @@ SIZES = {'full': dict(vocab_size=32_000, hidden_size=1024, num_hidden_layers=4,
 
 def write_checkpoint(directory: str, fields: dict) -> None:
   """A random Mixtral checkpoint of `fields`, written one tensor at a time."""
-  from moejax.convert.hf import FAMILIES, tensors
+  from moejax.convert.hf import FAMILIES
   from moejax.convert.safetensors import write_safetensors
   hub = dict(model_type='mixtral', num_experts_per_tok=2, rms_norm_eps=1e-5, rope_theta=1e6,
              tie_word_embeddings=False, hidden_act='silu', **fields)
-  layout = tensors(FAMILIES['mixtral'], FAMILIES['mixtral'].model_config(hub))
+  mixtral = FAMILIES['mixtral']
+  layout = mixtral.tensors(mixtral.model_config(hub))
   shapes = {name: (shape, np.float32) for t in layout for name, shape in zip(t.names, t.hub_shapes())}
   rng = np.random.default_rng(0)
   arrays = ((name, rng.standard_normal(shape, np.float32)) for name, (shape, _) in shapes.items())

@@ -65,6 +65,10 @@ def _check_sizes(layer: Any) -> None:
       raise bad(field, 'it must be in [0, 1)')
   if layer.num_shared_experts < 0:
     raise bad('num_shared_experts', 'it must be >= 0')
+  if layer.shared_expert_gate and not layer.num_shared_experts:
+    raise bad('shared_expert_gate', 'it gates the shared experts: set num_shared_experts >= 1')
+  if layer.expert_capacity is not None and layer.expert_capacity < 1:
+    raise bad('expert_capacity', 'it must be >= 1, or None')
   if layer.router_dim < 1:
     raise bad('router_dim', 'it must be >= 1')
   if not layer.gumbel_temperature > 0:

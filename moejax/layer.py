@@ -62,6 +62,8 @@ class MoeLayer(nn.Module):
       None is dropless: C = S, so no token is ever dropped (with 'sorted' dispatch the experts
       still only compute the rows they get).
     min_expert_capacity: lower bound on C.
+    expert_capacity: a fixed C per expert and group (at most S), in place of the capacity factors
+      (Hugging Face's Switch Transformers); None: from the factors.
     group_size: S, tokens per routing group; None routes each sequence as one group (S = L). It
       must divide B * L.
     dispatch: how tokens reach their experts; every method gives the same numbers.
@@ -115,6 +117,8 @@ class MoeLayer(nn.Module):
       When that collection is mutable the layer stores the expert usage of the call in 'load'.
     num_shared_experts: experts every (real) token goes through besides its routed ones
       (DeepSeekMoE); their outputs are added, weight 1. Params 'shared_experts'.
+    shared_expert_gate: scale the shared experts' sum by sigmoid(x w), w [D, 1] (param
+      'shared_expert_gate'; Qwen-MoE's gated shared expert).
     load_balancing_loss_scale: the convention of the sown 'load_balancing_loss':
       'per_choice' (1 at uniform routing for every K) or 'per_token' (K at uniform routing:
       GShard's, flaxformer's and ST-MoE's top-K value); see `routing.load_balancing_loss`.
@@ -128,6 +132,7 @@ class MoeLayer(nn.Module):
   train_capacity_factor: float | None = 1.25
   eval_capacity_factor: float | None = 2.0
   min_expert_capacity: int = 4
+  expert_capacity: int | None = None
   group_size: int | None = None
   dispatch: str = 'auto'
   block_size: int | None = None
@@ -149,6 +154,7 @@ class MoeLayer(nn.Module):
   top_p: float | None = None
   balancing_bias: bool = False
   num_shared_experts: int = 0
+  shared_expert_gate: bool = False
   load_balancing_loss_scale: str = 'per_choice'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -161,6 +167,8 @@ class MoeLayer(nn.Module):
     """Expert capacity C per group of `group_size` tokens."""
     if self.routing == 'dense':
       return group_size
+    if self.expert_capacity is not None:
+      return min(self.expert_capacity, group_size)
     factor = self.eval_capacity_factor if deterministic else self.train_capacity_factor
     if factor is None:  # dropless: an expert can take every token of the group
       return group_size
@@ -175,7 +183,8 @@ class MoeLayer(nn.Module):
     if method == 'auto':
       factor = self.eval_capacity_factor if deterministic else self.train_capacity_factor
       # Dense routing, like dropless, gives every expert C = S slots per group.
-      dropless = self.routing == 'dense' or (factor is None and self.routing == 'tokens_choose')
+      dropless = self.routing == 'dense' or (factor is None and self.expert_capacity is None
+                                             and self.routing == 'tokens_choose')
       method = auto_dispatch(jax.default_backend(), dropless)
     return 'indices' if sharded and method == 'sorted' else method
 
@@ -357,6 +366,10 @@ class MoeLayer(nn.Module):
     # Shape: [E_shared, B * L, D]
     out = expert_ffn(tokens, weights, activation=self.activation, dtype=self.dtype,
                      dropout_rate=self.expert_dropout, dropout_rng=dropout_rng).sum(axis=0)
+    if self.shared_expert_gate:  # Shape: [B * L, 1]
+      gate = nn.Dense(1, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name='shared_expert_gate')(x.reshape(-1, model_dim))
+      out = out * jax.nn.sigmoid(gate)
     return jnp.where(valid.reshape(-1, 1), out, 0).astype(self.dtype).reshape(x.shape)
 
   def _sow(self, logits: jax.Array, probs: jax.Array, decision: routing.RoutingDecision,

@@ -50,7 +50,8 @@ def test_the_moe_fields_are_the_layers_own():
       continue
     assert model_fields[name] == MOE_DEFAULTS.get(name, default), name
   assert ModelConfig(vocab_size=V).dispatch == MoeLayer.dispatch == 'auto'
-  assert set(default_config().model) == set(model_fields) - {'vocab_size'}
+  assert set(default_config().model) == set(model_fields)
+  assert default_config().model.vocab_size is None  # the tokenizer's, unless a config sets it
 
 
 def test_the_config_checks_by_the_layers_rules_and_names_the_model_field():
@@ -192,3 +193,31 @@ def test_per_token_load_balancing_scale_is_k_times_per_choice():
                                     load_balancing_loss_scale='per_token'), params=params)
   np.testing.assert_allclose(collect_aux_losses(per_token)['load_balancing_loss'],
                              2 * collect_aux_losses(per_choice)['load_balancing_loss'], rtol=1e-6)
+
+
+def test_a_fixed_expert_capacity_replaces_the_factors():
+  layer = MoeLayer(num_experts=4, ffn_dim=8, expert_capacity=2, train_capacity_factor=1.25,
+                   eval_capacity_factor=None)
+  assert [layer.capacity(16, d) for d in (True, False)] == [2, 2]
+  assert layer.capacity(1, True) == 1  # never more slots than the group's tokens
+  with pytest.raises(ValueError, match='MoeLayer.expert_capacity=0'):
+    MoeLayer(num_experts=4, ffn_dim=8, expert_capacity=0)
+
+
+def test_the_shared_expert_gate_scales_the_shared_experts_by_a_sigmoid():
+  """With the gate's kernel at zero, sigmoid(0) = 1/2: the gated layer is the routed experts plus
+  half the shared one, halfway between the layer without shared experts and the ungated one."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  fields = dict(num_experts=4, ffn_dim=8, num_selected_experts=2, eval_capacity_factor=None)
+  gated = MoeLayer(**fields, num_shared_experts=1, shared_expert_gate=True)
+  params = gated.init(jax.random.key(1), x, True)['params']
+  assert params['shared_expert_gate']['kernel'].shape == (16, 1)
+  params = {**params, 'shared_expert_gate': {'kernel': jnp.zeros((16, 1))}}
+  half = gated.apply({'params': params}, x, True)
+  ungated = MoeLayer(**fields, num_shared_experts=1).apply(
+      {'params': {k: v for k, v in params.items() if k != 'shared_expert_gate'}}, x, True)
+  routed = MoeLayer(**fields).apply(
+      {'params': {k: params[k] for k in ('router', 'experts')}}, x, True)
+  np.testing.assert_allclose(half, (routed + ungated) / 2, atol=1e-6)
+  with pytest.raises(ValueError, match='shared_expert_gate'):
+    MoeLayer(**fields, shared_expert_gate=True)

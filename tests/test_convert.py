@@ -19,40 +19,60 @@ from moejax.errors import InputError
 from moejax.models import make_model
 
 FIXTURES = os.path.join(REPO, 'tests', 'fixtures', 'hf')
-FAMILIES = ['mixtral', 'olmoe']
+FAMILIES = ['mixtral', 'olmoe', 'qwen2_moe', 'switch_transformers']
 
 
 def _reference(family):
   return dict(np.load(os.path.join(FIXTURES, family, 'reference.npz')))
 
 
-def _apply(config, params, input_ids):
-  """(logits [B, L, V], {layer: router probs [B * L, E]}, {layer: chosen experts [B * L, K]})."""
-  ids = jnp.asarray(input_ids)
-  logits, state = make_model(config).apply({'params': params}, ids, jnp.ones(ids.shape, bool),
-                                           True, mutable=['decisions'])
+def _apply(config, params, reference):
+  """(logits [B, L, V], then per MoE layer in the reference's order (the encoder's, then the
+  decoder's; each stack's in depth order): router probs [B * L, E], chosen experts [B * L, K],
+  dropped choices [B * L, K])."""
+  ids = jnp.asarray(reference['input_ids'])
+  args = (ids, jnp.ones(ids.shape, bool))
+  if config.kind == 'encoder_decoder':
+    decoder_ids = jnp.asarray(reference['decoder_input_ids'])
+    args += (decoder_ids, jnp.ones(decoder_ids.shape, bool))
+  logits, state = make_model(config).apply({'params': params}, *args, True,
+                                           mutable=['decisions'])
   flat = lambda x: np.asarray(x).reshape(-1, x.shape[-1])
-  probs = {name: flat(p) for name, p in collect_router_probs(state).items()}
-  chosen = {name: flat(d.expert_index) for name, d in collect_decisions(state).items()}
-  return np.asarray(logits), probs, chosen
+  probs, decisions = collect_router_probs(state), collect_decisions(state)
+  names = sorted(probs, key=_layer_order)
+  return (np.asarray(logits), [flat(probs[n]) for n in names],
+          [flat(decisions[n].expert_index) for n in names],
+          [~flat(decisions[n].dispatched) for n in names])
+
+
+def _layer_order(name):
+  """'encoder/unit_3/block_1' -> (0, 3, 1): the encoder first, then depth (not text) order."""
+  stack, unit, block = name.split('/')[:3]
+  return stack != 'encoder', int(unit.split('_')[1]), int(block.split('_')[1])
 
 
 @pytest.mark.parametrize('family', FAMILIES)
 def test_imported_model_gives_the_reference_logits_probabilities_and_experts(family):
   config, params = from_hf(os.path.join(FIXTURES, family))
   reference = _reference(family)
-  logits, probs, chosen = _apply(config, params, reference['input_ids'])
+  logits, probs, chosen, dropped = _apply(config, params, reference)
   np.testing.assert_allclose(logits, reference['logits'], atol=1e-4, rtol=0)
-  assert len(probs) == len(reference['router_probs']) == config.num_layers
-  for layer, name in enumerate(sorted(probs, key=_layer_number)):
-    np.testing.assert_allclose(probs[name], reference['router_probs'][layer], atol=1e-5)
+  assert len(probs) == len(reference['router_probs'])
+  for layer, expected in enumerate(reference['router_probs']):
+    np.testing.assert_allclose(probs[layer], expected, atol=1e-5)
     # The same experts, in the same order (by probability, the reference's torch.topk).
-    np.testing.assert_array_equal(chosen[name], reference['experts'][layer])
+    np.testing.assert_array_equal(chosen[layer], reference['experts'][layer])
+    assert not dropped[layer].any() or family == 'switch_transformers'  # the others: dropless
 
 
-def _layer_number(name):
-  """'decoder/unit_3/block_0' -> 3: layers in stack order (names sort as text otherwise)."""
-  return int(name.split('unit_')[1].split('/')[0])
+def test_switch_drops_exactly_the_tokens_the_reference_drops():
+  """A capacity of 3 tokens per expert and sequence: 16 of the 48 choices of the fixture's two
+  sparse layers are over it, in transformers 4.57.6 and in moejax alike."""
+  config, params = from_hf(os.path.join(FIXTURES, 'switch_transformers'))
+  reference = _reference('switch_transformers')
+  assert config.expert_capacity == 3 and int(reference['dropped'].sum()) == 16
+  _, _, _, dropped = _apply(config, params, reference)
+  np.testing.assert_array_equal(np.stack(dropped)[..., 0], reference['dropped'])
 
 
 @pytest.mark.parametrize('family', FAMILIES)
@@ -77,7 +97,8 @@ def test_export_writes_the_hub_tensors_bit_for_bit_and_imports_again(family, tmp
     hub = json.load(f)
   with open(tmp_path / 'config.json') as f:
     written = json.load(f)
-  shared = set(hub) & set(written) - {'torch_dtype', 'transformers_version', 'dtype'}
+  shared = set(hub) & set(written) - {'torch_dtype', 'transformers_version', 'dtype',
+                                      'intermediate_size'}  # Qwen's dense FFN: no such layer
   assert {k: written[k] for k in shared} == {k: hub[k] for k in shared}
 
 

@@ -35,6 +35,12 @@ FAMILIES = {
         num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
         rms_norm_eps=1e-6, rope_theta=1e4)),
 }
+# Switch: an encoder-decoder whose every other FFN is sparse, top-1 with a fixed capacity of 3
+# tokens per expert and sequence, so that some of the 12 tokens of a sequence are dropped.
+SWITCH = dict(vocab_size=VOCAB, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
+              num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+              num_experts=4, expert_capacity=3, dropout_rate=0.0,
+              tie_word_embeddings=True)
 
 
 def _reference(model, config, input_ids):
@@ -68,14 +74,51 @@ def make(family: str, out: str) -> None:
         f'{sum(p.numel() for p in model.parameters())} parameters -> {directory}')
 
 
+def make_switch(out: str) -> None:
+  """reference.npz adds decoder_input_ids [B, L] and, per sparse layer (the encoder's, then the
+  decoder's), `dropped` [layers, B * L]: the tokens over their expert's capacity."""
+  for seed in range(100):
+    torch.manual_seed(seed)
+    config = transformers.SwitchTransformersConfig(**SWITCH)
+    model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
+    routers = []  # each router's (one-hot [B, L, E] of the tokens within capacity, logits)
+    for name, module in model.named_modules():
+      if name.endswith('mlp.router'):
+        module.register_forward_hook(lambda m, args, out: routers.append((out[0], out[2])))
+    ids = lambda s: torch.randint(3, VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(s))
+    inputs, decoder_inputs = ids(0), ids(1)
+    with torch.no_grad():
+      result = model(input_ids=inputs, decoder_input_ids=decoder_inputs)
+    probs = torch.stack([torch.softmax(r.float(), -1).reshape(-1, config.num_experts)
+                         for _, r in routers])
+    top = torch.sort(probs, -1, descending=True).values
+    dropped = torch.stack([m.reshape(-1, config.num_experts).sum(-1) == 0 for m, _ in routers])
+    if float((top[..., 0] - top[..., 1]).min()) >= MIN_MARGIN and 0 < int(dropped.sum()):
+      break
+  else:
+    raise SystemExit(f'switch: no seed below 100 gives clear choices and dropped tokens')
+  directory = os.path.join(out, 'switch_transformers')
+  model.save_pretrained(directory, safe_serialization=True)
+  np.savez_compressed(
+      os.path.join(directory, 'reference.npz'), input_ids=inputs.numpy().astype(np.int32),
+      decoder_input_ids=decoder_inputs.numpy().astype(np.int32), logits=result.logits.numpy(),
+      router_probs=probs.numpy(), experts=probs.argmax(-1, keepdim=True).numpy(),
+      dropped=dropped.numpy())
+  print(f'switch_transformers: seed {seed}, {int(dropped.sum())} of {dropped.numel()} token '
+        f'choices dropped, {sum(p.numel() for p in model.parameters())} parameters -> {directory}')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('out', help='directory to write <family>/ into')
-  parser.add_argument('--families', nargs='*', default=list(FAMILIES))
+  parser.add_argument('--families', nargs='*', default=[*FAMILIES, 'switch_transformers'])
   args = parser.parse_args()
   assert transformers.__version__ == '4.57.6', transformers.__version__
   for family in args.families:
-    make(family, args.out)
+    if family == 'switch_transformers':
+      make_switch(args.out)
+    else:
+      make(family, args.out)
 
 
 if __name__ == '__main__':

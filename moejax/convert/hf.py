@@ -1,4 +1,5 @@
-"""Hugging Face MoE checkpoints in and out: Mixtral, OLMoE and Qwen2-MoE (Qwen1.5-MoE) decoders.
+"""Hugging Face MoE checkpoints in and out: the Mixtral, OLMoE and Qwen2-MoE (Qwen1.5-MoE)
+decoders and the Switch Transformers encoder-decoder.
 
 `from_hf(directory)` reads a hub directory (config.json, model.safetensors or its shards) into a
 `ModelConfig` and moejax params; `to_hf(config, params, directory)` writes them back in the
@@ -13,6 +14,7 @@ transpose (and a stack over experts), so import -> export -> import is bit-exact
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -32,7 +34,9 @@ class Tensor:
   kind 'same': the hub tensor as it is (the embedding); 'flat': a 1-D hub tensor reshaped (norm
   scales, biases; a scale [H, A] of the heads' q-norm is [H * A] there); 'linear': a torch
   Linear weight [out, in] transposed, then reshaped to `shape` whose first `in_axes` axes are the
-  input's; 'experts': one Linear weight per expert, each transposed, stacked [E, in, out].
+  input's; 'experts': one Linear weight per expert, each transposed, stacked [E, in, out];
+  'shared': one wide Linear weight [S * F, D] cut into S experts [S, D, F] (a SwiGLU expert of
+  width S * F is the sum of S experts of width F over its slices of hidden units).
   """
   path: tuple[str, ...]
   names: tuple[str, ...]
@@ -44,6 +48,9 @@ class Tensor:
     """The moejax array, in memory of its own (copied out of the hub tensors' memory maps once)."""
     if self.kind == 'experts':
       array = np.stack([a.T for a in arrays])
+    elif self.kind == 'shared':
+      experts, width, hidden = self.shape
+      array = arrays[0].T.reshape(width, experts, hidden).transpose(1, 0, 2)
     else:
       array = (arrays[0].T if self.kind == 'linear' else arrays[0]).reshape(self.shape)
     return np.require(array, requirements=['C', 'O'])
@@ -54,6 +61,8 @@ class Tensor:
     if self.kind == 'linear':
       inputs = int(np.prod(self.shape[:self.in_axes]))
       return [(int(np.prod(self.shape)) // inputs, inputs)]
+    if self.kind == 'shared':
+      return [(self.shape[0] * self.shape[2], self.shape[1])]
     return [self.shape if self.kind == 'same' else (int(np.prod(self.shape)),)]
 
   def to_hub(self, array: np.ndarray) -> list[np.ndarray]:
@@ -61,6 +70,8 @@ class Tensor:
       return [np.ascontiguousarray(a.T) for a in array]
     if self.kind == 'linear':
       return [np.ascontiguousarray(array.reshape(self.hub_shapes()[0][::-1]).T)]
+    if self.kind == 'shared':
+      return [np.ascontiguousarray(array.transpose(1, 0, 2).reshape(self.shape[1], -1).T)]
     return [array.reshape(self.hub_shapes()[0])]
 
 
@@ -69,7 +80,7 @@ class Family:
   """How one hub `model_type` maps onto moejax."""
   model_type: str
   model_config: Callable[[dict], ModelConfig]  # hub config.json -> ModelConfig
-  moe_tensors: Callable[[ModelConfig, str, tuple], list[Tensor]]  # (config, prefix, block path)
+  tensors: Callable[[ModelConfig], list[Tensor]]  # every param, in hub order
   hub_config: Callable[[ModelConfig], dict]  # the family's config.json fields from a ModelConfig
 
 
@@ -98,56 +109,122 @@ def _decoder_fields(hf: dict) -> dict[str, Any]:
               train_capacity_factor=None, eval_capacity_factor=None, router_dtype='float32')
 
 
-def _block(config: ModelConfig, layer: int) -> tuple[str, ...]:
-  """The params path of block `layer` of the decoder stack (unscanned)."""
+def _block(config: ModelConfig, layer: int, stack: str = 'decoder') -> tuple[str, ...]:
+  """The params path of block `layer` of a stack (unscanned)."""
   units = config.num_layers // config.period
   if layer >= units * config.period:
-    return ('decoder', f'block_{layer}')
-  return ('decoder', f'unit_{layer // config.period}', f'block_{layer % config.period}')
+    return (stack, f'block_{layer}')
+  return (stack, f'unit_{layer // config.period}', f'block_{layer % config.period}')
 
 
-def _experts(config: ModelConfig, prefix: str, block: tuple, names: tuple[str, str, str],
-             router: str) -> list[Tensor]:
-  """The router and the SwiGLU experts (`names`: the gated, the up and the down projection)."""
-  e, d, f = config.num_experts, config.model_dim, config.ffn_dim
-  per_expert = lambda name: tuple(f'{prefix}.experts.{i}.{name}.weight' for i in range(e))
-  moe = (*block, 'moe')
-  return [Tensor((*moe, 'router', 'dense', 'kernel'), (f'{prefix}.{router}.weight',), (d, e),
-                 'linear'),
-          Tensor((*moe, 'experts', 'wi'), per_expert(names[0]), (e, d, f), 'experts'),
-          Tensor((*moe, 'experts', 'wi_gate'), per_expert(names[1]), (e, d, f), 'experts'),
-          Tensor((*moe, 'experts', 'wo'), per_expert(names[2]), (e, f, d), 'experts')]
-
-
-def tensors(family: Family, config: ModelConfig) -> list[Tensor]:
-  """Every moejax parameter of `config` and the hub tensors it is made of, in hub order."""
+def _attention(path: tuple, hub: str, config: ModelConfig,
+               names: tuple[str, str, str, str] = ('q_proj', 'k_proj', 'v_proj', 'o_proj'),
+               ) -> list[Tensor]:
+  """An attention layer at `path` from the hub's `hub`.{q, k, v, o} projections."""
   d, h, kv, a = config.model_dim, config.num_heads, config.kv_heads, config.attention_head_dim
+  out = []
+  for name, hub_name, heads in zip(('query', 'key', 'value'), names, (h, kv, kv)):
+    out.append(Tensor((*path, name, 'kernel'), (f'{hub}.{hub_name}.weight',), (d, heads, a),
+                      'linear'))
+    if config.attention_bias:
+      out.append(Tensor((*path, name, 'bias'), (f'{hub}.{hub_name}.bias',), (heads, a)))
+  if config.qk_norm:
+    out += [Tensor((*path, 'query_norm', 'scale'), (f'{hub}.q_norm.weight',), (h, a)),
+            Tensor((*path, 'key_norm', 'scale'), (f'{hub}.k_norm.weight',), (kv, a))]
+  out.append(Tensor((*path, 'out', 'kernel'), (f'{hub}.{names[3]}.weight',), (h, a, d),
+                    'linear', in_axes=2))
+  return out
+
+
+def _experts(config: ModelConfig, prefix: str, block: tuple, names: tuple[str, ...],
+             router: str) -> list[Tensor]:
+  """The router and the experts under `prefix`: `names` (with '{e}' for the expert's number)
+  are the gated, the up and the down projection of SwiGLU experts, the in and the out
+  projection of plain ones."""
+  e, d, f = config.num_experts, config.model_dim, config.ffn_dim
+  per_expert = lambda name: tuple(f'{prefix}.{name}.weight'.replace('{e}', str(i))
+                                  for i in range(e))
+  moe = (*block, 'moe')
+  out = [Tensor((*moe, 'router', 'dense', 'kernel'), (f'{prefix}.{router}.weight',), (d, e),
+                'linear'),
+         Tensor((*moe, 'experts', 'wi'), per_expert(names[0]), (e, d, f), 'experts')]
+  if config.glu:
+    out.append(Tensor((*moe, 'experts', 'wi_gate'), per_expert(names[1]), (e, d, f), 'experts'))
+  return out + [Tensor((*moe, 'experts', 'wo'), per_expert(names[-1]), (e, f, d), 'experts')]
+
+
+def decoder_tensors(config: ModelConfig, moe: Callable[[str, tuple], list[Tensor]],
+                    ) -> list[Tensor]:
+  """The params of a Llama-style decoder; `moe(hub prefix of the layer, block path)` gives
+  each sparse FFN's."""
+  d = config.model_dim
   out = [Tensor(('embed', 'embedding'), ('model.embed_tokens.weight',), (config.vocab_size, d),
                 'same')]
   for layer in range(config.num_layers):
     block, prefix = _block(config, layer), f'model.layers.{layer}'
-    attention, hub = (*block, 'attention'), f'{prefix}.self_attn'
     out.append(Tensor((*block, 'pre_attention_norm', 'scale'),
                       (f'{prefix}.input_layernorm.weight',), (d,)))
-    for name, hub_name, heads in (('query', 'q_proj', h), ('key', 'k_proj', kv),
-                                  ('value', 'v_proj', kv)):
-      out.append(Tensor((*attention, name, 'kernel'), (f'{hub}.{hub_name}.weight',),
-                        (d, heads, a), 'linear'))
-      if config.attention_bias:
-        out.append(Tensor((*attention, name, 'bias'), (f'{hub}.{hub_name}.bias',), (heads, a)))
-    if config.qk_norm:
-      out += [Tensor((*attention, 'query_norm', 'scale'), (f'{hub}.q_norm.weight',), (h, a)),
-              Tensor((*attention, 'key_norm', 'scale'), (f'{hub}.k_norm.weight',), (kv, a))]
-    out.append(Tensor((*attention, 'out', 'kernel'), (f'{hub}.o_proj.weight',), (h, a, d),
-                      'linear', in_axes=2))
+    out += _attention((*block, 'attention'), f'{prefix}.self_attn', config)
     out.append(Tensor((*block, 'pre_ffn_norm', 'scale'),
                       (f'{prefix}.post_attention_layernorm.weight',), (d,)))
     if not config.is_sparse(layer):
-      raise InputError(f'{family.model_type} checkpoint: layer {layer} has a dense FFN; only '
-                       'checkpoints whose every layer is sparse are supported')
-    out += family.moe_tensors(config, prefix, block)
-  out += [Tensor(('decoder', 'final_norm', 'scale'), ('model.norm.weight',), (d,)),
-          Tensor(('logits', 'kernel'), ('lm_head.weight',), (d, config.vocab_size), 'linear')]
+      raise InputError(f'layer {layer} has a dense FFN; only checkpoints whose every layer is '
+                       'sparse are supported for this family')
+    out += moe(prefix, block)
+  return out + [Tensor(('decoder', 'final_norm', 'scale'), ('model.norm.weight',), (d,)),
+                Tensor(('logits', 'kernel'), ('lm_head.weight',), (d, config.vocab_size),
+                       'linear')]
+
+
+def _qwen_moe(config: ModelConfig, prefix: str, block: tuple) -> list[Tensor]:
+  """Qwen2-MoE's routed experts, then its shared expert cut into `num_shared_experts` of width
+  F, and the shared expert's gate."""
+  shared, hub = (*block, 'moe', 'shared_experts'), f'{prefix}.mlp.shared_expert'
+  s, d, f = config.num_shared_experts, config.model_dim, config.ffn_dim
+  routed = ('experts.{e}.gate_proj', 'experts.{e}.up_proj', 'experts.{e}.down_proj')
+  return [*_experts(config, f'{prefix}.mlp', block, routed, 'gate'),
+          Tensor((*shared, 'wi'), (f'{hub}.gate_proj.weight',), (s, d, f), 'shared'),
+          Tensor((*shared, 'wi_gate'), (f'{hub}.up_proj.weight',), (s, d, f), 'shared'),
+          Tensor((*shared, 'wo'), (f'{hub}.down_proj.weight',), (s, f, d), 'linear', in_axes=2),
+          Tensor((*block, 'moe', 'shared_expert_gate', 'kernel'),
+                 (f'{prefix}.mlp.shared_expert_gate.weight',), (d, 1), 'linear')]
+
+
+def switch_tensors(config: ModelConfig) -> list[Tensor]:
+  """The params of a Switch Transformers (T5 v1.0) encoder-decoder."""
+  d, f, v = config.model_dim, config.ffn_dim, config.vocab_size
+  out = [Tensor(('embed', 'embedding'), ('shared.weight',), (v, d), 'same')]
+  for stack in ('encoder', 'decoder'):
+    out.append(Tensor((stack, 'relative_bias', 'rel_embedding'),
+                      (f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',),
+                      (config.relative_buckets, config.num_heads), 'same'))
+    for layer in range(config.num_layers):
+      block, prefix = _block(config, layer, stack), f'{stack}.block.{layer}.layer'
+      out.append(Tensor((*block, 'pre_attention_norm', 'scale'),
+                        (f'{prefix}.0.layer_norm.weight',), (d,)))
+      out += _attention((*block, 'attention'), f'{prefix}.0.SelfAttention', config,
+                        ('q', 'k', 'v', 'o'))
+      ffn = 1  # the FFN's sublayer: after self-attention, and cross-attention in the decoder
+      if stack == 'decoder':
+        out.append(Tensor((*block, 'pre_cross_attention_norm', 'scale'),
+                          (f'{prefix}.1.layer_norm.weight',), (d,)))
+        out += _attention((*block, 'cross_attention'), f'{prefix}.1.EncDecAttention', config,
+                          ('q', 'k', 'v', 'o'))
+        ffn = 2
+      out.append(Tensor((*block, 'pre_ffn_norm', 'scale'),
+                        (f'{prefix}.{ffn}.layer_norm.weight',), (d,)))
+      if config.is_sparse(layer):
+        out += _experts(config, f'{prefix}.{ffn}.mlp', block,
+                        ('experts.expert_{e}.wi', 'experts.expert_{e}.wo'), 'router.classifier')
+      else:
+        out += [Tensor((*block, 'mlp', 'wi', 'kernel'), (f'{prefix}.{ffn}.mlp.wi.weight',),
+                       (d, f), 'linear'),
+                Tensor((*block, 'mlp', 'wo', 'kernel'), (f'{prefix}.{ffn}.mlp.wo.weight',),
+                       (f, d), 'linear')]
+    out.append(Tensor((stack, 'final_norm', 'scale'), (f'{stack}.final_layer_norm.weight',),
+                      (d,)))
+  if not config.tie_embeddings:
+    out.append(Tensor(('logits', 'kernel'), ('lm_head.weight',), (d, v), 'linear'))
   return out
 
 
@@ -163,6 +240,43 @@ def _olmoe_config(hf: dict) -> ModelConfig:
                      qk_norm=True)
 
 
+def _qwen_config(hf: dict) -> ModelConfig:
+  _refuse(hf, mlp_only_layers=[], decoder_sparse_step=1)
+  width, shared = hf['moe_intermediate_size'], hf['shared_expert_intermediate_size']
+  if shared % width:
+    raise InputError(f'qwen2_moe checkpoint: shared_expert_intermediate_size={shared} is not a '
+                     f'multiple of moe_intermediate_size={width}')
+  return ModelConfig(**_decoder_fields(hf), ffn_dim=width, moe_every=1,
+                     num_experts=hf['num_experts'], normalize_weights=hf['norm_topk_prob'],
+                     attention_bias=hf.get('qkv_bias', True), num_shared_experts=shared // width,
+                     shared_expert_gate=True)
+
+
+def _switch_config(hf: dict) -> ModelConfig:
+  """Switch Transformers: T5 v1.0 (unscaled attention logits, a relative position bias in each
+  stack, ReLU FFNs, T5's RMSNorm, the output tied to the embedding), every other FFN sparse,
+  top-1, a fixed expert capacity per sequence."""
+  _refuse(hf, dense_act_fn='relu', is_gated_act=False, router_dtype='float32',
+          num_decoder_layers=hf['num_layers'], decoder_sparse_step=hf['encoder_sparse_step'])
+  step = hf['encoder_sparse_step']
+  if step not in (1, 2):  # Hugging Face makes layer i sparse when i % step == 1
+    raise InputError(f'switch_transformers checkpoint: encoder_sparse_step={step}: only 1 and 2 '
+                     'place the sparse layers where moejax does')
+  heads, width = hf['num_heads'], hf['d_model']
+  return ModelConfig(
+      vocab_size=hf['vocab_size'], kind='encoder_decoder', num_layers=hf['num_layers'],
+      model_dim=width, num_heads=heads,
+      head_dim=None if hf['d_kv'] * heads == width else hf['d_kv'], ffn_dim=hf['d_ff'],
+      activation='relu', positions='relative',
+      relative_buckets=hf['relative_attention_num_buckets'],
+      relative_max_distance=hf['relative_attention_max_distance'],
+      norm_eps=float(hf['layer_norm_epsilon']), scaled_attention=False,
+      tie_embeddings=hf.get('tie_word_embeddings', True), moe_every=step,
+      num_experts=hf['num_experts'], num_selected_experts=1,
+      expert_capacity=hf['expert_capacity'], router_bias=hf.get('router_bias', False),
+      jitter_noise=float(hf.get('router_jitter_noise', 0.0)), router_dtype='float32')
+
+
 def _hub_common(config: ModelConfig) -> dict[str, Any]:
   return dict(vocab_size=config.vocab_size, hidden_size=config.model_dim,
               num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
@@ -172,19 +286,51 @@ def _hub_common(config: ModelConfig) -> dict[str, Any]:
               torch_dtype='float32')
 
 
+def _switch_hub_config(config: ModelConfig) -> dict[str, Any]:
+  sparse = config.num_layers // config.moe_every
+  return dict(architectures=['SwitchTransformersForConditionalGeneration'],
+              vocab_size=config.vocab_size, d_model=config.model_dim,
+              d_kv=config.attention_head_dim, d_ff=config.ffn_dim, num_layers=config.num_layers,
+              num_decoder_layers=config.num_layers, num_heads=config.num_heads,
+              num_sparse_encoder_layers=sparse, num_sparse_decoder_layers=sparse,
+              encoder_sparse_step=config.moe_every, decoder_sparse_step=config.moe_every,
+              num_experts=config.num_experts, expert_capacity=config.expert_capacity,
+              relative_attention_num_buckets=config.relative_buckets,
+              relative_attention_max_distance=config.relative_max_distance,
+              layer_norm_epsilon=config.norm_eps, router_jitter_noise=config.jitter_noise,
+              router_bias=config.router_bias, dense_act_fn='relu',
+              tie_word_embeddings=config.tie_embeddings, is_encoder_decoder=True,
+              pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, torch_dtype='float32')
+
+
+def _swiglu_decoder(prefix: str, names: tuple[str, str, str]):
+  """A decoder family whose sparse FFN is a router 'gate' and experts.{e}.<names> under the
+  layer's `prefix`."""
+  names = tuple(f'experts.{{e}}.{name}' for name in names)
+  return lambda config: decoder_tensors(
+      config, lambda hub, block: _experts(config, f'{hub}.{prefix}', block, names, 'gate'))
+
+
 FAMILIES = {family.model_type: family for family in (
-    Family('mixtral', _mixtral_config,
-           lambda config, prefix, block: _experts(config, f'{prefix}.block_sparse_moe', block,
-                                                  ('w1', 'w3', 'w2'), 'gate'),
+    Family('mixtral', _mixtral_config, _swiglu_decoder('block_sparse_moe', ('w1', 'w3', 'w2')),
            lambda config: dict(_hub_common(config), architectures=['MixtralForCausalLM'],
                                intermediate_size=config.ffn_dim,
                                num_local_experts=config.num_experts)),
     Family('olmoe', _olmoe_config,
-           lambda config, prefix, block: _experts(config, f'{prefix}.mlp', block,
-                                                  ('gate_proj', 'up_proj', 'down_proj'), 'gate'),
+           _swiglu_decoder('mlp', ('gate_proj', 'up_proj', 'down_proj')),
            lambda config: dict(_hub_common(config), architectures=['OlmoeForCausalLM'],
                                intermediate_size=config.ffn_dim, num_experts=config.num_experts,
                                norm_topk_prob=config.normalize_weights)),
+    Family('qwen2_moe', _qwen_config,
+           lambda config: decoder_tensors(config, functools.partial(_qwen_moe, config)),
+           lambda config: dict(_hub_common(config), architectures=['Qwen2MoeForCausalLM'],
+                               moe_intermediate_size=config.ffn_dim,
+                               shared_expert_intermediate_size=(config.num_shared_experts
+                                                                * config.ffn_dim),
+                               num_experts=config.num_experts, decoder_sparse_step=1,
+                               mlp_only_layers=[], norm_topk_prob=config.normalize_weights,
+                               qkv_bias=config.attention_bias)),
+    Family('switch_transformers', _switch_config, switch_tensors, _switch_hub_config),
 )}
 
 
@@ -207,7 +353,7 @@ def from_hf(directory: str) -> tuple[ModelConfig, dict]:
   config = family.model_config(hf)
   checkpoint = Checkpoint(directory)
   params: dict = {}
-  for tensor in tensors(family, config):
+  for tensor in family.tensors(config):
     missing = [name for name in tensor.names if name not in checkpoint]
     if missing:
       raise InputError(f'{directory}: no tensor {missing[0]} (a {family.model_type} checkpoint '
@@ -222,7 +368,7 @@ def to_hf(config: ModelConfig, params: dict, directory: str, model_type: str) ->
   ('mixtral', 'olmoe', ...): config.json and model.safetensors."""
   family = FAMILIES[model_type]
   os.makedirs(directory, exist_ok=True)
-  layout = tensors(family, config)
+  layout = family.tensors(config)
   shapes = {name: (shape, np.asarray(_get(params, t.path)).dtype)
             for t in layout for name, shape in zip(t.names, t.hub_shapes())}
   write_safetensors(os.path.join(directory, 'model.safetensors'), _hub_tensors(layout, params),

@@ -65,6 +65,8 @@ class _ModelFields:
   qk_norm: bool = False               # RMSNorm over all of q and of k before the heads (OLMoE)
   rope_theta: float = 10_000.0        # rotary positions' base (Mixtral: 1e6)
   norm_eps: float = 1e-6              # every RMSNorm's epsilon (Mixtral, OLMoE: 1e-5)
+  scaled_attention: bool = True       # logits / sqrt(head_dim); T5 and Switch leave them unscaled
+  tie_embeddings: bool = False        # logits from the embedding, inputs scaled by D^-0.5 (T5)
   ffn_dim: int = 512                  # F: width of dense FFNs and of each expert
   activation: str = 'gelu'
   glu: bool = False

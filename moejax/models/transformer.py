@@ -95,8 +95,9 @@ class Attention(nn.Module):
       q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
     group = cfg.num_heads // cfg.kv_heads
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # Shapes: [B, M, H, A]
-    logits = (jnp.einsum('blha,bmha->bhlm', q, k).astype(jnp.float32)
-              / math.sqrt(cfg.attention_head_dim))
+    logits = jnp.einsum('blha,bmha->bhlm', q, k).astype(jnp.float32)
+    if cfg.scaled_attention:
+      logits = logits / math.sqrt(cfg.attention_head_dim)
     if bias is not None:
       logits = logits + bias
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)  # Shape: [B, H, L, M]
@@ -232,6 +233,15 @@ class Stack(nn.Module):
     return rms_norm(cfg, 'final_norm')(x)
 
 
+def output_logits(config: ModelConfig, embed: nn.Embed, x: jax.Array) -> jax.Array:
+  """x [B, L, D] -> logits [B, L, V] in float32: a Dense layer 'logits', or with
+  `tie_embeddings` the embedding's transpose applied to x * D^-0.5 (T5's tied output)."""
+  x = x.astype(jnp.float32)
+  if config.tie_embeddings:
+    return (x * config.model_dim ** -0.5) @ embed.embedding.astype(jnp.float32).T
+  return nn.Dense(config.vocab_size, use_bias=False, dtype=jnp.float32, name='logits')(x)
+
+
 class DecoderLM(nn.Module):
   """Decoder-only language model: tokens [B, L] -> logits [B, L, V] (float32).
 
@@ -243,11 +253,11 @@ class DecoderLM(nn.Module):
   def __call__(self, inputs: jax.Array, padding_mask: jax.Array,
                deterministic: bool) -> jax.Array:
     cfg = self.config
-    x = nn.Embed(cfg.vocab_size, cfg.model_dim, embedding_init=nn.initializers.normal(1.0),
-                 dtype=cfg.compute_dtype, name='embed')(inputs)  # Shape: [B, L, D]
-    x = Stack(cfg, causal=True, name='decoder')(x, padding_mask, deterministic, token_ids=inputs)
-    return nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32,
-                    name='logits')(x.astype(jnp.float32))  # Shape: [B, L, V]
+    embed = nn.Embed(cfg.vocab_size, cfg.model_dim, embedding_init=nn.initializers.normal(1.0),
+                     dtype=cfg.compute_dtype, name='embed')
+    x = Stack(cfg, causal=True, name='decoder')(embed(inputs), padding_mask, deterministic,
+                                                token_ids=inputs)  # Shape: [B, L, D]
+    return output_logits(cfg, embed, x)  # Shape: [B, L, V]
 
 
 class EncoderDecoder(nn.Module):
@@ -269,8 +279,7 @@ class EncoderDecoder(nn.Module):
     x = Stack(cfg, causal=True, cross_attention=True, name='decoder')(
         embed(decoder_inputs), decoder_mask, deterministic, encoded, inputs_mask,
         token_ids=decoder_inputs)  # Shape: [B, L, D]
-    return nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32,
-                    name='logits')(x.astype(jnp.float32))  # Shape: [B, L, V]
+    return output_logits(cfg, embed, x)  # Shape: [B, L, V]
 
 
 def make_model(config: ModelConfig) -> nn.Module:
