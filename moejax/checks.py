@@ -69,6 +69,11 @@ def _check_sizes(layer: Any) -> None:
     raise bad('shared_expert_gate', 'it gates the shared experts: set num_shared_experts >= 1')
   if layer.expert_capacity is not None and layer.expert_capacity < 1:
     raise bad('expert_capacity', 'it must be >= 1, or None')
+  if layer.decode_length is not None:
+    if layer.decode_length < 1 or (layer.group_size and layer.decode_length % layer.group_size):
+      raise bad('decode_length', 'it must be >= 1 and a multiple of group_size, or None')
+    if not layer.causal or layer.routing == 'experts_choose':
+      raise bad('decode_length', 'decoding routes a group token by token: causal routing only')
   if layer.router_dim < 1:
     raise bad('router_dim', 'it must be >= 1')
   if not layer.gumbel_temperature > 0:

@@ -124,6 +124,12 @@ class MoeLayer(nn.Module):
       GShard's, flaxformer's and ST-MoE's top-K value); see `routing.load_balancing_loss`.
     dtype: compute dtype of dispatch, experts and combine.
     param_dtype: storage dtype of the expert weights.
+    decode_length: decode sequences of this length a few tokens at a time (a model sampling with a
+      KV cache sets it; not a ModelConfig field): each call takes the next T tokens of every
+      sequence (the 'cache' collection holds where they start and each expert's slots taken so
+      far in the current group), routed with the capacity of a whole group (`group_size`, or
+      decode_length), so a token is dropped exactly when the full sequence would drop it. Causal
+      routing; a call must not cross a group's end.
   """
   num_experts: int
   ffn_dim: int
@@ -158,6 +164,7 @@ class MoeLayer(nn.Module):
   load_balancing_loss_scale: str = 'per_choice'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  decode_length: int | None = None
 
   def __post_init__(self):
     check_moe_layer(self)
@@ -194,13 +201,22 @@ class MoeLayer(nn.Module):
     """x: [B, L, D]; padding_mask: [B, L], True for real tokens (padding is never dispatched and
     gets zeros). deterministic: evaluation mode (eval capacity, no noise, no dropout).
     token_ids: [B, L] int, the input token ids; read by (only) router='hash'."""
-    tokens, valid = routing.group_tokens(x, padding_mask, self.group_size,
-                                         type(self).__name__)  # Shapes: [G, S, D], [G, S]
+    if self.decode_length is None:
+      tokens, valid = routing.group_tokens(x, padding_mask, self.group_size,
+                                           type(self).__name__)  # Shapes: [G, S, D], [G, S]
+      group_length = tokens.shape[1]
+    else:  # each sequence's next T tokens: one group [B, T] of a group of group_length
+      tokens = x
+      valid = (jnp.ones(x.shape[:2], jnp.bool_) if padding_mask is None
+               else padding_mask.astype(jnp.bool_))
+      group_length = self.group_size or self.decode_length
     ids = self._group_ids(token_ids, x.shape[:2], valid.shape)  # Shape: [G, S] or None
     logits = self._router_logits(tokens, ids, deterministic)  # Shape: [G, S, E]
     probs = jax.nn.softmax(logits, axis=-1).astype(jnp.float32)  # Shape: [G, S, E]
     logits = logits.astype(jnp.float32)
     scores = self._routing_scores(probs, logits, deterministic)
+    if self.decode_length is not None:
+      scores['slot_offset'] = self._decoded_slots(group_length, x.shape[0])  # Shape: [B, E]
     weights = ExpertWeights(self.num_experts, self.ffn_dim, glu=self.glu,
                             init_scale=self.init_scale, param_dtype=self.param_dtype,
                             name='experts')(x.shape[-1])
@@ -212,11 +228,13 @@ class MoeLayer(nn.Module):
     dropout_rng = self.make_rng('dropout') if use_dropout else None
     mesh = sharding.active_mesh()
     route_and_run = functools.partial(self._route_and_run, deterministic=deterministic,
-                                      sharded=mesh is not None)
+                                      sharded=mesh is not None, group_length=group_length)
     if mesh is not None:
       sharding.check_divisible(self.num_experts, tokens.shape[0], mesh)
       route_and_run = sharding.shard_map_layer(route_and_run, mesh, weights)
     out, decision = route_and_run(tokens, scores, valid, weights, draws, dropout_rng)
+    if self.decode_length is not None:
+      self._advance_decoding(decision, x.shape[1])
     out = out.reshape(x.shape)
     if self.num_shared_experts:
       shared_rng = self.make_rng('dropout') if use_dropout else None  # not any device's key
@@ -267,10 +285,30 @@ class MoeLayer(nn.Module):
     bias = self.variable(BIAS_COLLECTION, 'bias', jnp.zeros, (self.num_experts,), jnp.float32)
     return {'probs': probs, 'selection': probs + jax.lax.stop_gradient(bias.value)}
 
+  def _decoded_slots(self, group_length: int, batch: int) -> jax.Array:
+    """[B, E] slots of each expert that the tokens decoded before this call took in their group
+    (zeros when this call starts a group). The 'cache' collection's 'index' (where the call's
+    tokens start) and 'slots' ([B, E]) hold them."""
+    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    slots = self.variable('cache', 'slots', jnp.zeros, (batch, self.num_experts), jnp.int32)
+    return jnp.where(index.value % group_length == 0, 0, slots.value)
+
+  def _advance_decoding(self, decision: routing.RoutingDecision, length: int) -> None:
+    """Count this call's choices (dropped ones too: they took their slot) and move on."""
+    index, slots = self.get_variable('cache', 'index'), self.get_variable('cache', 'slots')
+    group_length = self.group_size or self.decode_length
+    start = jnp.where(index % group_length == 0, 0, slots)
+    taken = jnp.sum(jax.nn.one_hot(decision.expert_index, self.num_experts, dtype=jnp.int32)
+                    * decision.chosen[..., None], axis=(1, 2))  # Shape: [B, E]
+    self.put_variable('cache', 'slots', start + taken)
+    self.put_variable('cache', 'index', index + length)
+
   def _route(self, scores: dict[str, jax.Array], valid: jax.Array, draws: jax.Array | None,
-             deterministic: bool) -> routing.RoutingDecision:
+             deterministic: bool, group_length: int) -> routing.RoutingDecision:
+    """The decision of groups of `group_length` tokens (capacity from it), for the tokens at
+    hand: all of them, or when decoding the next few (`scores['slot_offset']`)."""
     probs = scores['probs']  # Shape: [G, S, E]
-    capacity = self.capacity(probs.shape[1], deterministic)
+    capacity = self.capacity(group_length, deterministic)
     if self.routing == 'dense':
       return routing.dense_routing(probs, valid)
     if self.routing == 'experts_choose':
@@ -279,12 +317,14 @@ class MoeLayer(nn.Module):
         probs, valid, num_selected_experts=self.num_selected_experts, capacity=capacity,
         causal=self.causal, normalize_weights=self.normalize_weights,
         batch_prioritized=self.batch_prioritized, random_routing_draws=draws,
-        selection_scores=scores.get('selection'), top_p=self.top_p)
+        selection_scores=scores.get('selection'), top_p=self.top_p,
+        slot_offset=scores.get('slot_offset'))
 
   def _route_and_run(self, tokens: jax.Array, scores: dict[str, jax.Array], valid: jax.Array,
                      weights: dict[str, jax.Array], draws: jax.Array | None,
                      dropout_rng: jax.Array | None, *, deterministic: bool,
-                     sharded: bool) -> tuple[jax.Array, routing.RoutingDecision]:
+                     sharded: bool, group_length: int,
+                     ) -> tuple[jax.Array, routing.RoutingDecision]:
     """Route, dispatch, run the experts, combine: tokens [G, S, D] -> [G, S, D], and the decision.
 
     scores: 'probs' [G, S, E], what routing weights by (and ranks by, unless 'selection'
@@ -292,7 +332,7 @@ class MoeLayer(nn.Module):
     inside `jax.shard_map` on that device's groups, and the expert buffers travel to the devices
     that own their experts and back with two all-to-alls.
     """
-    decision = self._route(scores, valid, draws, deterministic)
+    decision = self._route(scores, valid, draws, deterministic, group_length)
     block_size = self.block_size or default_block_size(decision.expert_index.size,
                                                        self.num_experts)
     dispatcher = make_dispatcher(decision, self.dispatch_method(sharded, deterministic),

@@ -120,7 +120,8 @@ def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: i
                   batch_prioritized: bool = False,
                   random_routing_draws: jax.Array | None = None,
                   selection_scores: jax.Array | None = None,
-                  top_p: float | None = None) -> RoutingDecision:
+                  top_p: float | None = None,
+                  slot_offset: jax.Array | None = None) -> RoutingDecision:
   """Tokens choose their top-k experts (k=1 Switch, k=2 GShard), then capacity drops overflow.
 
   probs: [G, S, E] float32 router probabilities; valid: [G, S] bool, false on padding.
@@ -143,6 +144,9 @@ def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: i
   top_p: keep only the fewest choices whose probabilities reach top_p (`top_p_mask`), K at most;
     the others are not `chosen`. With `normalize_weights`, weights are normalized over the kept
     choices.
+  slot_offset: [G, E] int32, the slots of each expert's buffer that earlier tokens of the group
+    claimed already (decoding a group a few tokens at a time: `MoeLayer.decode_length`); causal
+    routing only. None: the group starts here.
   """
   num_groups, group_size, num_experts = probs.shape
   if batch_prioritized and causal:
@@ -181,6 +185,10 @@ def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: i
   if batch_prioritized:
     inverse = jnp.argsort(order, axis=-1)
     position = jnp.take_along_axis(position, inverse[..., None], axis=1)
+  if slot_offset is not None:
+    if not causal:
+      raise ValueError('slot_offset continues a group token by token: causal routing only.')
+    position = position + jnp.take_along_axis(slot_offset[:, None, :], expert_index, axis=-1)
 
   dispatched = chosen & (position < capacity)
   return RoutingDecision(expert_index=expert_index.astype(jnp.int32), position=position,

@@ -32,7 +32,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 MOE_FIELDS_SET_BY_MODEL = {'ffn_dim': 'ffn_dim', 'activation': 'activation',
                            'glu': 'glu', 'router_dtype': 'router_dtype',
                            'balancing_bias': 'balancing_bias_rate', 'dtype': 'dtype',
-                           'causal': None, 'param_dtype': None}
+                           'causal': None, 'param_dtype': None, 'decode_length': None}
 MOE_DEFAULTS = {'num_experts': 8}  # MoeLayer fields without a default there
 # Fields only an encoder may use: a causal decoder stack of an encoder-decoder leaves them out.
 ENCODER_ONLY = {'routing': ('experts_choose',), 'batch_prioritized': (True,)}
@@ -223,24 +223,26 @@ class _ModelConfigChecks:
     """Whether block `layer` of a stack has a (possibly dense-baseline) MoE FFN slot."""
     return self.moe_every > 0 and (layer + 1) % self.moe_every == 0
 
-  def moe_kwargs(self, causal: bool = True) -> dict[str, Any]:
-    """MoeLayer fields of a stack's MoE layers (causal: a decoder stack)."""
+  def moe_kwargs(self, causal: bool = True,
+                 decode_length: int | None = None) -> dict[str, Any]:
+    """MoeLayer fields of a stack's MoE layers (causal: a decoder stack; decode_length: a
+    decoder stack sampling with a cache of that length)."""
     kwargs = {name: getattr(self, name) for name, _, _ in _moe_fields()}
     if causal and self.kind == 'encoder_decoder':  # encoder-only settings route the encoder
       kwargs.update(routing='tokens_choose' if self.routing == 'experts_choose'
                     else self.routing, batch_prioritized=False)
     return dict(kwargs, ffn_dim=self.ffn_dim, activation=self.activation, glu=self.glu,
                 router_dtype=DTYPES[self.router_dtype], balancing_bias=self.balancing_bias_rate > 0,
-                dtype=self.compute_dtype, causal=causal)
+                dtype=self.compute_dtype, causal=causal, decode_length=decode_length)
 
-  def moe_layer(self, causal: bool, name: str | None = None):
+  def moe_layer(self, causal: bool, name: str | None = None, decode_length: int | None = None):
     """The MoE layer of a stack: a MoeLayer, or in an encoder with `soft_moe` a SoftMoeLayer."""
     if self.soft_moe and not causal:
       return SoftMoeLayer(self.num_experts, self.ffn_dim, slots_per_expert=self.slots_per_expert,
                           group_size=self.group_size, activation=self.activation, glu=self.glu,
                           causal=False, init_scale=self.init_scale, dtype=self.compute_dtype,
                           name=name)
-    return MoeLayer(**self.moe_kwargs(causal), name=name)
+    return MoeLayer(**self.moe_kwargs(causal, decode_length), name=name)
 
   @property
   def dense_baseline_width(self) -> int:

@@ -22,12 +22,13 @@ from moejax.intermediates import DECISIONS
 from moejax.models.config import ModelConfig
 
 
-def rotary(x: jax.Array, theta: float = 10_000.0) -> jax.Array:
-  """Rotary position embedding of x [B, L, H, A] (A even), position = index along L; the
+def rotary(x: jax.Array, theta: float = 10_000.0, start: jax.Array | int = 0) -> jax.Array:
+  """Rotary position embedding of x [B, L, H, A] (A even), x[:, i] at position start + i; the
   frequencies theta^(-i / (A/2)) of the two halves of A (Hugging Face's rotate_half layout)."""
   length, half = x.shape[1], x.shape[-1] // 2
   inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # Shape: [A/2]
-  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq  # Shape: [L, A/2]
+  positions = start + jnp.arange(length, dtype=jnp.float32)  # Shape: [L]
+  angles = positions[:, None] * inv_freq  # Shape: [L, A/2]
   sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]  # Shape: [L, 1, A/2]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
@@ -56,9 +57,12 @@ class RelativePositionBias(nn.Module):
   bidirectional: bool
 
   @nn.compact
-  def __call__(self, query_length: int, key_length: int) -> jax.Array:
+  def __call__(self, query_length: int, key_length: int,
+               query_start: jax.Array | int = 0) -> jax.Array:
+    """Queries at positions query_start ... + query_length - 1, keys at 0 ... key_length - 1."""
     cfg = self.config
-    relative = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None]  # [L, M]
+    queries = query_start + jnp.arange(query_length)
+    relative = jnp.arange(key_length)[None, :] - queries[:, None]  # Shape: [L, M]
     buckets = relative_bucket(relative, self.bidirectional, cfg.relative_buckets,
                               cfg.relative_max_distance)
     table = self.param('rel_embedding', nn.initializers.normal(0.1),
@@ -75,14 +79,22 @@ def rms_norm(config: ModelConfig, name: str, axes: tuple[int, ...] = (-1,)) -> n
 class Attention(nn.Module):
   """Multi-head attention with `config.kv_heads` key/value heads (grouped-query attention when
   fewer than the H query heads: each serves H / kv_heads consecutive query heads); rotary
-  positions on q and k when `use_rotary`."""
+  positions on q and k when `use_rotary`.
+
+  With `decode_length`, causal self-attention over a cache: x holds the tokens at positions
+  start ... start + L - 1 of sequences of decode_length; their keys and values are written into
+  the 'cache' collection ('cached_key', 'cached_value' [B, decode_length, kv_heads, A]) and
+  each query attends to the cached keys up to its own position (`mask` is not used).
+  """
   config: ModelConfig
   use_rotary: bool = False
+  decode_length: int | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, kv: jax.Array, mask: jax.Array,
-               bias: jax.Array | None) -> jax.Array:
-    """x [B, L, D], kv [B, M, D], mask [B, 1, L, M] (True: attend), bias [1, H, L, M] or None."""
+  def __call__(self, x: jax.Array, kv: jax.Array, mask: jax.Array | None,
+               bias: jax.Array | None, start: jax.Array | int = 0) -> jax.Array:
+    """x [B, L, D], kv [B, M, D], mask [B, 1, L, M] (True: attend), bias [1, H, L, M] or None;
+    start: the position of x[:, 0] (decoding)."""
     cfg = self.config
     dense = lambda heads, name: nn.DenseGeneral(
         (heads, cfg.attention_head_dim), use_bias=cfg.attention_bias, dtype=cfg.compute_dtype,
@@ -92,7 +104,9 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q, k = rms_norm(cfg, 'query_norm', (-2, -1))(q), rms_norm(cfg, 'key_norm', (-2, -1))(k)
     if self.use_rotary:
-      q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
+      q, k = rotary(q, cfg.rope_theta, start), rotary(k, cfg.rope_theta, start)
+    if self.decode_length is not None:
+      k, v, mask = self._cached(k, v, start)  # Shapes: [B, decode_length, KV, A], [1, 1, L, M]
     group = cfg.num_heads // cfg.kv_heads
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # Shapes: [B, M, H, A]
     logits = jnp.einsum('blha,bmha->bhlm', q, k).astype(jnp.float32)
@@ -105,6 +119,18 @@ class Attention(nn.Module):
     out = jnp.einsum('bhlm,bmha->blha', probs, v)  # Shape: [B, L, H, A]
     return nn.DenseGeneral(cfg.model_dim, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
                            name='out')(out)  # Shape: [B, L, D]
+
+  def _cached(self, k: jax.Array, v: jax.Array, start: jax.Array | int):
+    """Write k, v [B, L, KV, A] at `start` into the cache; (every cached key and value [B, M, KV,
+    A], M = decode_length, and the mask [1, 1, L, M] of the keys at or before each query)."""
+    shape = (k.shape[0], self.decode_length, *k.shape[2:])
+    keys = self.variable('cache', 'cached_key', jnp.zeros, shape, k.dtype)
+    values = self.variable('cache', 'cached_value', jnp.zeros, shape, v.dtype)
+    keys.value = jax.lax.dynamic_update_slice(keys.value, k, (0, start, 0, 0))
+    values.value = jax.lax.dynamic_update_slice(values.value, v, (0, start, 0, 0))
+    queries = start + jnp.arange(k.shape[1])  # Shape: [L]
+    mask = jnp.arange(self.decode_length)[None, :] <= queries[:, None]  # Shape: [L, M]
+    return keys.value, values.value, mask[None, None]
 
 
 class Mlp(nn.Module):
@@ -138,19 +164,22 @@ class Block(nn.Module):
   """Pre-norm block: x + SelfAttention(norm x) [+ CrossAttention] + Ffn(norm x).
 
   `sparse` puts a MoeLayer (or, in the dense baseline, an FFN of width (K + shared) * F) in the
-  FFN slot;
-  its routing is causal when the stack is (decoders), and it gets the padding mask.
+  FFN slot; its routing is causal when the stack is (decoders), and it gets the padding mask.
+  `decode_length`: a causal stack decoding with a cache (`Stack`).
   """
   config: ModelConfig
   sparse: bool
   causal: bool
   cross_attention: bool
   deterministic: bool
+  decode_length: int | None = None
 
   @nn.compact
-  def __call__(self, x, padding_mask, self_bias, encoded=None, encoded_mask=None, token_ids=None):
+  def __call__(self, x, padding_mask, self_bias, encoded=None, encoded_mask=None, token_ids=None,
+               start=0):
     """x [B, L, D], padding_mask [B, L]; encoded [B, M, D], encoded_mask [B, M] when cross;
-    token_ids [B, L]: the stack's input ids (hash routing reads them)."""
+    token_ids [B, L]: the stack's input ids (hash routing reads them); start: x[:, 0]'s position
+    (decoding)."""
     cfg = self.config
     norm = lambda name: rms_norm(cfg, name)
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
@@ -158,15 +187,16 @@ class Block(nn.Module):
     mask = (causal_mask(padding_mask) if self.causal
             else full_mask(padding_mask, padding_mask))  # Shape: [B, 1, L, L]
     h = norm('pre_attention_norm')(x)
-    x = x + drop(Attention(cfg, use_rotary, name='attention')(h, h, mask, self_bias))
+    x = x + drop(Attention(cfg, use_rotary, self.decode_length, name='attention')(
+        h, h, mask, self_bias, start))
     if self.cross_attention:
       h = norm('pre_cross_attention_norm')(x)
       x = x + drop(Attention(cfg, name='cross_attention')(
           h, encoded, full_mask(padding_mask, encoded_mask), None))
     h = norm('pre_ffn_norm')(x)
     if self.sparse and not cfg.dense_baseline:
-      y = cfg.moe_layer(self.causal, name='moe')(h, self.deterministic,
-                                                  padding_mask=padding_mask, token_ids=token_ids)
+      y = cfg.moe_layer(self.causal, 'moe', self.decode_length)(
+          h, self.deterministic, padding_mask=padding_mask, token_ids=token_ids)
     else:
       width = cfg.dense_baseline_width if self.sparse else cfg.ffn_dim
       y = Mlp(cfg, width, name='mlp')(h)
@@ -179,57 +209,70 @@ class Unit(nn.Module):
   causal: bool
   cross_attention: bool
   deterministic: bool
+  decode_length: int | None = None
 
   @nn.compact
-  def __call__(self, x, padding_mask, self_bias, encoded, encoded_mask, token_ids):
+  def __call__(self, x, padding_mask, self_bias, encoded, encoded_mask, token_ids, start):
     for i in range(self.config.period):
       x = Block(self.config, self.config.is_sparse(i), self.causal, self.cross_attention,
-                self.deterministic, name=f'block_{i}')(
-                    x, padding_mask, self_bias, encoded, encoded_mask, token_ids)
+                self.deterministic, self.decode_length, name=f'block_{i}')(
+                    x, padding_mask, self_bias, encoded, encoded_mask, token_ids, start)
     return x
 
 
 class _ScannedUnit(Unit):
   """Unit with nn.scan's (carry, inputs) -> (carry, outputs) signature."""
 
-  def __call__(self, x, padding_mask, self_bias, encoded, encoded_mask, token_ids):
-    return super().__call__(x, padding_mask, self_bias, encoded, encoded_mask, token_ids), None
+  def __call__(self, x, padding_mask, self_bias, encoded, encoded_mask, token_ids, start):
+    return super().__call__(x, padding_mask, self_bias, encoded, encoded_mask, token_ids,
+                            start), None
 
 
 class Stack(nn.Module):
-  """num_layers blocks (units of `period`), then a final norm. Plain loop or nn.scan."""
+  """num_layers blocks (units of `period`), then a final norm. Plain loop or nn.scan.
+
+  `decode_length` (a causal stack sampling with a cache): each call takes the next L tokens of
+  sequences of decode_length, from the position in the 'cache' collection ('index').
+  """
   config: ModelConfig
   causal: bool
   cross_attention: bool = False
+  decode_length: int | None = None
 
   @nn.compact
   def __call__(self, x, padding_mask, deterministic: bool, encoded=None, encoded_mask=None,
                token_ids=None):
     cfg = self.config
+    start, key_length = 0, x.shape[1]
+    if self.decode_length is not None:
+      index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+      start, key_length = index.value, self.decode_length
+      index.value = start + x.shape[1]
     bias = None
     if cfg.position_kind == 'relative':
       bias = RelativePositionBias(cfg, bidirectional=not self.causal, name='relative_bias')(
-          x.shape[1], x.shape[1])  # Shape: [1, H, L, L]
+          x.shape[1], key_length, start)  # Shape: [1, H, L, M]
     num_units = cfg.num_layers // cfg.period
-    args = (padding_mask, bias, encoded, encoded_mask, token_ids)
+    args = (padding_mask, bias, encoded, encoded_mask, token_ids, start)
+    unit_args = (cfg, self.causal, self.cross_attention, deterministic, self.decode_length)
     if cfg.scan_layers:
       unit = _ScannedUnit
       if cfg.remat:
         unit = nn.remat(unit, prevent_cse=False)
       scanned = nn.scan(unit, variable_axes={'params': 0, 'intermediates': 0, DECISIONS: 0,
-                                             BIAS_COLLECTION: 0},
+                                             BIAS_COLLECTION: 0, 'cache': 0},
                         split_rngs={'params': True, 'dropout': True, 'jitter': True,
                                     'gating': True},
                         in_axes=(nn.broadcast,) * len(args), length=num_units)
-      x, _ = scanned(cfg, self.causal, self.cross_attention, deterministic, name='units')(x, *args)
+      x, _ = scanned(*unit_args, name='units')(x, *args)
     else:
       unit = nn.remat(Unit) if cfg.remat else Unit
       for i in range(num_units):
-        x = unit(cfg, self.causal, self.cross_attention, deterministic, name=f'unit_{i}')(x, *args)
+        x = unit(*unit_args, name=f'unit_{i}')(x, *args)
       # Blocks past the last full unit (num_layers not a multiple of period) are dense.
       for i in range(num_units * cfg.period, cfg.num_layers):
         x = Block(cfg, False, self.causal, self.cross_attention, deterministic,
-                  name=f'block_{i}')(x, *args)
+                  self.decode_length, name=f'block_{i}')(x, *args)
     return rms_norm(cfg, 'final_norm')(x)
 
 
@@ -246,8 +289,11 @@ class DecoderLM(nn.Module):
   """Decoder-only language model: tokens [B, L] -> logits [B, L, V] (float32).
 
   Causal self-attention with rotary positions (or T5 relative bias), causal MoE routing.
+  `decode_length`: sample with a cache (`moejax.train.sampling`): each call takes the next
+  tokens of sequences of that length (see `Stack`).
   """
   config: ModelConfig
+  decode_length: int | None = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array, padding_mask: jax.Array,
@@ -255,8 +301,8 @@ class DecoderLM(nn.Module):
     cfg = self.config
     embed = nn.Embed(cfg.vocab_size, cfg.model_dim, embedding_init=nn.initializers.normal(1.0),
                      dtype=cfg.compute_dtype, name='embed')
-    x = Stack(cfg, causal=True, name='decoder')(embed(inputs), padding_mask, deterministic,
-                                                token_ids=inputs)  # Shape: [B, L, D]
+    x = Stack(cfg, causal=True, decode_length=self.decode_length, name='decoder')(
+        embed(inputs), padding_mask, deterministic, token_ids=inputs)  # Shape: [B, L, D]
     return output_logits(cfg, embed, x)  # Shape: [B, L, V]
 
 
@@ -265,8 +311,11 @@ class EncoderDecoder(nn.Module):
 
   The encoder is bidirectional and routes its MoE layers non-causally (GShard order); the decoder
   is causal, cross-attends to the encoder and routes causally. Embeddings are shared.
+  `decode_length`: the decoder samples with a cache (see `DecoderLM`); the encoder reads all of
+  its inputs at every call.
   """
   config: ModelConfig
+  decode_length: int | None = None
 
   @nn.compact
   def __call__(self, inputs, inputs_mask, decoder_inputs, decoder_mask,
@@ -276,11 +325,14 @@ class EncoderDecoder(nn.Module):
                      dtype=cfg.compute_dtype, name='embed')
     encoded = Stack(cfg, causal=False, name='encoder')(
         embed(inputs), inputs_mask, deterministic, token_ids=inputs)  # Shape: [B, M, D]
-    x = Stack(cfg, causal=True, cross_attention=True, name='decoder')(
+    x = Stack(cfg, causal=True, cross_attention=True, decode_length=self.decode_length,
+              name='decoder')(
         embed(decoder_inputs), decoder_mask, deterministic, encoded, inputs_mask,
         token_ids=decoder_inputs)  # Shape: [B, L, D]
     return output_logits(cfg, embed, x)  # Shape: [B, L, V]
 
 
-def make_model(config: ModelConfig) -> nn.Module:
-  return DecoderLM(config) if config.kind == 'decoder' else EncoderDecoder(config)
+def make_model(config: ModelConfig, decode_length: int | None = None) -> nn.Module:
+  """The model of `config`; with `decode_length`, the one that samples with a cache."""
+  model = DecoderLM if config.kind == 'decoder' else EncoderDecoder
+  return model(config, decode_length)
