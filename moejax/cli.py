@@ -31,8 +31,8 @@ COMMANDS = {'train': 'train (or resume) a run from an experiment config',
             'sample': "generate text from a run's checkpoint",
             'analyze': "which tokens go to which expert: routing.json and figures of a run's "
                        'checkpoint',
-            'import-hf': 'a Hugging Face hub checkpoint (Mixtral, OLMoE) as a run at step 0 '
-                         'that eval, sample, analyze and train use like any other'}
+            'import-hf': 'a Hugging Face hub checkpoint (Mixtral, OLMoE, Qwen-MoE, Switch) as a '
+                         'run at step 0 that eval, sample, analyze and train use like any other'}
 
 
 def _parser() -> argparse.ArgumentParser:

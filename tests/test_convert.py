@@ -218,3 +218,22 @@ def test_the_import_streams_one_tensor_at_a_time(tmp_path):
     measured = json.load(f)
   assert measured['output_bytes'] >= 50 * 2**20
   assert measured['growth_bytes'] < 1.5 * measured['output_bytes']
+
+
+def test_an_import_is_placed_on_a_mesh_with_the_experts_sharded(tmp_path, tfds_dir):
+  from moejax.convert.workdir import import_hf
+  from moejax.train.config import saved_config
+  from moejax.train.resume import load
+  workdir = str(tmp_path / 'olmoe')
+  import_hf(os.path.join(FIXTURES, 'olmoe'), workdir, None, [
+      ('data.source', os.path.join(REPO, 'data', 'timemachine.txt')),
+      ('data.data_dir', str(tfds_dir)), ('data.length', '32'), ('mesh.expert', '4'),
+      ('mesh.data', '2'), ('eval.batch_size', '8'), ('train.batch_size', '8')])
+  _, state = load(saved_config(workdir), workdir)
+  _, imported = from_hf(os.path.join(FIXTURES, 'olmoe'))
+  experts = state.params['decoder']['unit_0']['block_0']['moe']['experts']['wi']  # [8, D, F]
+  assert len(experts.sharding.device_set) == 8
+  assert {shard.data.shape[0] for shard in experts.addressable_shards} == {2}  # 8 experts / 4
+  restored = dict(_leaves(state.params))
+  for key, array in _leaves(imported):
+    assert array.tobytes() == restored[key].tobytes(), key
