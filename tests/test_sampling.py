@@ -23,7 +23,8 @@ VARIANTS = {
                                                positions='relative'),
     'encoder-decoder': dict(kind='encoder_decoder'),
 }
-SLOW = {'decoder, GQA, QK-norm, scanned', 'decoder, groups of 8, T5 positions'}
+SLOW = {'decoder, GQA, QK-norm, scanned', 'decoder, groups of 8, T5 positions',
+        'encoder-decoder'}  # make test-fast keeps the plain decoder
 
 
 def _model_inputs(config, ids):
@@ -55,8 +56,8 @@ def test_each_decoded_position_gives_the_logits_of_the_whole_window(variant):
     np.testing.assert_allclose(logits, expected[:, begin:end], atol=1e-5, err_msg=str(begin))
 
 
-@pytest.mark.parametrize('kind', ['decoder', pytest.param('encoder_decoder',
-                                                          marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['decoder', 'encoder_decoder'])
 def test_the_cached_sampler_gives_the_uncached_tokens_while_the_context_fits(kind):
   config = ModelConfig(**SMALL, kind=kind)
   ids = jnp.ones((1, L), jnp.int32)
