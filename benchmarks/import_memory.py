@@ -5,9 +5,10 @@
 
 Writes random float32 weights in hub layout (one tensor at a time, `write_safetensors`) into a
 temporary directory, then imports it in a fresh process and reports that process's peak resident
-memory (ru_maxrss) above its resident memory just before the import (Linux's /proc/self/statm), next to the size of the output (every
-param) and of the largest single param. Streaming means peak - before ~ output + largest, not
-2 x output. Results: benchmarks/results/import_memory.json (the full size).
+memory (ru_maxrss) above its resident memory just before the import (Linux's /proc/self/statm), next
+to the size of the output (every param) and of the largest single param. Streaming means peak -
+before ~ output + largest, not 2 x output. Results: benchmarks/results/import_memory.json (the full
+size).
 """
 import argparse
 import json
@@ -35,7 +36,8 @@ def write_checkpoint(directory: str, fields: dict) -> None:
              tie_word_embeddings=False, hidden_act='silu', **fields)
   mixtral = FAMILIES['mixtral']
   layout = mixtral.tensors(mixtral.model_config(hub))
-  shapes = {name: (shape, np.float32) for t in layout for name, shape in zip(t.names, t.hub_shapes())}
+  shapes = {name: (shape, np.float32)
+            for t in layout for name, shape in zip(t.names, t.hub_shapes())}
   rng = np.random.default_rng(0)
   arrays = ((name, rng.standard_normal(shape, np.float32)) for name, (shape, _) in shapes.items())
   write_safetensors(os.path.join(directory, 'model.safetensors'), arrays, shapes)

@@ -215,8 +215,8 @@ class MoeLayer(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(jnp.float32)  # Shape: [G, S, E]
     logits = logits.astype(jnp.float32)
     scores = self._routing_scores(probs, logits, deterministic)
-    if self.decode_length is not None:
-      scores['slot_offset'] = self._decoded_slots(group_length, x.shape[0])  # Shape: [B, E]
+    if self.decode_length is not None:  # Shape: [B, E]
+      scores['slot_offset'] = self._decoded_slots(group_length, x.shape[0])
     weights = ExpertWeights(self.num_experts, self.ffn_dim, glu=self.glu,
                             init_scale=self.init_scale, param_dtype=self.param_dtype,
                             name='experts')(x.shape[-1])
@@ -234,7 +234,7 @@ class MoeLayer(nn.Module):
       route_and_run = sharding.shard_map_layer(route_and_run, mesh, weights)
     out, decision = route_and_run(tokens, scores, valid, weights, draws, dropout_rng)
     if self.decode_length is not None:
-      self._advance_decoding(decision, x.shape[1])
+      self._advance_decoding(scores['slot_offset'], decision, x.shape[1])
     out = out.reshape(x.shape)
     if self.num_shared_experts:
       shared_rng = self.make_rng('dropout') if use_dropout else None  # not any device's key
@@ -293,15 +293,14 @@ class MoeLayer(nn.Module):
     slots = self.variable('cache', 'slots', jnp.zeros, (batch, self.num_experts), jnp.int32)
     return jnp.where(index.value % group_length == 0, 0, slots.value)
 
-  def _advance_decoding(self, decision: routing.RoutingDecision, length: int) -> None:
-    """Count this call's choices (dropped ones too: they took their slot) and move on."""
-    index, slots = self.get_variable('cache', 'index'), self.get_variable('cache', 'slots')
-    group_length = self.group_size or self.decode_length
-    start = jnp.where(index % group_length == 0, 0, slots)
+  def _advance_decoding(self, slot_offset: jax.Array, decision: routing.RoutingDecision,
+                        length: int) -> None:
+    """The slots taken after this call (`slot_offset` [B, E] before it, plus this call's choices,
+    dropped ones too: they took their slot), and the position `length` tokens on."""
     taken = jnp.sum(jax.nn.one_hot(decision.expert_index, self.num_experts, dtype=jnp.int32)
                     * decision.chosen[..., None], axis=(1, 2))  # Shape: [B, E]
-    self.put_variable('cache', 'slots', start + taken)
-    self.put_variable('cache', 'index', index + length)
+    self.put_variable('cache', 'slots', slot_offset + taken)
+    self.put_variable('cache', 'index', self.get_variable('cache', 'index') + length)
 
   def _route(self, scores: dict[str, jax.Array], valid: jax.Array, draws: jax.Array | None,
              deterministic: bool, group_length: int) -> routing.RoutingDecision:

@@ -85,7 +85,8 @@ def make_switch(out: str) -> None:
     for name, module in model.named_modules():
       if name.endswith('mlp.router'):
         module.register_forward_hook(lambda m, args, out: routers.append((out[0], out[2])))
-    ids = lambda s: torch.randint(3, VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(s))
+    ids = lambda s: torch.randint(3, VOCAB, (BATCH, LENGTH),
+                                  generator=torch.Generator().manual_seed(s))
     inputs, decoder_inputs = ids(0), ids(1)
     with torch.no_grad():
       result = model(input_ids=inputs, decoder_input_ids=decoder_inputs)

@@ -3,8 +3,8 @@
 The documents of a split (`moejax.data.sources.documents`), each tokenized and ended with EOS, are
 concatenated into tokens [T] int32 and cut into examples of L tokens (`packed`). Process 0 alone
 prepares the dataset, reads it and writes `<directory>/<key>.npy` (atomically, then `<key>.json`:
-the split's characters and tokens); every process waits for its verdict and memory-maps the file,
-so each reads only the pages of the rows it feeds. The key is a hash of what the tokens depend on (the
+the split's characters and tokens); every process waits for its verdict and memory-maps the file, so
+each reads only the pages of the rows it feeds. The key is a hash of what the tokens depend on (the
 prepared dataset's name and version, the split, the text field and the tokenizer), so another
 corpus, split or vocabulary never reuses a stale file.
 """

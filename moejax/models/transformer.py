@@ -184,8 +184,10 @@ class Block(nn.Module):
     norm = lambda name: rms_norm(cfg, name)
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
     use_rotary = cfg.position_kind == 'rotary'
-    mask = (causal_mask(padding_mask) if self.causal
-            else full_mask(padding_mask, padding_mask))  # Shape: [B, 1, L, L]
+    mask = None  # decoding: the attention's cache masks the keys
+    if self.decode_length is None:
+      mask = (causal_mask(padding_mask) if self.causal
+              else full_mask(padding_mask, padding_mask))  # Shape: [B, 1, L, L]
     h = norm('pre_attention_norm')(x)
     x = x + drop(Attention(cfg, use_rotary, self.decode_length, name='attention')(
         h, h, mask, self_bias, start))

@@ -1,6 +1,6 @@
 """Orbax checkpoints of the whole run: train state (params, optimizer state, step, rng, non-finite
-counters), the data iterator's state, the signature of the state (every array's path, dtype and shape)
-and the config fields that shape it.
+counters), the data iterator's state, the signature of the state (every array's path, dtype and
+shape) and the config fields that shape it.
 
 Compatibility: before Orbax reads a step, its saved signature is compared with the state this
 run would build; when they differ (another optimizer, `model.num_experts`, `model.ffn_dim`, ...),
@@ -227,8 +227,8 @@ class Checkpoints:
                   CheckpointWarning, stacklevel=3)
 
   def restore(self, template, step: int | None = None, quarantine: bool = False):
-    """(state on the template's shardings, data iterator state) of `step`, or of the newest complete
-    step (warning about, and with `quarantine` moving aside, each newer damaged one; with
+    """(state on the template's shardings, data iterator state) of `step`, or of the newest
+    complete step (warning about, and with `quarantine` moving aside, each newer damaged one; with
     `quarantine` and `step`, the steps after it are moved aside too: training goes on from it).
 
     Only damage (a checksum that does not match, a missing, unreadable or half-written file) sets

@@ -60,8 +60,8 @@ def upcycled_state(run: Run):
   `config.upcycle.from_workdir` at checkpoint `config.upcycle.step` (default: its latest).
 
   Params and Adam moments come from `moejax.upcycle`; the step, the optimizer's counts (so the
-  learning-rate schedule goes on where the dense run was) and the data iterator's state are the dense
-  run's, so both runs see the same batches from there (given the same data config, batch size
+  learning-rate schedule goes on where the dense run was) and the data iterator's state are the
+  dense run's, so both runs see the same batches from there (given the same data config, batch size
   and seed: the shuffle is seeded).
   """
   up = run.config.upcycle

@@ -24,6 +24,12 @@ from moejax.data.tokenizers import EOS_ID, PAD_ID
 from moejax.balancing import BIAS_COLLECTION
 
 
+def _model_args(inputs, decoder_inputs, decoder_mask) -> tuple:
+  """The model's positional inputs: the encoder's `inputs` (or None, a decoder LM) first."""
+  args = (decoder_inputs, decoder_mask)
+  return args if inputs is None else (inputs, inputs != PAD_ID, *args)
+
+
 def _pick(logits: jax.Array, temperature, rng: jax.Array) -> jax.Array:
   """A token id from logits [V]: sampled at `temperature`, greedy at 0."""
   sampled = jax.random.categorical(rng, logits / jnp.maximum(temperature, 1e-6))
@@ -34,9 +40,7 @@ def _pick(logits: jax.Array, temperature, rng: jax.Array) -> jax.Array:
 def _next_token(model: nn.Module, variables, inputs, decoder_inputs, position, temperature, rng):
   """Sample the token after decoder_inputs[0, :position + 1]; inputs: the encoder's, or None."""
   decoder_mask = jnp.arange(decoder_inputs.shape[1])[None] <= position  # Shape: [1, L]
-  args = (decoder_inputs, decoder_mask)
-  if inputs is not None:
-    args = (inputs, inputs != PAD_ID, *args)
+  args = _model_args(inputs, decoder_inputs, decoder_mask)
   logits = model.apply(variables, *args, True)[0, position]  # Shape: [V]
   return _pick(logits, temperature, rng)
 
@@ -44,18 +48,14 @@ def _next_token(model: nn.Module, variables, inputs, decoder_inputs, position, t
 @functools.partial(jax.jit, static_argnames=('model',))
 def _decode(model: nn.Module, variables, cache, inputs, decoder_inputs, temperature, rng):
   """(the token after decoder_inputs [1, T], fed at the cache's position; the cache after)."""
-  args = (decoder_inputs, jnp.ones(decoder_inputs.shape, jnp.bool_))
-  if inputs is not None:
-    args = (inputs, inputs != PAD_ID, *args)
+  args = _model_args(inputs, decoder_inputs, jnp.ones(decoder_inputs.shape, jnp.bool_))
   logits, state = model.apply({**variables, 'cache': cache}, *args, True, mutable=['cache'])
   return _pick(logits[0, -1], temperature, rng), state['cache']
 
 
 def _empty_cache(model: nn.Module, inputs):
   """The decoding model's cache at position 0 (zeros of the shapes `init` makes)."""
-  args = (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.bool_))
-  if inputs is not None:
-    args = (inputs, inputs != PAD_ID, *args)
+  args = _model_args(inputs, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.bool_))
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, True))['cache']
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
