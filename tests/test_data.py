@@ -173,7 +173,9 @@ def _resume_cost(config, train_tokens, step):
 
 def test_resuming_at_step_10000_costs_what_resuming_at_step_10_does(config, train_tokens):
   """O(1): the restored iterator reads the rows of the batches it returns (and of the few it
-  prefetches), never the ones before; a replay would read 80,000 examples to reach 10,000."""
+  prefetches), never the ones before; a replay would read 80,000 examples to reach 10,000.
+  The reads are the guarantee; the times (a few ms each, so noisy on a shared machine) are
+  compared by median with room for noise: a replay would cost about 1,000 times more."""
   most = 8 * (1 + READ_OPTIONS.prefetch_buffer_size)
   costs = {10: [], 10_000: []}
   for _ in range(9):  # interleaved, so both see the same load
@@ -181,7 +183,7 @@ def test_resuming_at_step_10000_costs_what_resuming_at_step_10_does(config, trai
       seconds, reads = _resume_cost(config, train_tokens, step)
       assert 8 <= reads <= most
       costs[step].append(seconds)
-  assert min(costs[10_000]) < 2 * min(costs[10])
+  assert np.median(costs[10_000]) < 5 * np.median(costs[10])
 
 
 def test_each_process_reads_its_own_rows_of_the_global_batch(config, train_tokens):
