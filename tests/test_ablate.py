@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 
 import jax
@@ -15,8 +16,12 @@ import pytest
 
 from helpers import REPO, SMOKE_CONFIG, apply_layer, init_layer, sigterm_once_logged
 from moejax import MoeLayer, collect_routing_metrics
-from moejax.ablate import (Claim, Panel, SweepError, judge, load_result, load_sweep, main,
+from moejax.ablate import (Claim, Panel, Scale, SweepError, judge, load_result, load_sweep, main,
                            read_rows, run_dir, run_record, run_specs, run_sweep, sweep_names)
+from moejax.ablate import committed, page, stats
+from moejax.ablate.command import committed_keys
+from moejax.ablate.runner import abstract_params, nominal_vocab_size
+from moejax.ablate.verdict import SweepNumbers, decide, family_size, reach_step
 from moejax.ablate.records import RECORD, flatten
 from moejax.ablate.report import add_relative
 from moejax.ablate.sweep import BASE_SCALE, Sweep, with_overrides
@@ -67,6 +72,8 @@ def test_a_sweep_trains_stops_resumes_skips_and_reports(tmp_path, monkeypatch):
        str(results_dir), '--quiet'], os.path.join(long, 'metrics.jsonl'))
   assert rc == 0, err[-3000:]
   assert 'Run the same command again to resume' in out
+  # The finished run is committed as soon as it finished.
+  assert [r['run'] for r in committed.read_csv(str(results_dir / 'two_runs.csv'))] == ['e2']
   assert load_result(short)['record']['steps'] == 6 and load_result(long) is None
   stopped_at = max(int(s) for s in os.listdir(os.path.join(long, 'checkpoints')) if s.isdigit())
   assert 3 <= stopped_at < LONG_RUN_STEPS
@@ -109,9 +116,22 @@ def test_a_sweep_trains_stops_resumes_skips_and_reports(tmp_path, monkeypatch):
   assert [(r['run'], r['model.num_experts'], r['train.num_steps'], r['seed']) for r in rows] == [
       ('e2', '2', '6', '0'), ('e4', '4', str(LONG_RUN_STEPS), '0')]
   assert set(RECORD) <= set(rows[0])
+  assert [r['config_hash'] for r in rows] == [committed.config_hash(s.config) for s in specs]
+  curves = committed.read_numbers(str(results_dir), 'two_runs').curves
+  assert sorted(curves) == [('e2', 0), ('e4', 0)] and curves['e4', 0][-1][0] == LONG_RUN_STEPS
   table = (results_dir / 'two_runs.md').read_text()
   assert '| e2 |' in table and '| e4 |' in table and 'two_runs.png' in table
   assert (results_dir / 'two_runs.png').stat().st_size > 10_000
+
+  # Another sitting, the runs' directories gone: the committed runs are not trained again, and
+  # the report is rebuilt from the committed files alone, the same.
+  shutil.rmtree(runs_dir)
+  assert main([path, '--runs_dir', str(tmp_path / 'new_runs'), '--results_dir',
+               str(results_dir), '--quiet']) == 0
+  assert (results_dir / 'two_runs.md').read_text() == table
+  with pytest.raises(SweepError, match='holds e2/seed0 run with another config'):
+    committed_keys(sweep, run_specs(sweep, overrides=[('train.learning_rate', '0.01')]),
+                   str(results_dir), 'two_runs')
 
 
 @pytest.mark.slow
@@ -168,6 +188,51 @@ def test_every_sweep_builds_checked_configs_without_training(scale):
         run, _, variant = key.partition('@')
         assert run in sweep.runs and (not variant or variant in sweep.evals), (name, key)
     assert re.search(r'Measured on the 2-core CPU: \d+ min', sweep.doc), name
+
+
+@pytest.mark.parametrize('scale', ['small', pytest.param('base', marks=pytest.mark.slow)])
+def test_every_scale_preset_initialises_every_run_with_abstract_shapes(scale):
+  """Each run of each sweep at each --scale builds its model and initialises it with
+  `jax.eval_shape` (no training, no vocabulary). At the small scale its parameters are those
+  the committed runs counted."""
+  for name in sweep_names():
+    sweep = load_sweep(name)
+    counted = {row['run']: row['params'] for row in
+               committed.read_csv(os.path.join(REPO, 'experiments', 'results', f'{name}.csv'))}
+    for spec in run_specs(sweep, scale):
+      if spec.seed != sweep.seeds[spec.name][0]:
+        continue
+      model_cfg, shapes = abstract_params(spec.config, nominal_vocab_size(spec.config))
+      params = _count(shapes)
+      assert params > 0 and model_cfg.model_dim == spec.config.model.model_dim, spec.key
+      if scale == 'small' and spec.name in counted:
+        assert params == counted[spec.name], (name, spec.name)
+      if scale == 'base':
+        assert model_cfg.model_dim == 768 and model_cfg.vocab_size >= 32_000, spec.key
+
+
+def test_the_committed_verdicts_are_rebuilt_from_the_committed_files_alone(tmp_path):
+  """`moejax ablate SWEEP --report` with no runs at all, from a copy of the committed csv files
+  only, writes every sweep's md as committed, and the page's table is the one in
+  experiments/RESULTS.md."""
+  committed_dir = os.path.join(REPO, 'experiments', 'results')
+  results = tmp_path / 'results'
+  results.mkdir()
+  for name in os.listdir(committed_dir):
+    if name.endswith('.csv'):
+      shutil.copy(os.path.join(committed_dir, name), results)
+  names = [n for n in sweep_names() if (results / f'{n}.csv').exists()]
+  assert {'routing', 'balance'} <= set(names)
+  for name in names:
+    assert main([name, '--report', '--runs_dir', str(tmp_path / 'no_runs'),
+                 '--results_dir', str(results)]) == 0
+    with open(os.path.join(committed_dir, f'{name}.md')) as f:
+      assert (results / f'{name}.md').read_text() == f.read(), name
+  table = (results / 'verdicts.md').read_text()
+  assert table == page.results_block(os.path.join(REPO, 'experiments', 'RESULTS.md'))
+  with open(os.path.join(committed_dir, 'verdicts.md')) as f:
+    assert table == f.read()
+  assert not (tmp_path / 'no_runs').exists()
 
 
 def test_a_bad_sweep_or_override_is_one_line_before_anything_runs(tmp_path, capsys):
@@ -232,33 +297,87 @@ def test_relative_columns_pair_each_row_with_its_reference():
   assert all(r[panel.column] == 1.0 for r in rows if r[cf] == 1.0)
 
 
-def test_a_claims_verdict_follows_the_two_standard_error_rule():
-  rows = lambda a, b: [{'run': run, 'seed': seed, 'final_nll': value}
-                       for run, values in (('a', a), ('b', b)) for seed, value in enumerate(values)]
+def _rows(a, b, metric='final_nll', **extra):
+  return [{'run': run, 'seed': seed, metric: value, **extra}
+          for run, values in (('a', a), ('b', b)) for seed, value in enumerate(values)]
+
+
+def _decided(claim, numbers):
+  return decide([judge(claim, numbers)])[0]
+
+
+def test_a_claims_verdict_follows_the_t_test_and_tost_rule():
   lower = Claim('a beats b', 'final_nll', 'a', 'b')
-  # per-seed differences b - a: 0.1, 0.2, 0.3: mean 0.2, SE 0.1 / sqrt(3) = 0.0577
-  held = judge(lower, rows([1.0, 1.0, 1.0], [1.1, 1.2, 1.3]), [])
-  assert held['difference'] == pytest.approx(0.2) and held['se'] == pytest.approx(0.1 / 3**0.5)
-  assert (held['seeds'], held['verdict']) == (3, 'reproduced')
-  assert judge(lower, rows([1.1, 1.2, 1.3], [1.0, 1.0, 1.0]), [])['verdict'] == 'not reproduced'
-  noisy = rows([1.0, 1.0, 1.0], [1.3, 0.8, 1.0])  # mean difference 0.033, SE 0.145
-  assert judge(lower, noisy, [])['verdict'] == 'not shown'
-  assert judge(dataclasses.replace(lower, no_worse=True), noisy, [])['verdict'] == 'reproduced'
-  assert judge(lower, rows([1.0], [2.0]), [])['verdict'] == 'not shown'  # one seed: no SE
-  higher = Claim('a scores more', 'final_nll', 'a', 'b', higher=True)
-  assert judge(higher, rows([1.0, 1.0, 1.0], [1.1, 1.2, 1.3]), [])['verdict'] == 'not reproduced'
-  # at equal time: a (2 s a step) and b (1.25 s a step) are read at b's end, 5 s: a halfway
-  # between its steps 2 and 3
-  curve = lambda step_time, nlls: [{'step': s, 'seconds': s * step_time, 'nll': n}
-                                   for s, n in zip((1, 2, 3, 4), nlls)]
-  results = [{'name': 'a', 'seed': seed, 'curve': curve(2.0, [3.0, 2.0 + seed / 10, 1.0, 0.5])}
-             for seed in range(3)]
-  results += [{'name': 'b', 'seed': seed, 'curve': curve(1.25, [2.6, 2.5, 2.4, 2.3])}
-              for seed in range(3)]
-  timed = judge(dataclasses.replace(lower, at_equal_time=True), [], results)
-  assert timed['better'] == pytest.approx(1.55) and timed['than'] == pytest.approx(2.3)
-  assert timed['difference'] == pytest.approx(0.75)
-  assert timed['verdict'] == 'reproduced'
+  # per-seed differences b - a: 0.1, 0.2, ..., 0.8: mean 0.45
+  better, than = [1.0] * 8, [1.0 + i / 10 for i in range(1, 9)]
+  held = _decided(lower, SweepNumbers(_rows(better, than)))
+  test = stats.paired_t_test([i / 10 for i in range(1, 9)])
+  assert held.difference == pytest.approx(0.45) and held.pairs == 8
+  assert held.ci == pytest.approx((test.ci_low, test.ci_high)) and held.p == test.p_two_sided
+  assert held.p_adjusted == held.p and held.verdict == 'reproduced'
+  assert _decided(lower, SweepNumbers(_rows(than, better))).verdict == 'contradicted'
+  higher = dataclasses.replace(lower, higher=True)
+  assert _decided(higher, SweepNumbers(_rows(better, than))).verdict == 'contradicted'
+  noisy = [1.0 + (0.3 if i % 2 else -0.29) for i in range(8)]  # mean 0.005, large spread
+  assert _decided(lower, SweepNumbers(_rows(better, noisy))).verdict == 'inconclusive'
+  # Equivalence needs evidence: a tight difference inside the margin is equivalent, a noisy one
+  # with the same mean is not, and one wholly beyond the margin contradicts the claim.
+  costs_nothing = dataclasses.replace(lower, margin=0.05)
+  tight = [1.0 + 0.002 * (i % 3) for i in range(8)]
+  assert _decided(costs_nothing, SweepNumbers(_rows(better, tight))).verdict == 'equivalent'
+  assert _decided(costs_nothing, SweepNumbers(_rows(better, noisy))).verdict == 'inconclusive'
+  worse = [0.8 + 0.01 * (i % 3) for i in range(8)]  # a costs 0.19 more than b
+  assert _decided(costs_nothing, SweepNumbers(_rows(better, worse))).verdict == 'contradicted'
+  # Too few seeds: pending, whatever the numbers; too small runs: not testable, by the rule.
+  three = _decided(lower, SweepNumbers(_rows(better[:3], than[:3])))
+  assert (three.verdict, three.pairs, three.p_adjusted) == ('pending', 3, None)
+  big = dataclasses.replace(lower, needs=Scale(params=1000, why='the paper\'s'))
+  small = _decided(big, SweepNumbers(_rows(better, than, params=999)))
+  assert small.verdict == 'not testable here' and small.difference == pytest.approx(0.45)
+  assert _decided(big, SweepNumbers(_rows(better, than, params=1000))).verdict == 'reproduced'
+
+
+def test_holm_corrects_over_the_distinct_comparisons_of_a_page():
+  lower = Claim('a beats b', 'final_nll', 'a', 'b')
+  # differences with a one-sample p of about 0.02 each
+  than = [1.0 + d for d in (0.1, 0.05, 0.12, -0.02, 0.08, 0.03, 0.0, 0.06)]
+  p = stats.paired_t_test([d - 1.0 for d in than]).p_two_sided
+  assert 0.01 < p < 0.025
+  same = SweepNumbers(_rows([1.0] * 8, than))
+  other = SweepNumbers(_rows([1.5] * 8, [t + 0.5 for t in than]))  # other runs, the same p
+  # The same comparison (the same runs' numbers) in two sweeps counts once: alone, reproduced.
+  twice = decide([judge(lower, same), judge(lower, same)])
+  assert [j.p_adjusted for j in twice] == [p, p] and family_size(twice) == 1
+  assert {j.verdict for j in twice} == {'reproduced'}
+  # Three distinct comparisons: 3p > 0.05, so none survives.
+  three = decide([judge(lower, same), judge(lower, other),
+                  judge(dataclasses.replace(lower, metric='early_nll'),
+                        SweepNumbers(_rows([1.0] * 8, than, 'early_nll')))])
+  assert [j.p_adjusted for j in three] == pytest.approx([3 * p] * 3)
+  assert {j.verdict for j in three} == {'inconclusive'} and family_size(three) == 3
+  # Pending and not-testable claims are outside the family.
+  pending = judge(lower, SweepNumbers(_rows([2.0] * 3, than[:3])))
+  assert decide([judge(lower, same), pending])[0].p_adjusted == p
+
+
+def test_time_claims_read_the_curves_at_round_robin_step_times():
+  # a: 2 s a step, b: 1 s a step; curves every 10 steps.
+  curves = {('a', seed): [(10, 3.0), (20, 2.0), (30, 1.0 - seed / 100)] for seed in range(8)}
+  curves |= {('b', seed): [(10, 2.9), (20, 2.5), (30, 2.4), (40, 1.5), (50, 1.4)]
+             for seed in range(8)}
+  numbers = SweepNumbers([], curves, {'a': [2.0, 2.1, 1.9], 'b': [1.0, 1.0, 1.0]})
+  assert reach_step([(10, 3.0), (20, 2.0)], 2.5) == 15.0  # halfway, linearly
+  assert reach_step([(10, 3.0), (20, 2.0)], 1.0) is None
+  sooner = judge(Claim('a gets there sooner', 'time_to_target', 'a', 'b', target=2.5), numbers)
+  # a reaches 2.5 at step 15 = 30 s at its median 2 s a step; b at step 20 = 20 s: b is sooner.
+  assert (sooner.better, sooner.than, sooner.difference) == (30.0, 20.0, -10.0)
+  equal = judge(Claim('a ahead at equal time', 'nll_at_equal_time', 'a', 'b'), numbers)
+  # a's curve ends at 60 s, b's at 50 s: a read at 50 s (step 25: 1.5 - seed / 200), b at its end.
+  assert equal.than == pytest.approx(1.4)
+  assert equal.better == pytest.approx(np.mean([1.5 - s / 200 for s in range(8)]))
+  rounds = judge(Claim('a steps faster', 'step_time', 'a', 'b'), numbers)
+  assert rounds.pairs == 3 and rounds.difference == pytest.approx(-1.0)
+  assert rounds.status == 'pending'  # 3 rounds of the 20 a step-time verdict needs
 
 
 def test_router_max_logit_is_the_largest_logit_of_a_real_token():

@@ -14,8 +14,10 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='moejax ablate',
       description='Run an ablation sweep (experiments/ablations/<name>.py): train each run '
-                  'and seed in its own work directory, skip finished runs, resume a stopped one, '
-                  'then write <results_dir>/<name>.csv, .md and .png.',
+                  'and seed in its own work directory, skip runs finished there or committed to '
+                  '<results_dir>/<name>.csv, resume a stopped one, add each finished run to '
+                  '<name>.csv and <name>_curves.csv, and rebuild <name>.md and .png and the '
+                  'page of verdicts (verdicts.md, verdicts.png) from the committed files.',
       epilog='Set any config field of every run with --config.<section>.<field>=VALUE, e.g. '
              '--config.train.num_steps=20 for a quick try (in another --runs_dir: a finished '
              'run trained with another config is an error). Sweeps: '
@@ -24,14 +26,15 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"a sweep name ({SWEEPS_DIR}/SWEEP.py), a sweep file, or 'all' (every "
                            'sweep there, in turn)')
   parser.add_argument('--report', action='store_true',
-                      help='rebuild the csv/md/png from the finished runs, training nothing')
+                      help='rebuild the md/png and the verdicts from the committed csv files '
+                           '(and the finished runs in --runs_dir), training nothing')
   parser.add_argument('--scale', choices=tuple(SCALES), default='small',
                       help="'small': sized for a 2-core CPU; 'base': the Switch-Base-shaped "
                            'variant (T5-Base shapes, C4), for TPUs')
   parser.add_argument('--runs_dir', default=os.path.join('runs', 'ablations'),
                       help='where the runs live: RUNS_DIR/SWEEP[_base]/RUN/seedS')
   parser.add_argument('--results_dir', default=os.path.join('experiments', 'results'),
-                      help='where the csv/md/png go')
+                      help='where the committed csv files are, and the md/png go')
   parser.add_argument('--quiet', action='store_true', help="no progress bar of each run's steps")
   parser.add_argument('--debug', action='store_true',
                       help='show tracebacks of config errors (also: MOEJAX_DEBUG=1)')
@@ -48,28 +51,53 @@ def _compilation_cache(runs_dir: str):
                                                                                 'jax_cache')))
 
 
+def committed_keys(sweep, specs: list, results_dir: str, stem: str) -> set[str]:
+  """Keys of the runs of `specs` that <results_dir>/<stem>.csv holds (every EVALS variant, the
+  same config); a committed run with another config is a SweepError."""
+  from moejax.ablate import committed
+  path = committed.paths(results_dir, stem)['rows']
+  rows = {}
+  for row in committed.read_csv(path):
+    rows.setdefault((row['run'], row['seed']), []).append(row)
+  done = set()
+  for spec in specs:
+    found = rows.get((spec.name, spec.seed), [])
+    wanted = committed.config_hash(spec.config)
+    if any(row.get('config_hash') != wanted for row in found):
+      raise SweepError(f'{path} holds {spec.key} run with another config (hash '
+                       f'{found[0].get("config_hash")}, now {wanted}): delete its rows (and '
+                       'curves) to run it again, or give another --results_dir')
+    if found and {row.get('eval') for row in found} >= set(sweep.evals or [None]):
+      done.add(spec.key)
+  return done
+
+
 def ablate(name: str, args: argparse.Namespace,
            overrides: list[tuple[str, str]]) -> int | None:
   """Run one sweep (or rebuild its report) as `args` say; the exit status (None: stopped)."""
   from moejax.ablate import report, runner
   sweep = load_sweep(name)
   specs = run_specs(sweep, args.scale, overrides)
-  sweep_dir = os.path.join(args.runs_dir, sweep.name + ('' if args.scale == 'small'
-                                                        else f'_{args.scale}'))
+  suffix = '' if args.scale == 'small' else f'_{args.scale}'
+  sweep_dir = os.path.join(args.runs_dir, sweep.name + suffix)
+  done = committed_keys(sweep, specs, args.results_dir, sweep.name + suffix)
+  write = lambda results: report.write_reports(sweep, specs, results, args.results_dir,
+                                               args.scale, suffix)
   if not args.report:
     _compilation_cache(args.runs_dir)
-    if not runner.run_sweep(sweep, specs, sweep_dir, args.quiet):
-      print(f'sweep {sweep.name} stopped; finished runs are kept in {sweep_dir}. Run the same '
-            'command again to resume.')
+    if not runner.run_sweep(sweep, specs, sweep_dir, args.quiet, done,
+                            on_result=lambda result: write([result])):
+      print(f'sweep {sweep.name} stopped; finished runs are kept in {sweep_dir} and '
+            f'{args.results_dir}. Run the same command again to resume.')
       return None
   results = [r for r in (runner.load_result(runner.run_dir(sweep_dir, s)) for s in specs) if r]
-  if not results:
-    print(f'moejax ablate: no finished run of {sweep.name} in {sweep_dir}', file=sys.stderr)
+  if not results and not done:
+    print(f'moejax ablate: no finished run of {sweep.name} in {sweep_dir} or '
+          f'{args.results_dir}', file=sys.stderr)
     return 1
-  paths = report.write_reports(sweep, results, args.results_dir, args.scale, len(specs),
-                               sweep_dir)
-  print(f'{len(results)} of {len(specs)} runs of {sweep.name} finished; wrote '
-        + ', '.join(paths))
+  paths = write(results)
+  finished = len(done | {f'{r["name"]}/seed{r["seed"]}' for r in results})
+  print(f'{finished} of {len(specs)} runs of {sweep.name} finished; wrote ' + ', '.join(paths))
   return 0
 
 

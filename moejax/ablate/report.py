@@ -1,17 +1,19 @@
-"""A sweep's report from its finished runs: <name>.csv (one row per run and seed, and EVALS
-variant), <name>.md (mean +- std over seeds) and <name>.png (the sweep's PLOTS, matplotlib)."""
+"""A sweep's report: its committed files (`moejax.ablate.committed`: <name>.csv, one row per run
+and seed and EVALS variant, and <name>_curves.csv) updated with the finished runs, then <name>.md
+(mean +- std over seeds, and the claims' verdicts) and <name>.png (the sweep's PLOTS, matplotlib)
+rebuilt from those files alone."""
 from __future__ import annotations
 
-import csv
-import math
 import os
 from collections.abc import Callable
 
 import numpy as np
+from scipy import stats as scipy_stats
 
+from moejax.ablate import committed, page
 from moejax.ablate.records import RECORD, flatten
-from moejax.ablate.sweep import Panel, Sweep
-from moejax.ablate.verdict import verdict_lines
+from moejax.ablate.sweep import Panel, RunSpec, Sweep
+from moejax.ablate.verdict import Judgement, SweepNumbers
 
 # Columns of the md table when a sweep names no TABLE (then the panels' relative columns and any
 # numbers a TRAIN function adds).
@@ -36,36 +38,56 @@ def _number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _fmt(name: str, value) -> str:
-  if value is None:
-    return ''
-  if isinstance(value, float) and not math.isfinite(value):
-    return str(value)
-  if 'fraction' in name:
-    return f'{100 * value:.2f}%'
-  if name == 'step_time':
-    return f'{1000 * value:.0f} ms'
-  if name in ('tokens_per_sec', 'params', 'wall_time'):
-    return f'{value:,.0f}'
-  return f'{value:.4f}' if isinstance(value, float) else str(value)
-
-
-def result_rows(sweep: Sweep, results: list[dict]) -> list[dict]:
+def result_rows(sweep: Sweep, results: list[dict], hashes: dict) -> list[dict]:
   """One row per finished run and seed (per EVALS variant, when the sweep has them): 'run',
-  ['eval'], every overridden field's value, 'seed', and the record's numbers."""
+  ['eval'], every overridden field's value, 'seed', the record's numbers and the config's hash
+  (`hashes[run, seed]`)."""
   rows = []
   for result in results:
     config = flatten(result['config'])
     base = {'run': result['name']}
     fields = {field: config.get(field) for field in sweep.fields}
+    tail = {'config_hash': hashes[result['name'], result['seed']]}
     if not sweep.evals:
-      rows.append({**base, **fields, 'seed': result['seed'], **result['record']})
+      rows.append({**base, **fields, 'seed': result['seed'], **result['record'], **tail})
       continue
     for name, overrides in sweep.evals.items():
       if name in result['evals']:
         rows.append({**base, 'eval': name, **fields, **overrides, 'seed': result['seed'],
-                     **result['record'], **result['evals'][name]})
+                     **result['record'], **result['evals'][name], **tail})
   return rows
+
+
+def _merged(old: list[dict], new: list[dict], keep: set, key: Callable) -> list[dict]:
+  """The committed rows of runs still in the sweep (`keep`: (run, seed, hash)) and not among
+  the new ones, then the new ones, in the order of `key`."""
+  fresh = {(row['run'], row['seed']) for row in new}
+  kept = [row for row in old if (row['run'], row['seed'], row.get('config_hash')) in keep
+          and (row['run'], row['seed']) not in fresh]
+  return sorted(kept + new, key=key)
+
+
+def update_committed(sweep: Sweep, specs: list[RunSpec], results: list[dict], stem: str):
+  """Merge the finished runs' rows and curves into the committed <stem>.csv and
+  <stem>_curves.csv (kept: the committed runs of `specs` with the same config hash)."""
+  hashes = {(s.name, s.seed): committed.config_hash(s.config) for s in specs}
+  order = {key: i for i, key in enumerate(hashes)}
+  evals = list(sweep.evals)
+  files = committed.paths(os.path.dirname(stem), os.path.basename(stem))
+  keep = {(run, seed, h) for (run, seed), h in hashes.items()}
+  rows = _merged(committed.read_csv(files['rows']), result_rows(sweep, results, hashes), keep,
+                 lambda r: (order.get((r['run'], r['seed']), len(order)),
+                            evals.index(r['eval']) if r.get('eval') in evals else 0))
+  if rows:
+    committed.write_csv(files['rows'], rows)
+  fresh = committed.curve_rows(results)
+  redone = {(r['run'], r['seed']) for r in fresh}
+  kept = {(r['run'], r['seed']) for r in rows} - redone
+  old = [r for r in committed.read_csv(files['curves']) if (r['run'], r['seed']) in kept]
+  curves = sorted(old + fresh, key=lambda r: (order.get((r['run'], r['seed']), len(order)),
+                                               r['step']))
+  if curves:
+    committed.write_csv(files['curves'], curves, committed.CURVE_COLUMNS)
 
 
 def add_relative(sweep: Sweep, rows: list[dict]) -> list[dict]:
@@ -87,14 +109,6 @@ def add_relative(sweep: Sweep, rows: list[dict]) -> list[dict]:
   return rows
 
 
-def write_csv(path: str, rows: list[dict]):
-  columns = list(dict.fromkeys(k for row in rows for k in row))
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows({k: '' if v is None else v for k, v in row.items()} for row in rows)
-
-
 def _groups(rows: list[dict], key: Callable) -> dict:
   groups = {}
   for row in rows:
@@ -111,35 +125,43 @@ def _cell(name: str, values: list) -> str:
   if name == 'nonfinite_steps':  # per seed: how unstable each run was
     return ', '.join(map(str, values))
   if len(values) == 1 or not all(_number(v) for v in values):
-    return _fmt(name, values[0])
-  return f'{_fmt(name, float(np.mean(values)))} ± {_fmt(name, float(np.std(values, ddof=1)))}'
+    return page.fmt(name, values[0])
+  mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
+  return f'{page.fmt(name, mean)} ± {page.fmt(name, std)}'
 
 
-def markdown(sweep: Sweep, rows: list[dict], results: list[dict], scale: str, total: int,
-             sweep_dir: str) -> str:
+def markdown(sweep: Sweep, rows: list[dict], decided: list[Judgement], scale: str, total: int,
+             stem: str) -> str:
   """The md report: what was run, one table row per run (and EVALS variant), then the verdict
-  of each of the sweep's CLAIMS."""
+  of each of the sweep's CLAIMS (`decided`: judged with the whole page)."""
   finished = len({(row['run'], row['seed']) for row in rows})
   seeds = sorted({seed for run_seeds in sweep.seeds.values() for seed in run_seeds})
   claim = sweep.doc.strip().split('\n\n')[0]
   relative = [p.column for p in sweep.plots if p.relative_to and not p.curve]
   columns = [*(sweep.table or TABLE), *relative]
-  known = {'run', 'eval', 'seed', *sweep.fields, *RECORD, *columns}
+  known = {'run', 'eval', 'seed', 'config_hash', *sweep.fields, *RECORD, *columns}
   columns += list(dict.fromkeys(k for row in rows for k in row if k not in known))
   header = ['run', *(['eval'] if sweep.evals else []), *sweep.fields, 'seeds', *columns]
   lines = [f'# Sweep `{sweep.name}` ({scale} scale)', '', claim, '',
-           f'{finished} of {total} runs finished (seeds {", ".join(map(str, seeds))}), '
-           f'from `{sweep_dir}`; `moejax ablate {sweep.name} --report` rebuilds this. Mean ± '
-           'sample std over seeds; NLL in validation nats/token; definitions in '
-           '`moejax/ablate/records.py`.', '', f'![{sweep.name}]({os.path.basename(sweep_dir)}.png)',
+           f'{finished} of {total} runs finished (seeds {", ".join(map(str, seeds))}); '
+           f'`moejax ablate {sweep.name} --report` rebuilds this from `{stem}.csv` and '
+           f'`{stem}_curves.csv` (and `{stem}_step_times.csv`). Mean ± sample std over seeds; '
+           'NLL in validation nats/token (a byte here); definitions in '
+           '`moejax/ablate/records.py`.', '', f'![{sweep.name}]({stem}.png)',
            '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for (run, variant), group in _groups(rows, lambda r: (r['run'], r.get('eval'))).items():
     cells = [run, *([variant] if sweep.evals else []),
              *(str(group[0].get(f)) for f in sweep.fields), str(len(group)),
              *(_cell(c, [r.get(c) for r in group]) for c in columns)]
     lines.append('| ' + ' | '.join(cells) + ' |')
-  verdicts = verdict_lines(sweep.claims, rows, results, _fmt)
-  return '\n'.join(lines + ([''] + verdicts if verdicts else [])) + '\n'
+  if decided:
+    lines += ['', '## Verdicts', '',
+              'Paired by seed (step times: by round); difference = how far the claim\'s '
+              'direction holds (positive: as the paper says) with its 95% interval; p of the '
+              'two-sided paired t-test (TOST for a margin), Holm-adjusted over the whole page '
+              '(experiments/RESULTS.md). Rule: `moejax/ablate/verdict.py`.', '',
+              *page.table_lines([(sweep.name, j) for j in decided], with_sweep=False)]
+  return '\n'.join(lines) + '\n'
 
 
 def _pyplot():
@@ -153,56 +175,83 @@ def _label(panel: Panel, name: str) -> str:
   label = LABELS.get(name, name)
   if name == panel.column and panel.relative_to:
     ref = ', '.join(f'{f.rsplit(".", 1)[-1]} = {v}' for f, v in panel.relative_to.items())
-    label = (f'{LABELS.get(panel.y, panel.y)}\n'
-             f'{"relative to" if panel.relative == "ratio" else "minus that at"} {ref}')
+    if panel.relative == 'ratio':
+      label = f'{label.split(" (")[0]} relative to {ref} (ratio)'
+    else:
+      label = f'{LABELS.get(panel.y, panel.y)}\nminus that at {ref}'
   return label
 
 
+def _interval(values: list[float]) -> float:
+  """Half the 95% interval of the mean of `values` (0 for one value)."""
+  if len(values) < 2:
+    return 0.0
+  return float(scipy_stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1)
+               / np.sqrt(len(values)))
+
+
 def _draw_points(ax, panel: Panel, rows: list[dict]):
-  """Mean +- std over seeds of the panel's column against x, a line per series, and the papers'
+  """Mean over seeds of the panel's column, with its 95% interval, against x: points for
+  categorical settings, lines for numeric ones (a log axis when they span decades); the papers'
   numbers dashed."""
   xs = list(dict.fromkeys(row.get(panel.x) for row in rows))
   categorical = not all(_number(x) for x in xs)
   position = xs.index if categorical else (lambda x: x)
   series = (lambda row: row.get(panel.series)) if panel.series else (lambda row: None)
-  for value, group in _groups(rows, series).items():
+  groups = _groups(rows, series)
+  for i, (value, group) in enumerate(groups.items()):
     points = _groups(group, lambda row: row.get(panel.x))
     values = [[r[panel.column] for r in rs if r.get(panel.column) is not None]
               for rs in points.values()]
-    ax.errorbar([position(x) for x in points], [np.mean(v) if v else np.nan for v in values],
-                yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values], marker='o',
-                capsize=3,
+    shift = 0.08 * (i - (len(groups) - 1) / 2) if categorical else 0.0
+    ax.errorbar([position(x) + shift for x in points],
+                [np.mean(v) if v else np.nan for v in values],
+                yerr=[_interval(v) for v in values], marker='o', capsize=3,
+                linestyle='none' if categorical else '-',
                 label=f'{panel.series.rsplit(".", 1)[-1]} = {value}' if panel.series else 'ours')
   for i, (label, points) in enumerate((panel.paper or {}).items()):
     points = [(position(x), y) for x, y in points if not categorical or x in xs]
     ax.plot(*zip(*points), color='k', linestyle=('--', ':', '-.')[i % 3], marker='x', alpha=0.6,
             label=label)
+  positive = [x for x in xs if _number(x) and x > 0]
   if categorical:
     ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=30, ha='right')
-  elif panel.log_x:
-    ax.set_xscale('log')
+  elif panel.log_x or (positive and max(positive) / min(positive) >= 100):
+    if len(positive) < len(xs):  # a zero among the decades
+      ax.set_xscale('symlog', linthresh=min(positive))
+    else:
+      ax.set_xscale('log')
 
 
-def _draw_curves(ax, panel: Panel, results: list[dict]):
-  """Each run's validation curve, mean over seeds (+- std shaded) at each evaluated step."""
-  for run, group in _groups(results, lambda r: r['name']).items():
-    by_step = _groups([point for r in group for point in r['curve']], lambda p: p['step'])
-    x = [np.mean([p[panel.x] for p in points]) for points in by_step.values()]
-    y = [[p[panel.y] for p in points] for points in by_step.values()]
+def _curve_seconds(numbers: SweepNumbers, run: str) -> float:
+  """A run's step time for its curve's time axis: the round-robin median, else the median of
+  its rows' step times."""
+  times = numbers.step_times.get(run) or [r['step_time'] for r in numbers.rows
+                                         if r['run'] == run and r.get('step_time')]
+  return float(np.median(times)) if times else float('nan')
+
+
+def _draw_curves(ax, panel: Panel, numbers: SweepNumbers):
+  """Each run's validation curve, mean over seeds (95% interval shaded) at each evaluated step."""
+  for run, keys in _groups(list(numbers.curves), lambda key: key[0]).items():
+    by_step = _groups([point for key in keys for point in numbers.curves[key]], lambda p: p[0])
+    scale = _curve_seconds(numbers, run) if panel.x == 'seconds' else 1.0
+    x = [step * scale for step in by_step]
+    y = [[nll for _, nll in points] for points in by_step.values()]
     mean = np.array([np.mean(v) for v in y])
-    std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in y])
+    half = np.array([_interval(v) for v in y])
     ax.plot(x, mean, marker='.', label=run)
-    ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    ax.fill_between(x, mean - half, mean + half, alpha=0.2)
 
 
-def write_png(path: str, sweep: Sweep, rows: list[dict], results: list[dict]):
+def write_png(path: str, sweep: Sweep, rows: list[dict], numbers: SweepNumbers):
   """The sweep's PLOTS side by side; their notes (the papers' claims) under them."""
   plt = _pyplot()
   panels = sweep.plots or (Panel(y='final_nll'),)
   fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
   for ax, panel in zip(axes[0], panels):
     if panel.curve:
-      _draw_curves(ax, panel, results)
+      _draw_curves(ax, panel, numbers)
     else:
       _draw_points(ax, panel, rows)
     ax.set_xlabel(LABELS.get(panel.x, panel.x))
@@ -218,16 +267,21 @@ def write_png(path: str, sweep: Sweep, rows: list[dict], results: list[dict]):
   plt.close(fig)
 
 
-def write_reports(sweep: Sweep, results: list[dict], results_dir: str, scale: str, total: int,
-                  sweep_dir: str) -> list[str]:
-  """Write <name>.csv, .md and .png (named as the sweep's directory: '<name>_base' at the base
-  scale) of the finished runs' results; returns their paths."""
+def write_reports(sweep: Sweep, specs: list[RunSpec], results: list[dict], results_dir: str,
+                  scale: str, suffix: str = '') -> list[str]:
+  """Merge the finished runs' `results` into the sweep's committed files in `results_dir`
+  (stem: the sweep's name + `suffix`, '_base' at the base scale), then rebuild its .md and .png
+  from those files alone, and the page of verdicts (`moejax.ablate.page`); the paths written."""
   os.makedirs(results_dir, exist_ok=True)
-  stem = os.path.join(results_dir, os.path.basename(sweep_dir))
-  rows = add_relative(sweep, result_rows(sweep, results))
-  relative = {p.column for p in sweep.plots if p.relative_to}
-  write_csv(stem + '.csv', [{k: v for k, v in row.items() if k not in relative} for row in rows])
-  with open(stem + '.md', 'w') as f:
-    f.write(markdown(sweep, rows, results, scale, total, sweep_dir))
-  write_png(stem + '.png', sweep, rows, results)
-  return [stem + '.csv', stem + '.md', stem + '.png']
+  stem = sweep.name + suffix
+  update_committed(sweep, specs, results, os.path.join(results_dir, stem))
+  numbers = committed.read_numbers(results_dir, stem)
+  sweeps = page.page_sweeps(sweep, suffix)
+  decided = [j for name, j in page.named(sweeps, results_dir) if name == stem]
+  rows = add_relative(sweep, [dict(row) for row in numbers.rows])
+  base = os.path.join(results_dir, stem)
+  with open(base + '.md', 'w') as f:
+    f.write(markdown(sweep, rows, decided, scale, len(specs), stem))
+  write_png(base + '.png', sweep, rows, numbers)
+  return [base + '.csv', base + '_curves.csv', base + '.md', base + '.png',
+          *page.write_page(sweeps, results_dir)]

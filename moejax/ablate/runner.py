@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Collection
 
 import jax
 import ml_collections
@@ -96,23 +97,46 @@ def _wall_seconds(workdir: str) -> float:
     return json.load(f)['seconds']
 
 
+def nominal_vocab_size(config: ml_collections.ConfigDict) -> int:
+  """V of a run's model from its config alone (no vocabulary trained): 259 bytes, or the
+  SentencePiece vocabulary's size, plus span corruption's sentinels."""
+  from moejax import data as data_lib
+  size = (data_lib.ByteTokenizer.vocab_size if config.data.tokenizer == 'bytes'
+          else config.data.spm_vocab_size)
+  return size + (config.data.num_sentinels if config.task == 'span_corruption' else 0)
+
+
+def abstract_params(config: ml_collections.ConfigDict, vocab_size: int):
+  """(model config, the params' shapes and dtypes) of a run's model, by `jax.eval_shape`:
+  nothing is allocated."""
+  from moejax.models import make_model
+  from moejax.train.config import model_config
+  from moejax.train.inputs import dummy_batch, model_inputs
+  model_cfg = model_config(config, vocab_size)
+  lengths = _lengths(config)
+  model = make_model(model_cfg)
+  inputs = model_inputs(model_cfg, dummy_batch(model_cfg, 1, lengths[-1], lengths[0]))
+  return model_cfg, jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, True))['params']
+
+
+def _lengths(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """(length,), or (inputs, targets) lengths of span corruption."""
+  from moejax import data as data_lib
+  if config.task != 'span_corruption':
+    return (config.data.length,)
+  return data_lib.span_corruption_lengths(config.data.length, config.data.noise_density,
+                                          config.data.mean_span_length)
+
+
 def model_size(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """{'params', 'mflops_per_token'} of the run's model, by shapes alone (`jax.eval_shape`)."""
   from moejax import data as data_lib
-  from moejax.models import make_model, per_token_flops
-  from moejax.train.config import model_config
-  from moejax.train.inputs import dummy_batch, model_inputs
+  from moejax.models import per_token_flops
   tokenizer = data_lib.tokenizer_for(config.data, workdir)
-  model_cfg = model_config(config, data_lib.model_vocab_size(tokenizer, config.data, config.task))
-  lengths = (config.data.length,)
-  if config.task == 'span_corruption':  # (inputs, targets)
-    lengths = data_lib.span_corruption_lengths(config.data.length, config.data.noise_density,
-                                               config.data.mean_span_length)
-  model = make_model(model_cfg)
-  inputs = model_inputs(model_cfg, dummy_batch(model_cfg, 1, lengths[-1], lengths[0]))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, True))
-  params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes['params']))
-  return {'params': params, 'mflops_per_token': per_token_flops(model_cfg, *lengths) / 1e6}
+  vocab_size = data_lib.model_vocab_size(tokenizer, config.data, config.task)
+  model_cfg, shapes = abstract_params(config, vocab_size)
+  params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+  return {'params': params, 'mflops_per_token': per_token_flops(model_cfg, *_lengths(config)) / 1e6}
 
 
 def evaluate_variants(spec: RunSpec, workdir: str, evals: dict, done: dict) -> dict:
@@ -206,19 +230,26 @@ def run_one(spec: RunSpec, workdir: str, sweep: Sweep, shared: dict, quiet: bool
   return result
 
 
-def run_sweep(sweep: Sweep, specs: list[RunSpec], sweep_dir: str, quiet: bool = False) -> bool:
+def run_sweep(sweep: Sweep, specs: list[RunSpec], sweep_dir: str, quiet: bool = False,
+              done: Collection[str] = (), on_result: Callable[[dict], None] | None = None
+              ) -> bool:
   """Train every unfinished run of `specs`, in order, and evaluate the EVALS variants of each
-  finished run that lacks them. True when all are finished; False when a signal stopped it."""
+  finished run that lacks them; `done`: keys of runs already finished elsewhere (committed
+  results: skipped), `on_result`: called with each result as it is finished. True when all are
+  finished; False when a signal stopped it."""
   from moejax.train.stopping import stop_requests
+  specs = [spec for spec in specs if spec.key not in done]
   results = {spec.key: load_result(run_dir(sweep_dir, spec)) for spec in specs}
   check_configs(specs, results, sweep_dir)
   shared = {} if sweep.train else finished_runs(os.path.dirname(sweep_dir))
-  progress = tqdm(total=len(specs), initial=sum(r is not None for r in results.values()),
+  progress = tqdm(total=len(specs) + len(done),
+                  initial=len(done) + sum(r is not None for r in results.values()),
                   desc=f'sweep {sweep.name}', unit='run', dynamic_ncols=True)
   with stop_requests() as stop:  # between runs; loop.train takes the signals during one
     for spec in specs:
       workdir = run_dir(sweep_dir, spec)
-      if results[spec.key] is None:
+      new = results[spec.key] is None
+      if new:
         if stop.signal:
           break
         progress.set_postfix_str(spec.key)
@@ -231,5 +262,8 @@ def run_sweep(sweep: Sweep, specs: list[RunSpec], sweep_dir: str, quiet: bool = 
       if set(sweep.evals) - set(result['evals']):
         result['evals'] = evaluate_variants(spec, workdir, sweep.evals, result['evals'])
         _write_json(os.path.join(workdir, RESULT), result)
+        new = True
+      if new and on_result:
+        on_result(result)
   progress.close()
   return all(result is not None for result in results.values())

@@ -14,8 +14,10 @@ and optionally
          fields, e.g. 'model.eval_capacity_factor'); the rows are then one per variant
   TRAIN  train(config, workdir, quiet) -> summary, in place of `moejax.train.loop.train`
   TABLE  the numbers in <name>.md's table (default: `moejax.ablate.report.TABLE`)
-  CLAIMS the papers' claims as tests on the runs (`moejax.ablate.verdict.Claim`): <name>.md
-         ends with each one's numbers and verdict
+  CLAIMS the papers' claims as tests on the committed numbers (`moejax.ablate.verdict.Claim`),
+         each declared before its runs: the direction, an equivalence margin ('costs
+         nothing'), a target loss (time to quality) and `needs`, the smallest scale at which
+         it can show; <name>.md ends with each one's numbers and verdict
 
 A run's config: BASE, then SCALES[scale], then SCALE[scale], then its RUNS overrides, then its
 seed, then the command line's --config.* overrides.

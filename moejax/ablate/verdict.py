@@ -1,113 +1,257 @@
-"""A paper's claim as a test on a sweep's rows, and its verdict by the two-standard-error rule.
+"""A paper's claim as a test on a sweep's committed numbers, and its verdict by a standard test.
 
-A `Claim` names two runs of a sweep ('E32', or 'top1@cf2.0' for an EVALS variant) and a number:
-the paper says `better` has a lower one than `than` (or a higher one, `higher=True`), or, with
-`no_worse=True`, that `better` costs nothing against `than`. The runs are paired by seed; the
-difference is the mean over the shared seeds of (than - better) for lower-is-better numbers (so
-it is positive when the claim holds), its standard error the sample std of the per-seed
-differences over sqrt(seeds). Verdicts:
+A `Claim` names two runs of a sweep ('E32', or 'top1@cf2.0' for an EVALS variant) and a number
+the paper says `better` has lower than `than` (higher with `higher=True`). The runs are paired:
+by seed for the runs' own numbers, by round for round-robin step times. Each pair gives a
+difference d (than - better for a lower-is-better number: positive when the claim holds).
 
-  reproduced          the difference is positive and larger than twice its standard error
-                      (no_worse: the difference is not negative by more than twice it)
-  not reproduced      the difference is negative and larger than twice its standard error
-  not shown           within twice its standard error either way (or one seed: no standard
-                      error; the sweep's docstring says what bounds the noise instead)
+The rule, decided before the runs (`judge`, then `decide` over a page's claims):
 
-`at_equal_time=True` compares validation NLL at equal training time rather than a record field:
-per seed, each run's curve (NLL against steps x median step time) is read at the end time of
-the run that trained for less time (linear interpolation between evaluations).
+  not testable here  a run of the claim is smaller than the claim's `needs` (parameters or
+                     steps): the effect cannot show at this scale; the verdict names the scale
+  pending            fewer pairs than `min_pairs` (8 seeds; 20 rounds of step times) are
+                     committed: no verdict yet
+  a directional claim: the two-sided paired t-test of mean d = 0, its p adjusted by Holm over
+  every claim tested on the page (each distinct comparison counted once):
+    reproduced       adjusted p < 0.05 and mean d > 0
+    contradicted     adjusted p < 0.05 and mean d < 0
+    inconclusive     otherwise
+  an equivalence claim ('costs nothing', `margin` declared in the sweep file): TOST of
+  |mean d| < margin, its p adjusted with the others:
+    equivalent       adjusted p < 0.05
+    contradicted     the 95% interval of mean d lies wholly below -margin (uncorrected)
+    inconclusive     otherwise
+
+Metrics besides a row's numbers:
+  'step_time'       per-round train-step seconds from <sweep>_step_times.csv (round-robin in one
+                    process: benchmarks/sweep_step_time.py)
+  'time_to_target'  per seed: the steps the validation curve (<sweep>_curves.csv) takes to reach
+                    `target` (linear interpolation between evaluations) times the run's median
+                    round-robin step time; a seed whose curve never reaches it is left out
+  'nll_at_equal_time'  per seed: both curves read at the training time of the shorter one
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-REPRODUCED, NOT_REPRODUCED, NOT_SHOWN = 'reproduced', 'not reproduced', 'not shown'
+from moejax.ablate import stats
+
+REPRODUCED, CONTRADICTED, EQUIVALENT = 'reproduced', 'contradicted', 'equivalent'
+INCONCLUSIVE, PENDING, NOT_TESTABLE = 'inconclusive', 'pending', 'not testable here'
+ALPHA = 0.05
+MIN_SEEDS, MIN_ROUNDS = 8, 20
+CURVE_METRICS = ('time_to_target', 'nll_at_equal_time')
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  """The smallest runs at which a claim can show, and why (the papers' scale, usually)."""
+  params: int = 0
+  steps: int = 0
+  why: str = ''
+
+  def describe(self) -> str:
+    sizes = [f'{self.params / 1e6:,.0f}M parameters' if self.params else '',
+             f'{self.steps:,} steps' if self.steps else '']
+    return ' and '.join(s for s in sizes if s) + (f' ({self.why})' if self.why else '')
 
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
+  """One claim of a paper (module docstring). `paper`: its numbers in words; `paper_relative`:
+  its effect over its baseline's value (e.g. 0.013 / 1.553), beside ours in the same ratio;
+  `post_hoc`: said when the claim or its settings were added after seeing results."""
   text: str
   metric: str
   better: str
   than: str
   higher: bool = False
-  no_worse: bool = False
-  at_equal_time: bool = False
+  margin: float | None = None
+  target: float | None = None
+  needs: Scale | None = None
+  paper: str = ''
+  paper_relative: float | None = None
+  post_hoc: str = ''
+
+  @property
+  def min_pairs(self) -> int:
+    return MIN_ROUNDS if self.metric == 'step_time' else MIN_SEEDS
 
 
-def row_key(row: dict) -> str:
+@dataclasses.dataclass(frozen=True)
+class SweepNumbers:
+  """What a sweep committed: its csv rows (parsed), validation curves {(run, seed): [(step,
+  nll)]} and round-robin step times {run: [seconds of each round]}."""
+  rows: Sequence[Mapping]
+  curves: Mapping[tuple, Sequence[tuple]] = dataclasses.field(default_factory=dict)
+  step_times: Mapping[str, Sequence[float]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Judgement:
+  """A claim's numbers: the means of `better` and `than`, the mean difference d with its 95%
+  interval, the test's p (two-sided t-test, or TOST for a margin), and `p_adjusted` and
+  `verdict` once `decide` has seen the page. `key` identifies the comparison across sweeps."""
+  claim: Claim
+  pairs: int
+  better: float | None = None
+  than: float | None = None
+  difference: float | None = None
+  ci: tuple[float, float] | None = None
+  p: float | None = None
+  status: str = ''  # NOT_TESTABLE or PENDING before the test; '' when tested
+  key: tuple = ()
+  p_adjusted: float | None = None
+  verdict: str = ''
+
+  @property
+  def relative(self) -> float | None:
+    """The difference over the `than` run's mean: comparable with `claim.paper_relative`."""
+    if self.difference is None or not self.than:
+      return None
+    return self.difference / abs(self.than)
+
+
+def row_key(row: Mapping) -> str:
   """A row's name in claims: its run, and '@' its EVALS variant when it has one."""
   return row['run'] + (f'@{row["eval"]}' if row.get('eval') else '')
 
 
-def nll_at(curve: list[dict], seconds: float) -> float:
-  """The validation NLL of a curve ([{'seconds', 'nll'}]) at `seconds` (linear interpolation)."""
-  return float(np.interp(seconds, [p['seconds'] for p in curve], [p['nll'] for p in curve]))
+def _finite(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def paired_values(claim: Claim, rows: list[dict], results: list[dict]) -> dict[int, tuple]:
-  """{seed: (value of `better`, value of `than`)} over the seeds both runs finished."""
-  if claim.at_equal_time:
-    curves = {(r['name'], r['seed']): r['curve'] for r in results}
-    pairs = {}
-    for (name, seed), curve in curves.items():
-      other = curves.get((claim.than, seed))
-      if name == claim.better and curve and other:
-        end = min(curve[-1]['seconds'], other[-1]['seconds'])
-        pairs[seed] = (nll_at(curve, end), nll_at(other, end))
-    return pairs
-  values = {}
-  for row in rows:
-    value = row.get(claim.metric)
-    if value is not None and not (isinstance(value, float) and math.isnan(value)):
-      values[row_key(row), row['seed']] = float(value)
-  return {seed: (values[claim.better, seed], values[claim.than, seed])
-          for (name, seed) in values if name == claim.better and (claim.than, seed) in values}
+def reach_step(curve: Sequence[tuple], target: float) -> float | None:
+  """The first step at which a validation curve [(step, nll)] is at or below `target`, linearly
+  interpolated from the evaluation before; None when it never gets there."""
+  previous = None
+  for step, nll in curve:
+    if nll <= target:
+      if previous is None or previous[1] == nll:
+        return float(step)
+      (s0, n0) = previous
+      return s0 + (n0 - target) / (n0 - nll) * (step - s0)
+    previous = (step, nll)
+  return None
 
 
-def judge(claim: Claim, rows: list[dict], results: list[dict]) -> dict:
-  """The claim's numbers and verdict: {'better', 'than' (means), 'difference', 'se', 'seeds',
-  'verdict'}; difference > 0 means the claim's direction."""
-  pairs = paired_values(claim, rows, results)
-  if not pairs:
-    return {'better': None, 'than': None, 'difference': None, 'se': None, 'seeds': 0,
-            'verdict': 'no runs'}
-  better, than = (np.array(v) for v in zip(*pairs.values()))
-  diffs = (better - than) if claim.higher else (than - better)
-  difference = float(np.mean(diffs))
-  se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else None
-  if se is None or not math.isfinite(difference):
-    verdict = NOT_SHOWN
-  elif claim.no_worse:
-    verdict = NOT_REPRODUCED if difference < -2 * se else REPRODUCED
+def _median_step_time(numbers: SweepNumbers, run: str) -> float | None:
+  times = numbers.step_times.get(run)
+  return float(np.median(times)) if times else None
+
+
+def paired_values(claim: Claim, numbers: SweepNumbers) -> dict:
+  """{pair (seed or round): (value of `better`, value of `than`)} where both are finite."""
+  if claim.metric == 'step_time':
+    b, t = numbers.step_times.get(claim.better, []), numbers.step_times.get(claim.than, [])
+    return {i: pair for i, pair in enumerate(zip(b, t))}
+  if claim.metric in CURVE_METRICS:
+    return _curve_pairs(claim, numbers)
+  values = {(row_key(r), r['seed']): r.get(claim.metric) for r in numbers.rows}
+  pairs = {seed: (value, values.get((claim.than, seed)))
+           for (name, seed), value in values.items() if name == claim.better}
+  return {seed: pair for seed, pair in sorted(pairs.items()) if all(map(_finite, pair))}
+
+
+def _curve_pairs(claim: Claim, numbers: SweepNumbers) -> dict:
+  step_time = {run: _median_step_time(numbers, run) for run in (claim.better, claim.than)}
+  if None in step_time.values():
+    return {}
+  pairs = {}
+  for (run, seed), curve in sorted(numbers.curves.items()):
+    other = numbers.curves.get((claim.than, seed))
+    if run != claim.better or not other:
+      continue
+    if claim.metric == 'time_to_target':
+      steps = [reach_step(c, claim.target) for c in (curve, other)]
+      if None not in steps:
+        pairs[seed] = (steps[0] * step_time[claim.better], steps[1] * step_time[claim.than])
+    else:
+      timed = [[(s * step_time[r], n) for s, n in c] for r, c in ((run, curve),
+                                                                  (claim.than, other))]
+      end = min(t[-1][0] for t in timed)
+      pairs[seed] = tuple(float(np.interp(end, *zip(*t))) for t in timed)
+  return pairs
+
+
+def _too_small(claim: Claim, numbers: SweepNumbers) -> bool:
+  if claim.needs is None:
+    return False
+  rows = [r for r in numbers.rows if row_key(r) in (claim.better, claim.than)]
+  return any(_finite(r.get('params')) and r['params'] < claim.needs.params or
+             _finite(r.get('steps')) and r['steps'] < claim.needs.steps for r in rows)
+
+
+def _comparison(claim: Claim, pairs: dict) -> tuple:
+  """The same comparison in two sweeps (the same runs: the same numbers) has the same key."""
+  return (claim.metric, claim.target, claim.margin, tuple(sorted(pairs.items())))
+
+
+def _test(d: np.ndarray, margin: float | None) -> tuple[tuple[float, float], float]:
+  """(95% interval of the mean difference, p): two-sided t-test, or TOST with a margin. Equal
+  differences have no variance: an interval of zero width, p 0 (or 1 at zero, or inside the
+  margin for TOST: 0)."""
+  if np.ptp(d) == 0:
+    mean = float(d[0])
+    inside = abs(mean) < margin if margin else mean != 0
+    return (mean, mean), 0.0 if inside else 1.0
+  test = stats.paired_t_test(d)
+  p = stats.tost(d, margin) if margin else test.p_two_sided
+  return (test.ci_low, test.ci_high), p
+
+
+def judge(claim: Claim, numbers: SweepNumbers) -> Judgement:
+  """The claim's numbers and its status before the page's correction (`decide` gives the
+  verdict)."""
+  pairs = paired_values(claim, numbers)
+  if _too_small(claim, numbers):
+    status = NOT_TESTABLE
+  elif len(pairs) < claim.min_pairs:
+    status = PENDING
   else:
-    verdict = (REPRODUCED if difference > 2 * se else
-               NOT_REPRODUCED if difference < -2 * se else NOT_SHOWN)
-  return {'better': float(np.mean(better)), 'than': float(np.mean(than)),
-          'difference': difference, 'se': se, 'seeds': len(diffs), 'verdict': verdict}
+    status = ''
+  if not pairs:
+    return Judgement(claim, 0, status=status or PENDING)
+  better, than = (np.array(v, np.float64) for v in zip(*pairs.values()))
+  d = (better - than) if claim.higher else (than - better)
+  ci, p = _test(d, claim.margin) if len(d) > 1 else (None, None)
+  return Judgement(claim, len(d), better=float(better.mean()), than=float(than.mean()),
+                   difference=float(d.mean()), ci=ci, p=p, status=status,
+                   key=_comparison(claim, pairs))
 
 
-def verdict_lines(claims: tuple[Claim, ...], rows: list[dict], results: list[dict],
-                  fmt: Callable[[str, float], str]) -> list[str]:
-  """The md table of the claims' verdicts, numbers written by fmt(metric, value)."""
-  if not claims:
-    return []
-  lines = ['## Verdicts', '',
-           'Paired by seed; difference = how far the claim\'s direction holds (positive: as the '
-           'paper says), ± its standard error; reproduced when it exceeds twice that (rule in '
-           '`moejax/ablate/verdict.py`).', '',
-           '| claim | metric | runs | mean of each | difference ± SE | seeds | verdict |',
-           '|---|---|---|---|---|---|---|']
-  for claim in claims:
-    j = judge(claim, rows, results)
-    metric = 'final_nll' if claim.at_equal_time else claim.metric
-    number = lambda v: '' if v is None else fmt(metric, v)
-    se = f' ± {number(j["se"])}' if j['se'] is not None else ' (one seed)'
-    lines.append(f'| {claim.text} | {"NLL at equal time" if claim.at_equal_time else metric} | '
-                 f'{claim.better} vs {claim.than} | {number(j["better"])} vs {number(j["than"])} | '
-                 f'{number(j["difference"])}{se} | {j["seeds"]} | **{j["verdict"]}** |')
-  return lines
+def _verdict(j: Judgement) -> str:
+  if j.status:
+    return j.status
+  significant = j.p_adjusted < ALPHA
+  if j.claim.margin:
+    if significant:
+      return EQUIVALENT
+    return CONTRADICTED if j.ci[1] < -j.claim.margin else INCONCLUSIVE
+  if not significant:
+    return INCONCLUSIVE
+  return REPRODUCED if j.difference > 0 else CONTRADICTED
+
+
+def decide(judgements: Sequence[Judgement]) -> list[Judgement]:
+  """Every judgement with its Holm-adjusted p (over the distinct comparisons tested on the page)
+  and its verdict (module docstring)."""
+  tested = {}
+  for j in judgements:
+    if not j.status:
+      tested.setdefault(j.key, j.p)
+  adjusted = dict(zip(tested, stats.holm(list(tested.values())))) if tested else {}
+  out = []
+  for j in judgements:
+    j = dataclasses.replace(j, p_adjusted=None if j.status else adjusted[j.key])
+    out.append(dataclasses.replace(j, verdict=_verdict(j)))
+  return out
+
+
+def family_size(judgements: Sequence[Judgement]) -> int:
+  """How many distinct comparisons the correction ran over."""
+  return len({j.key for j in judgements if not j.status})
