@@ -7,8 +7,10 @@ jit-compiled AdamW step once per round, round after round, on a random batch. Re
 the median step time and, against the sweep's reference run, the median and interquartile range
 of the per-round ratio (a round's steps share the machine's state).
 
-  python benchmarks/sweep_step_time.py capacity routing precision [--rounds 30]
-Writes benchmarks/results/sweep_step_time.json: one row per run.
+  python benchmarks/sweep_step_time.py capacity routing speed_quality [--rounds 30]
+Writes experiments/results/<sweep>_step_times.csv (run, round, step_time: every round's time, what
+the sweeps' step-time and time-to-quality verdicts rest on; `moejax.ablate.committed`) and
+benchmarks/results/sweep_step_time.json: one row per run.
 """
 import argparse
 import json
@@ -21,10 +23,11 @@ import numpy as np  # noqa: E402
 
 from layer import times_in_turn  # noqa: E402  (benchmarks/layer.py)
 from train_step import step_runner  # noqa: E402  (benchmarks/train_step.py)
-from moejax.ablate import load_sweep, run_specs  # noqa: E402
+from moejax.ablate import committed, load_sweep, run_specs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = {'capacity': 'top1_cf1.0', 'routing': 'top1', 'precision': 'float32'}
+REFERENCE = {'capacity': 'top1_cf1.0', 'routing': 'top1', 'precision': 'float32',
+             'speed_quality': 'dense'}
 
 
 def main():
@@ -32,6 +35,8 @@ def main():
   parser.add_argument('sweeps', nargs='+', help='sweep names (experiments/ablations/)')
   parser.add_argument('--rounds', type=int, default=30)
   parser.add_argument('--out', default=str(ROOT / 'benchmarks/results/sweep_step_time.json'))
+  parser.add_argument('--results_dir', default=str(ROOT / 'experiments/results'),
+                      help='where <sweep>_step_times.csv goes')
   args = parser.parse_args()
   rows = []
   for name in args.sweeps:
@@ -41,6 +46,10 @@ def main():
     reference = REFERENCE.get(name, next(iter(configs)))
     seconds = times_in_turn({run: step_runner(config) for run, config in configs.items()},
                             args.rounds)
+    committed.write_csv(committed.paths(args.results_dir, name)['step_times'],
+                        [{'run': run, 'round': i, 'step_time': float(t)}
+                         for run, times in seconds.items() for i, t in enumerate(times)],
+                        committed.STEP_TIME_COLUMNS)
     print(f'{name}: median of {args.rounds} rounds, ratio to {reference} per round '
           f'(median [interquartile range])')
     for run, times in seconds.items():

@@ -2,8 +2,8 @@
 
 Claim: alpha = 1e-2, chosen from a sweep of 1e-1 to 1e-5, balances the load quickly without
 hurting the training loss; dropped tokens are typically under 1%. Here: alpha 0, 1e-3, 1e-2,
-1e-1 with 8 top-1 experts (train CF 1.25), 3 seeds: usage spread and fraction dropped are the
-large effects; the loss claims are about differences under ~0.03 nats, near the seed noise.
+1e-1 with 8 top-1 experts (train CF 1.25), 8 seeds: usage spread and fraction dropped are the
+large effects; "does not hurt the loss" is an equivalence claim within 0.01 nats/byte (TOST).
 
 Measured on the 2-core CPU: 5 min (12 runs: 9 trained, 3 copied from another sweep's identical
 runs).
@@ -12,7 +12,7 @@ from moejax.ablate import Claim, Panel
 
 BASE = 'experiments/configs/switch_tiny.py'
 RUNS = {f'alpha{a:g}': {'train.load_balancing_loss_coef': a} for a in (0.0, 1e-3, 1e-2, 1e-1)}
-SEEDS = (0, 1, 2)
+SEEDS = tuple(range(8))
 SCALE = {'base': {'model.num_experts': 128}}
 ALPHA = 'train.load_balancing_loss_coef'
 PLOTS = (
@@ -23,7 +23,8 @@ PLOTS = (
 )
 CLAIMS = (
     Claim('alpha 1e-2 balances the experts', 'usage_cv', 'alpha0.01', 'alpha0'),
-    Claim('alpha 1e-2 drops fewer tokens', 'train_fraction_dropped', 'alpha0.01', 'alpha0'),
-    Claim('alpha 1e-2 does not hurt the loss', 'final_nll', 'alpha0.01', 'alpha0', no_worse=True),
-    Claim('alpha 1e-2 no worse than 1e-1', 'final_nll', 'alpha0.01', 'alpha0.1', no_worse=True),
+    Claim('alpha 1e-2 drops fewer tokens', 'train_fraction_dropped', 'alpha0.01', 'alpha0',
+          paper='Switch 2.2: typically < 1% dropped'),
+    Claim('alpha 1e-2 does not hurt the loss', 'final_nll', 'alpha0.01', 'alpha0', margin=0.01),
+    Claim('alpha 1e-2 no worse than 1e-1', 'final_nll', 'alpha0.01', 'alpha0.1', margin=0.01),
 )

@@ -9,10 +9,11 @@ sweep's model is pretrained once (seed 0, no dropout) in <sweep dir>/pretrain, t
 text-to-text (`moejax.train.finetune`, the loss on the label token) in a regime small enough to
 overfit, as GLUE's small tasks are: 128 training passages of each book (a fixed random choice,
 the same for every run), 400 steps of 32 balanced passages (50 epochs), AdamW 1e-3 with warmup 40
-and a cosine decay, with dropout 0.1, or 0.1 and expert dropout 0.4; 5 fine-tuning seeds (batch
-order and dropout masks). The regime and the seeds were chosen before any run of it, after a
-first version (every training passage, 200 steps: under one epoch, no overfitting) showed no
-difference. Reported: the validation NLL of the label (nats, over the two labels; every 50
+and a cosine decay, with dropout 0.1, or 0.1 and expert dropout 0.4; 10 fine-tuning seeds
+(batch order and dropout masks). The regime was chosen after a first version (every training
+passage, 200 steps: under one epoch, no overfitting) showed no difference. The claim is about
+fine-tuning a competent pretrained model (Switch-Base); ours is 0.7M parameters pretrained for
+200 steps, so its verdict is "not testable here" (the numbers are still shown). Reported: the validation NLL of the label (nats, over the two labels; every 50
 steps, so best and final show the overfitting) and the test accuracy at the end. Fine-tuning is
 not what `moejax.train.loop.train` does, so this sweep brings its own TRAIN (a fine-tuning run
 has no checkpoint: stopped, it starts again). Byte-level decoders only: not at --scale base.
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.ablate import Claim, Panel, SweepError
+from moejax.ablate import Claim, Panel, Scale, SweepError
 from moejax.ablate.sweep import REPO
 from moejax.data.books import BOOKS, balanced_batches, book_passages
 from moejax.data.tokenizers import ByteTokenizer
@@ -41,7 +42,7 @@ from moejax.train.stopping import stop_requests
 BASE = 'experiments/configs/switch_tiny.py'
 RUNS = {'dropout0.1': {'model.dropout_rate': 0.1, 'model.expert_dropout': 0.0},
         'dropout0.1_expert0.4': {'model.dropout_rate': 0.1, 'model.expert_dropout': 0.4}}
-SEEDS = (0, 1, 2, 3, 4)
+SEEDS = tuple(range(10))
 PLOTS = (
     Panel(x='run', y='test_balanced_accuracy', ylabel='test balanced accuracy (mean of the books)',
           note='Switch Table 4 (GLUE): dropout 0.1 84.7, dropout 0.1 + expert dropout 0.4 85.2'),
@@ -51,11 +52,16 @@ PLOTS = (
 )
 TABLE = ('final_nll', 'best_nll', 'test_balanced_accuracy', 'test_accuracy',
          'validation_balanced_accuracy', 'train_fraction_dropped', 'step_time')
+COMPETENT = Scale(params=100_000_000,
+                  why='Switch Table 4: GLUE fine-tuning of a pretrained Switch-Base; our base '
+                      'model (0.7M parameters, 200 steps) is no competent language model')
 CLAIMS = (
     Claim('expert dropout 0.4 improves test accuracy', 'test_balanced_accuracy',
-          'dropout0.1_expert0.4', 'dropout0.1', higher=True),
+          'dropout0.1_expert0.4', 'dropout0.1', higher=True, needs=COMPETENT,
+          paper='Switch Table 4: GLUE 84.7 -> 85.2', paper_relative=0.5 / 84.7,
+          post_hoc='the overfitting regime'),
     Claim('expert dropout 0.4 improves validation NLL', 'final_nll', 'dropout0.1_expert0.4',
-          'dropout0.1'),
+          'dropout0.1', needs=COMPETENT, post_hoc='the overfitting regime'),
 )
 
 NAMES = ('shakespeare', 'time_machine')

@@ -8,13 +8,13 @@ experts: in the decoder LM, top-1 and top-2 (tokens choose) and top-2 with rando
 dense twins of width F and 2F; in the T5 encoder-decoder (4 + 4 blocks, span corruption: its
 NLL is per target token, not comparable with the LM's), top-2 and experts-choose (2 experts per
 token on average: capacity factor 1.0 in training and evaluation) in the encoder, with the 2F
-twin (the decoder routes top-2 in both).
-3 seeds: differences under ~0.01 nats are within seed noise here.
+twin (the decoder routes top-2 in both). 8 seeds. The T5 claims need a T5-Base-sized model
+trained far longer: here they are "not testable" (their numbers are still shown).
 
 Measured on the 2-core CPU: 12 min (24 runs: 15 trained, 9 copied from another sweep's identical
 runs).
 """
-from moejax.ablate import Claim, Panel
+from moejax.ablate import Claim, Panel, Scale
 
 BASE = 'experiments/configs/switch_tiny.py'
 TOP2 = {'model.num_selected_experts': 2}
@@ -30,7 +30,7 @@ RUNS = {
                           'model.train_capacity_factor': 1.0, 'model.eval_capacity_factor': 1.0},
     't5_dense': {**T5, **TOP2, 'model.dense_baseline': True},
 }
-SEEDS = (0, 1, 2)
+SEEDS = tuple(range(8))
 SCALE = {'base': {'model.num_experts': 128}}
 PLOTS = (
     Panel(x='run', y='final_nll', series='task'),
@@ -39,14 +39,22 @@ PLOTS = (
 )
 TABLE = ('final_nll', 'train_fraction_dropped', 'eval_fraction_dropped', 'usage_cv',
          'step_time', 'mflops_per_token', 'params')
+T5_SCALE = Scale(params=100_000_000, steps=100_000,
+                 why='T5-Base-sized encoder-decoders on C4 (Switch Fig. 4, ST-MoE); after 200 steps '
+                     'of 1 MB our encoder-decoder has barely begun span corruption')
 CLAIMS = (
     Claim('top-1 beats its dense twin', 'final_nll', 'top1', 'top1_dense'),
     Claim('top-2 beats its dense twin', 'final_nll', 'top2', 'top2_dense'),
-    Claim('top-2 beats top-1 per step', 'final_nll', 'top2', 'top1'),
-    Claim('top-1 steps faster than top-2', 'step_time', 'top1', 'top2'),
-    Claim('random routing costs nothing', 'final_nll', 'top2_random', 'top2', no_worse=True),
+    Claim('top-2 beats top-1 per step', 'final_nll', 'top2', 'top1',
+          paper='ST-MoE Table 8: by 0.003-0.006', paper_relative=0.005 / 1.397),
+    Claim('top-1 steps faster than top-2', 'step_time', 'top1', 'top2',
+          paper='Switch Table 1: 910 vs 790 ex/s (CF 1.25)', paper_relative=1 - 790 / 910),
+    Claim('random routing costs nothing', 'final_nll', 'top2_random', 'top2', margin=0.01,
+          paper='GShard'),
     Claim('experts-choose beats top-2 in the encoder', 'final_nll', 't5_experts_choose',
-          't5_top2'),
-    Claim('T5: top-2 beats its dense twin', 'final_nll', 't5_top2', 't5_dense'),
-    Claim('T5: experts-choose beats the dense twin', 'final_nll', 't5_experts_choose', 't5_dense'),
+          't5_top2', needs=T5_SCALE, post_hoc='the T5 runs'),
+    Claim('T5: top-2 beats its dense twin', 'final_nll', 't5_top2', 't5_dense', needs=T5_SCALE,
+          post_hoc='the T5 runs'),
+    Claim('T5: experts-choose beats the dense twin', 'final_nll', 't5_experts_choose', 't5_dense',
+          needs=T5_SCALE, post_hoc='the T5 runs'),
 )
