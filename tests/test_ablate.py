@@ -328,6 +328,11 @@ def test_a_claims_verdict_follows_the_t_test_and_tost_rule():
   assert _decided(costs_nothing, SweepNumbers(_rows(better, noisy))).verdict == 'inconclusive'
   worse = [0.8 + 0.01 * (i % 3) for i in range(8)]  # a costs 0.19 more than b
   assert _decided(costs_nothing, SweepNumbers(_rows(better, worse))).verdict == 'contradicted'
+  # better by more than the margin: it costs nothing either
+  assert _decided(costs_nothing, SweepNumbers(_rows(better, than))).verdict == 'reproduced'
+  # a diverged run's pair is left out, and counted
+  diverged = _decided(lower, SweepNumbers(_rows(better + [float('nan')], than + [1.0])))
+  assert (diverged.pairs, diverged.left_out, diverged.verdict) == (8, 1, 'reproduced')
   # Too few seeds: pending, whatever the numbers; too small runs: not testable, by the rule.
   three = _decided(lower, SweepNumbers(_rows(better[:3], than[:3])))
   assert (three.verdict, three.pairs, three.p_adjusted) == ('pending', 3, None)
@@ -365,17 +370,22 @@ def test_time_claims_read_the_curves_at_round_robin_step_times():
   curves = {('a', seed): [(10, 3.0), (20, 2.0), (30, 1.0 - seed / 100)] for seed in range(8)}
   curves |= {('b', seed): [(10, 2.9), (20, 2.5), (30, 2.4), (40, 1.5), (50, 1.4)]
              for seed in range(8)}
-  numbers = SweepNumbers([], curves, {'a': [2.0, 2.1, 1.9], 'b': [1.0, 1.0, 1.0]})
+  numbers = SweepNumbers([], curves, {'a': {0: 2.0, 1: 2.1, 2: 1.9, 5: 9.0},
+                                       'b': {0: 1.0, 1: 1.0, 2: 1.0}})
   assert reach_step([(10, 3.0), (20, 2.0)], 2.5) == 15.0  # halfway, linearly
   assert reach_step([(10, 3.0), (20, 2.0)], 1.0) is None
   sooner = judge(Claim('a gets there sooner', 'time_to_target', 'a', 'b', target=2.5), numbers)
-  # a reaches 2.5 at step 15 = 30 s at its median 2 s a step; b at step 20 = 20 s: b is sooner.
-  assert (sooner.better, sooner.than, sooner.difference) == (30.0, 20.0, -10.0)
+  # a reaches 2.5 at step 15 = 30 s at its median 2.05 s a step; b at step 20 = 20 s.
+  assert (sooner.better, sooner.than, sooner.difference) == pytest.approx((30.75, 20.0, -10.75))
+  never = judge(Claim('a gets there sooner', 'time_to_target', 'a', 'b', target=1.2), numbers)
+  assert (never.pairs, never.left_out) == (0, 8)  # a gets to 1.2, b never does: left out
   equal = judge(Claim('a ahead at equal time', 'nll_at_equal_time', 'a', 'b'), numbers)
-  # a's curve ends at 60 s, b's at 50 s: a read at 50 s (step 25: 1.5 - seed / 200), b at its end.
+  # a's curve ends at 61.5 s, b's at 50 s: a read at 50 s (step 50 / 2.05), b at its end.
   assert equal.than == pytest.approx(1.4)
-  assert equal.better == pytest.approx(np.mean([1.5 - s / 200 for s in range(8)]))
-  rounds = judge(Claim('a steps faster', 'step_time', 'a', 'b'), numbers)
+  step = 50 / 2.05
+  assert equal.better == pytest.approx(np.mean([2.0 - (step - 20) / 10 * (1.0 + s / 100)
+                                                for s in range(8)]))
+  rounds = judge(Claim('a steps faster', 'step_time', 'a', 'b'), numbers)  # by round
   assert rounds.pairs == 3 and rounds.difference == pytest.approx(-1.0)
   assert rounds.status == 'pending'  # 3 rounds of the 20 a step-time verdict needs
 

@@ -8,13 +8,15 @@ these files alone, and a later sitting skips the runs they hold.
   <results_dir>/<name>_step_times.csv  run, round, step_time: train-step seconds timed
                                        round-robin in one process (benchmarks/sweep_step_time.py)
 
-A config's hash is over its resolved fields as written (relative paths stay relative), so the
-same run has the same hash on every machine.
+A config's hash is over the fields where it differs from `moejax.train.default_config()`, as
+written (relative paths stay relative): the same run has the same hash on every machine, and a
+field added to the defaults later leaves the committed runs' hashes as they were.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping
 
@@ -26,9 +28,18 @@ CURVE_COLUMNS = ('run', 'seed', 'step', 'nll')
 STEP_TIME_COLUMNS = ('run', 'round', 'step_time')
 
 
+TEXT = ('run', 'eval', 'config_hash')  # never read as numbers
+
+
 def config_hash(config: ml_collections.ConfigDict) -> str:
-  text = config.copy_and_resolve_references().to_json(sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:12]
+  """'c' and 12 hex digits of the fields where `config` differs from the defaults."""
+  from moejax.ablate.records import flatten
+  from moejax.train import default_config
+  defaults = flatten(json.loads(default_config().to_json()))
+  fields = flatten(json.loads(config.copy_and_resolve_references().to_json()))
+  changed = {k: v for k, v in fields.items() if k not in defaults or defaults[k] != v}
+  text = json.dumps(changed, sort_keys=True)
+  return 'c' + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def paths(results_dir: str, name: str) -> dict[str, str]:
@@ -55,7 +66,8 @@ def read_csv(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path, newline='') as f:
-    return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return [{k: (v or None) if k in TEXT else parse(v) for k, v in row.items()}
+            for row in csv.DictReader(f)]
 
 
 def write_csv(path: str, rows: Iterable[Mapping], columns: Iterable[str] | None = None):
@@ -82,5 +94,5 @@ def read_numbers(results_dir: str, name: str) -> SweepNumbers:
     curves.setdefault((row['run'], row['seed']), []).append((row['step'], row['nll']))
   step_times = {}
   for row in read_csv(files['step_times']):
-    step_times.setdefault(row['run'], []).append(row['step_time'])
+    step_times.setdefault(row['run'], {})[row['round']] = row['step_time']
   return SweepNumbers(rows=read_csv(files['rows']), curves=curves, step_times=step_times)

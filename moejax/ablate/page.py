@@ -1,7 +1,8 @@
 """The page of verdicts: every claim of every sweep judged on the committed numbers, Holm's
 correction over all of them, a table and a forest plot.
 
-  <results_dir>/verdicts.md    the table (also between the markers of experiments/RESULTS.md)
+  <results_dir>/verdicts.md    the table (also between the markers of experiments/RESULTS.md);
+                               verdicts_base.md at --scale base
   <results_dir>/verdicts.png   each tested claim's difference with its 95% interval, relative to
                                the `than` run's mean, coloured by verdict
 """
@@ -22,7 +23,7 @@ COLOURS = {REPRODUCED: 'tab:green', EQUIVALENT: 'tab:blue', CONTRADICTED: 'tab:r
            INCONCLUSIVE: 'tab:gray'}
 UNITS = {'final_nll': 'nats/byte', 'early_nll': 'nats/byte', 'nll_at_equal_time': 'nats/byte',
          'best_nll': 'nats/byte', 'step_time': 'ms', 'time_to_target': 's',
-         'train_fraction_dropped': 'points', 'eval_fraction_dropped': 'points'}
+         'train_fraction_dropped': '% of choices', 'eval_fraction_dropped': '% of choices'}
 
 
 def fmt(name: str, value) -> str:
@@ -83,6 +84,8 @@ def _verdict_cell(j: Judgement) -> str:
 def _p(value: float | None) -> str:
   if value is None:
     return ''
+  if value == 0:
+    return '0'
   return f'{value:.3f}' if value >= 0.001 else f'{value:.0e}'
 
 
@@ -109,7 +112,8 @@ def table_lines(decided: Sequence[tuple[str, Judgement]], with_sweep: bool = Tru
     if c.paper_relative is not None:
       relative += f' ({100 * c.paper_relative:+.2f}%)'
     cells = [claim_cell(j), c.paper, f'{c.metric} ({UNITS.get(c.metric, "")})'.replace(' ()', ''),
-             f'{c.better} vs {c.than}', means, _difference(j), str(j.pairs), relative, _p(j.p),
+             f'{c.better} vs {c.than}', means, _difference(j),
+             f'{j.pairs}' + (f' ({j.left_out} left out)' if j.left_out else ''), relative, _p(j.p),
              _p(j.p_adjusted), _verdict_cell(j)]
     lines.append('| ' + ' | '.join([name, *cells] if with_sweep else cells) + ' |')
   return lines
@@ -134,11 +138,17 @@ def page_markdown(decided: Sequence[tuple[str, Judgement]]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def write_forest(path: str, decided: Sequence[tuple[str, Judgement]]):
-  """Each tested claim's relative difference with its 95% interval; margins shaded."""
+def pyplot():
+  """matplotlib.pyplot, drawing to files."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  return plt
+
+
+def write_forest(path: str, decided: Sequence[tuple[str, Judgement]]):
+  """Each tested claim's relative difference with its 95% interval; margins shaded."""
+  plt = pyplot()
   rows = [(name, j) for name, j in decided if j.verdict in COLOURS and j.ci and j.than]
   fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.4))
   for i, (name, j) in enumerate(reversed(rows)):
@@ -164,18 +174,18 @@ def write_forest(path: str, decided: Sequence[tuple[str, Judgement]]):
   plt.close(fig)
 
 
-def write_page(sweeps: Sequence[tuple[Sweep, str]], results_dir: str) -> list[str]:
-  """verdicts.md and verdicts.png in `results_dir`, and the table between the markers of the
-  RESULTS.md beside it (when it has them); the paths written."""
-  decided = named(sweeps, results_dir)
+def write_page(decided: Sequence[tuple[str, Judgement]], results_dir: str,
+               suffix: str = '') -> list[str]:
+  """verdicts<suffix>.md and .png in `results_dir` and, at the CPU scale (no suffix), the table
+  between the markers of the RESULTS.md beside it (when it has them); the paths written."""
   text = page_markdown(decided)
-  md, png = (os.path.join(results_dir, f'verdicts.{ext}') for ext in ('md', 'png'))
+  md, png = (os.path.join(results_dir, f'verdicts{suffix}.{ext}') for ext in ('md', 'png'))
   with open(md, 'w') as f:
     f.write(text)
   write_forest(png, decided)
   written = [md, png]
   results_md = os.path.join(os.path.dirname(os.path.abspath(results_dir)), 'RESULTS.md')
-  if os.path.exists(results_md):
+  if not suffix and os.path.exists(results_md):
     with open(results_md) as f:
       page = f.read()
     if BEGIN in page and END in page:

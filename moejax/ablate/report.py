@@ -8,9 +8,8 @@ import os
 from collections.abc import Callable
 
 import numpy as np
-from scipy import stats as scipy_stats
 
-from moejax.ablate import committed, page
+from moejax.ablate import committed, page, stats
 from moejax.ablate.records import RECORD, flatten
 from moejax.ablate.sweep import Panel, RunSpec, Sweep
 from moejax.ablate.verdict import Judgement, SweepNumbers
@@ -80,6 +79,8 @@ def update_committed(sweep: Sweep, specs: list[RunSpec], results: list[dict], st
                             evals.index(r['eval']) if r.get('eval') in evals else 0))
   if rows:
     committed.write_csv(files['rows'], rows)
+  elif os.path.exists(files['rows']):  # none of its runs is in the sweep any more
+    os.remove(files['rows'])
   fresh = committed.curve_rows(results)
   redone = {(r['run'], r['seed']) for r in fresh}
   kept = {(r['run'], r['seed']) for r in rows} - redone
@@ -164,13 +165,6 @@ def markdown(sweep: Sweep, rows: list[dict], decided: list[Judgement], scale: st
   return '\n'.join(lines) + '\n'
 
 
-def _pyplot():
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  return plt
-
-
 def _label(panel: Panel, name: str) -> str:
   label = LABELS.get(name, name)
   if name == panel.column and panel.relative_to:
@@ -180,14 +174,6 @@ def _label(panel: Panel, name: str) -> str:
     else:
       label = f'{LABELS.get(panel.y, panel.y)}\nminus that at {ref}'
   return label
-
-
-def _interval(values: list[float]) -> float:
-  """Half the 95% interval of the mean of `values` (0 for one value)."""
-  if len(values) < 2:
-    return 0.0
-  return float(scipy_stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1)
-               / np.sqrt(len(values)))
 
 
 def _draw_points(ax, panel: Panel, rows: list[dict]):
@@ -206,7 +192,7 @@ def _draw_points(ax, panel: Panel, rows: list[dict]):
     shift = 0.08 * (i - (len(groups) - 1) / 2) if categorical else 0.0
     ax.errorbar([position(x) + shift for x in points],
                 [np.mean(v) if v else np.nan for v in values],
-                yerr=[_interval(v) for v in values], marker='o', capsize=3,
+                yerr=[stats.interval_half_width(v) for v in values], marker='o', capsize=3,
                 linestyle='none' if categorical else '-',
                 label=f'{panel.series.rsplit(".", 1)[-1]} = {value}' if panel.series else 'ours')
   for i, (label, points) in enumerate((panel.paper or {}).items()):
@@ -239,14 +225,14 @@ def _draw_curves(ax, panel: Panel, numbers: SweepNumbers):
     x = [step * scale for step in by_step]
     y = [[nll for _, nll in points] for points in by_step.values()]
     mean = np.array([np.mean(v) for v in y])
-    half = np.array([_interval(v) for v in y])
+    half = np.array([stats.interval_half_width(v) for v in y])
     ax.plot(x, mean, marker='.', label=run)
     ax.fill_between(x, mean - half, mean + half, alpha=0.2)
 
 
 def write_png(path: str, sweep: Sweep, rows: list[dict], numbers: SweepNumbers):
   """The sweep's PLOTS side by side; their notes (the papers' claims) under them."""
-  plt = _pyplot()
+  plt = page.pyplot()
   panels = sweep.plots or (Panel(y='final_nll'),)
   fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
   for ax, panel in zip(axes[0], panels):
@@ -270,18 +256,28 @@ def write_png(path: str, sweep: Sweep, rows: list[dict], numbers: SweepNumbers):
 def write_reports(sweep: Sweep, specs: list[RunSpec], results: list[dict], results_dir: str,
                   scale: str, suffix: str = '') -> list[str]:
   """Merge the finished runs' `results` into the sweep's committed files in `results_dir`
-  (stem: the sweep's name + `suffix`, '_base' at the base scale), then rebuild its .md and .png
-  from those files alone, and the page of verdicts (`moejax.ablate.page`); the paths written."""
+  (stem: the sweep's name + `suffix`, '_base' at the base scale), then rebuild from those files
+  alone its .png, the .md of every sweep with committed runs (each carries the page's Holm p)
+  and the page of verdicts (`moejax.ablate.page`); the paths written."""
   os.makedirs(results_dir, exist_ok=True)
   stem = sweep.name + suffix
   update_committed(sweep, specs, results, os.path.join(results_dir, stem))
-  numbers = committed.read_numbers(results_dir, stem)
   sweeps = page.page_sweeps(sweep, suffix)
-  decided = [j for name, j in page.named(sweeps, results_dir) if name == stem]
-  rows = add_relative(sweep, [dict(row) for row in numbers.rows])
-  base = os.path.join(results_dir, stem)
-  with open(base + '.md', 'w') as f:
-    f.write(markdown(sweep, rows, decided, scale, len(specs), stem))
-  write_png(base + '.png', sweep, rows, numbers)
-  return [base + '.csv', base + '_curves.csv', base + '.md', base + '.png',
-          *page.write_page(sweeps, results_dir)]
+  decided = page.named(sweeps, results_dir)
+  written = [os.path.join(results_dir, stem + '.csv'),
+             os.path.join(results_dir, stem + '_curves.csv')]
+  for other, other_stem in sweeps:
+    numbers = committed.read_numbers(results_dir, other_stem)
+    if not numbers.rows:
+      continue
+    rows = add_relative(other, [dict(row) for row in numbers.rows])
+    base = os.path.join(results_dir, other_stem)
+    total = sum(len(seeds) for seeds in other.seeds.values())
+    with open(base + '.md', 'w') as f:
+      f.write(markdown(other, rows, [j for name, j in decided if name == other_stem], scale,
+                       total, other_stem))
+    written.append(base + '.md')
+    if other is sweep:
+      write_png(base + '.png', sweep, rows, numbers)
+      written.append(base + '.png')
+  return written + page.write_page(decided, results_dir, suffix)

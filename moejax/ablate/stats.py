@@ -18,7 +18,8 @@ from scipy import stats as scipy_stats
 
 @dataclasses.dataclass(frozen=True)
 class PairedTest:
-  """A paired t-test of differences d (`differences`): is their mean above zero?"""
+  """A paired t-test of the mean of differences d against zero: both one-sided and two-sided p,
+  and the confidence interval of the mean."""
   n: int
   mean: float
   se: float
@@ -28,6 +29,15 @@ class PairedTest:
   ci_low: float      # the two-sided confidence interval of the mean difference
   ci_high: float
   confidence: float
+
+
+def interval_half_width(values: Sequence[float], confidence: float = 0.95) -> float:
+  """Half the width of the t confidence interval of the mean of `values` (0 for fewer than 2)."""
+  v = np.asarray(values, np.float64)
+  if len(v) < 2:
+    return 0.0
+  return float(scipy_stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1)
+               / math.sqrt(len(v)))
 
 
 def paired_t_test(differences: Sequence[float], confidence: float = 0.95) -> PairedTest:
@@ -42,7 +52,7 @@ def paired_t_test(differences: Sequence[float], confidence: float = 0.95) -> Pai
   mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(n))
   t = mean / se
   dist = scipy_stats.t(df=n - 1)
-  half = float(dist.ppf(0.5 + confidence / 2)) * se
+  half = interval_half_width(d, confidence)
   return PairedTest(n=n, mean=mean, se=se, t=t, p_greater=float(dist.sf(t)),
                     p_two_sided=float(2 * dist.sf(abs(t))), ci_low=mean - half,
                     ci_high=mean + half, confidence=confidence)

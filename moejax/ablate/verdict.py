@@ -19,8 +19,12 @@ The rule, decided before the runs (`judge`, then `decide` over a page's claims):
   an equivalence claim ('costs nothing', `margin` declared in the sweep file): TOST of
   |mean d| < margin, its p adjusted with the others:
     equivalent       adjusted p < 0.05
-    contradicted     the 95% interval of mean d lies wholly below -margin (uncorrected)
+    reproduced       the 95% interval of mean d lies wholly above +margin: better by more than
+                     the margin, so it costs nothing either (uncorrected interval)
+    contradicted     the 95% interval lies wholly below -margin (uncorrected interval)
     inconclusive     otherwise
+A pair whose number is not finite (a diverged run), or a seed whose curve never reaches the
+target, is left out; the tables say how many were.
 
 Metrics besides a row's numbers:
   'step_time'       per-round train-step seconds from <sweep>_step_times.csv (round-robin in one
@@ -63,7 +67,7 @@ class Scale:
 @dataclasses.dataclass(frozen=True)
 class Claim:
   """One claim of a paper (module docstring). `paper`: its numbers in words; `paper_relative`:
-  its effect over its baseline's value (e.g. 0.013 / 1.553), beside ours in the same ratio;
+  its effect over its baseline's value (e.g. 0.013 / 1.397), beside ours in the same ratio;
   `post_hoc`: said when the claim or its settings were added after seeing results."""
   text: str
   metric: str
@@ -85,10 +89,10 @@ class Claim:
 @dataclasses.dataclass(frozen=True)
 class SweepNumbers:
   """What a sweep committed: its csv rows (parsed), validation curves {(run, seed): [(step,
-  nll)]} and round-robin step times {run: [seconds of each round]}."""
+  nll)]} and round-robin step times {run: {round: seconds}}."""
   rows: Sequence[Mapping]
   curves: Mapping[tuple, Sequence[tuple]] = dataclasses.field(default_factory=dict)
-  step_times: Mapping[str, Sequence[float]] = dataclasses.field(default_factory=dict)
+  step_times: Mapping[str, Mapping[int, float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +102,7 @@ class Judgement:
   `verdict` once `decide` has seen the page. `key` identifies the comparison across sweeps."""
   claim: Claim
   pairs: int
+  left_out: int = 0
   better: float | None = None
   than: float | None = None
   difference: float | None = None
@@ -131,9 +136,9 @@ def reach_step(curve: Sequence[tuple], target: float) -> float | None:
   previous = None
   for step, nll in curve:
     if nll <= target:
-      if previous is None or previous[1] == nll:
+      if previous is None:
         return float(step)
-      (s0, n0) = previous
+      s0, n0 = previous  # n0 > target >= nll
       return s0 + (n0 - target) / (n0 - nll) * (step - s0)
     previous = (step, nll)
   return None
@@ -141,31 +146,35 @@ def reach_step(curve: Sequence[tuple], target: float) -> float | None:
 
 def _median_step_time(numbers: SweepNumbers, run: str) -> float | None:
   times = numbers.step_times.get(run)
-  return float(np.median(times)) if times else None
+  return float(np.median(list(times.values()))) if times else None
 
 
-def paired_values(claim: Claim, numbers: SweepNumbers) -> dict:
-  """{pair (seed or round): (value of `better`, value of `than`)} where both are finite."""
+def paired_values(claim: Claim, numbers: SweepNumbers) -> tuple[dict, int]:
+  """({pair (seed or round): (value of `better`, value of `than`)} where both are finite, how
+  many pairs both runs have)."""
   if claim.metric == 'step_time':
-    b, t = numbers.step_times.get(claim.better, []), numbers.step_times.get(claim.than, [])
-    return {i: pair for i, pair in enumerate(zip(b, t))}
+    b, t = numbers.step_times.get(claim.better, {}), numbers.step_times.get(claim.than, {})
+    rounds = sorted(set(b) & set(t))
+    return {i: (b[i], t[i]) for i in rounds}, len(rounds)
   if claim.metric in CURVE_METRICS:
     return _curve_pairs(claim, numbers)
   values = {(row_key(r), r['seed']): r.get(claim.metric) for r in numbers.rows}
-  pairs = {seed: (value, values.get((claim.than, seed)))
-           for (name, seed), value in values.items() if name == claim.better}
-  return {seed: pair for seed, pair in sorted(pairs.items()) if all(map(_finite, pair))}
+  pairs = {seed: (value, values[claim.than, seed]) for (name, seed), value in values.items()
+           if name == claim.better and (claim.than, seed) in values}
+  finite = {seed: pair for seed, pair in sorted(pairs.items()) if all(map(_finite, pair))}
+  return finite, len(pairs)
 
 
-def _curve_pairs(claim: Claim, numbers: SweepNumbers) -> dict:
+def _curve_pairs(claim: Claim, numbers: SweepNumbers) -> tuple[dict, int]:
   step_time = {run: _median_step_time(numbers, run) for run in (claim.better, claim.than)}
   if None in step_time.values():
-    return {}
-  pairs = {}
+    return {}, 0
+  pairs, seen = {}, 0
   for (run, seed), curve in sorted(numbers.curves.items()):
     other = numbers.curves.get((claim.than, seed))
     if run != claim.better or not other:
       continue
+    seen += 1
     if claim.metric == 'time_to_target':
       steps = [reach_step(c, claim.target) for c in (curve, other)]
       if None not in steps:
@@ -174,8 +183,10 @@ def _curve_pairs(claim: Claim, numbers: SweepNumbers) -> dict:
       timed = [[(s * step_time[r], n) for s, n in c] for r, c in ((run, curve),
                                                                   (claim.than, other))]
       end = min(t[-1][0] for t in timed)
-      pairs[seed] = tuple(float(np.interp(end, *zip(*t))) for t in timed)
-  return pairs
+      pair = tuple(float(np.interp(end, *zip(*t))) for t in timed)
+      if all(map(_finite, pair)):
+        pairs[seed] = pair
+  return pairs, seen
 
 
 def _too_small(claim: Claim, numbers: SweepNumbers) -> bool:
@@ -207,7 +218,7 @@ def _test(d: np.ndarray, margin: float | None) -> tuple[tuple[float, float], flo
 def judge(claim: Claim, numbers: SweepNumbers) -> Judgement:
   """The claim's numbers and its status before the page's correction (`decide` gives the
   verdict)."""
-  pairs = paired_values(claim, numbers)
+  pairs, seen = paired_values(claim, numbers)
   if _too_small(claim, numbers):
     status = NOT_TESTABLE
   elif len(pairs) < claim.min_pairs:
@@ -215,11 +226,11 @@ def judge(claim: Claim, numbers: SweepNumbers) -> Judgement:
   else:
     status = ''
   if not pairs:
-    return Judgement(claim, 0, status=status or PENDING)
+    return Judgement(claim, 0, seen, status=status or PENDING)
   better, than = (np.array(v, np.float64) for v in zip(*pairs.values()))
   d = (better - than) if claim.higher else (than - better)
   ci, p = _test(d, claim.margin) if len(d) > 1 else (None, None)
-  return Judgement(claim, len(d), better=float(better.mean()), than=float(than.mean()),
+  return Judgement(claim, len(d), seen - len(d), better=float(better.mean()), than=float(than.mean()),
                    difference=float(d.mean()), ci=ci, p=p, status=status,
                    key=_comparison(claim, pairs))
 
@@ -231,6 +242,8 @@ def _verdict(j: Judgement) -> str:
   if j.claim.margin:
     if significant:
       return EQUIVALENT
+    if j.ci[0] > j.claim.margin:
+      return REPRODUCED
     return CONTRADICTED if j.ci[1] < -j.claim.margin else INCONCLUSIVE
   if not significant:
     return INCONCLUSIVE
