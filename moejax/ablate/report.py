@@ -148,7 +148,9 @@ def markdown(sweep: Sweep, rows: list[dict], decided: list[Judgement], scale: st
            f'`moejax ablate {sweep.name} --report` rebuilds this from `{stem}.csv` and '
            f'`{stem}_curves.csv` (and `{stem}_step_times.csv`). Mean ± sample std over seeds; '
            'NLL in validation nats/token (a byte here); definitions in '
-           '`moejax/ablate/records.py`.', '', f'![{sweep.name}]({stem}.png)',
+           '`moejax/ablate/records.py`. The step_time column is each run\'s own median '
+           '(runs trained one after another: it carries the machine\'s drift); step-time '
+           'verdicts rest on the round-robin times.', '', f'![{sweep.name}]({stem}.png)',
            '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for (run, variant), group in _groups(rows, lambda r: (r['run'], r.get('eval'))).items():
     cells = [run, *([variant] if sweep.evals else []),

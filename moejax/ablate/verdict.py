@@ -61,7 +61,7 @@ class Scale:
   def describe(self) -> str:
     sizes = [f'{self.params / 1e6:,.0f}M parameters' if self.params else '',
              f'{self.steps:,} steps' if self.steps else '']
-    return ' and '.join(s for s in sizes if s) + (f' ({self.why})' if self.why else '')
+    return ' and '.join(s for s in sizes if s) + (f': {self.why}' if self.why else '')
 
 
 @dataclasses.dataclass(frozen=True)
