@@ -23,7 +23,7 @@ from moejax.ablate.command import committed_keys
 from moejax.ablate.runner import abstract_params, nominal_vocab_size
 from moejax.ablate.verdict import SweepNumbers, decide, family_size, reach_step
 from moejax.ablate.records import RECORD, flatten
-from moejax.ablate.report import add_relative
+from moejax.ablate.report import add_relative, timed_rows
 from moejax.ablate.sweep import BASE_SCALE, Sweep, with_overrides
 from moejax.models import make_model
 from moejax.train import default_config, loop
@@ -295,6 +295,20 @@ def test_relative_columns_pair_each_row_with_its_reference():
   rows = add_relative(sweep, rows)
   assert [r[panel.column] for r in rows if r[cf] == 2.0] == [2 / 1, 3 / 2, 4 / 2, 5 / 3]
   assert all(r[panel.column] == 1.0 for r in rows if r[cf] == 1.0)
+
+
+def test_step_time_plots_use_the_round_robin_rounds_paired_by_round():
+  cf = 'model.train_capacity_factor'
+  panel = Panel(x=cf, y='step_time', relative_to={cf: 1.0}, relative='ratio')
+  sweep = Sweep(name='s', path='', doc='', base='', runs={'a': {cf: 1.0}, 'b': {cf: 2.0}},
+                seeds={'a': (0,), 'b': (0,)}, plots=(panel,))
+  rows = [{'run': 'a', cf: 1.0, 'seed': 0, 'step_time': 9.0},
+          {'run': 'b', cf: 2.0, 'seed': 0, 'step_time': 1.0}]  # drifted sequential times
+  numbers = SweepNumbers(rows, step_times={'a': {0: 1.0, 1: 2.0}, 'b': {0: 1.5, 1: 2.2}})
+  timed = timed_rows(sweep, rows, numbers)
+  assert [(r['run'], r['seed'], r['step_time']) for r in timed] == [
+      ('a', 0, 1.0), ('a', 1, 2.0), ('b', 0, 1.5), ('b', 1, 2.2)]
+  assert [r[panel.column] for r in timed if r['run'] == 'b'] == [1.5, 1.1]
 
 
 def _rows(a, b, metric='final_nll', **extra):

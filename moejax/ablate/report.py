@@ -232,19 +232,34 @@ def _draw_curves(ax, panel: Panel, numbers: SweepNumbers):
     ax.fill_between(x, mean - half, mean + half, alpha=0.2)
 
 
+def timed_rows(sweep: Sweep, rows: list[dict], numbers: SweepNumbers) -> list[dict]:
+  """One row per round of the round-robin step times of each run that has them (its fields from
+  its first row; 'seed' the round, so relative columns pair by round)."""
+  first = {}
+  for row in rows:
+    first.setdefault(row['run'], row)
+  timed = [{**{f: first[run].get(f) for f in ('run', *sweep.fields)}, 'seed': i, 'step_time': t}
+           for run, times in numbers.step_times.items() if run in first
+           for i, t in times.items()]
+  return add_relative(sweep, timed)
+
+
 def write_png(path: str, sweep: Sweep, rows: list[dict], numbers: SweepNumbers):
-  """The sweep's PLOTS side by side; their notes (the papers' claims) under them."""
+  """The sweep's PLOTS side by side; their notes (the papers' claims) under them. Step times
+  are the round-robin ones where the sweep has them."""
   plt = page.pyplot()
   panels = sweep.plots or (Panel(y='final_nll'),)
   fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
   for ax, panel in zip(axes[0], panels):
+    round_robin = panel.y == 'step_time' and bool(numbers.step_times)
     if panel.curve:
       _draw_curves(ax, panel, numbers)
     else:
-      _draw_points(ax, panel, rows)
+      _draw_points(ax, panel, timed_rows(sweep, rows, numbers) if round_robin else rows)
     ax.set_xlabel(LABELS.get(panel.x, panel.x))
     ax.set_ylabel(panel.ylabel or _label(panel, panel.y if panel.curve else panel.column))
-    ax.set_title(panel.title or f'{sweep.name}: {panel.y} vs {panel.x}', fontsize=10)
+    title = panel.title or f'{sweep.name}: {panel.y} vs {panel.x}'
+    ax.set_title(title + (' (round-robin)' if round_robin else ''), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   notes = [f'{panel.title or panel.y}: {panel.note}' for panel in panels if panel.note]
