@@ -187,6 +187,10 @@ def test_every_sweep_builds_checked_configs_without_training(scale):
       for key in (claim.better, claim.than):
         run, _, variant = key.partition('@')
         assert run in sweep.runs and (not variant or variant in sweep.evals), (name, key)
+      assert claim.min_pairs >= 8 and (claim.target is not None) == (
+          claim.metric == 'time_to_target'), (name, claim.text)
+      if claim.needs:  # "not testable here" names the scale that would test it, and why
+        assert (claim.needs.params or claim.needs.steps) and claim.needs.why, claim.text
     assert re.search(r'Measured on the 2-core CPU: \d+ min', sweep.doc), name
 
 
@@ -334,11 +338,19 @@ def test_a_claims_verdict_follows_the_t_test_and_tost_rule():
   assert _decided(higher, SweepNumbers(_rows(better, than))).verdict == 'contradicted'
   noisy = [1.0 + (0.3 if i % 2 else -0.29) for i in range(8)]  # mean 0.005, large spread
   assert _decided(lower, SweepNumbers(_rows(better, noisy))).verdict == 'inconclusive'
-  # Equivalence needs evidence: a tight difference inside the margin is equivalent, a noisy one
-  # with the same mean is not, and one wholly beyond the margin contradicts the claim.
+  # "Costs nothing" needs evidence (non-inferiority within the margin): a tight difference
+  # inside the margin is equivalent (TOST too), one a little better than the margin is
+  # reproduced (no worse), a noisy one with the same mean is neither, and one wholly beyond
+  # the margin contradicts the claim.
   costs_nothing = dataclasses.replace(lower, margin=0.05)
   tight = [1.0 + 0.002 * (i % 3) for i in range(8)]
-  assert _decided(costs_nothing, SweepNumbers(_rows(better, tight))).verdict == 'equivalent'
+  equivalent = _decided(costs_nothing, SweepNumbers(_rows(better, tight)))
+  d = [0.002 * (i % 3) for i in range(8)]
+  assert equivalent.p == pytest.approx(stats.paired_t_test([x + 0.05 for x in d]).p_greater)
+  assert equivalent.p_tost == pytest.approx(stats.tost(d, 0.05))
+  assert equivalent.verdict == 'equivalent'
+  a_bit_better = [1.04 + 0.01 * (i % 3) for i in range(8)]  # d 0.04-0.06: beyond +0.05 at times
+  assert _decided(costs_nothing, SweepNumbers(_rows(better, a_bit_better))).verdict == 'reproduced'
   assert _decided(costs_nothing, SweepNumbers(_rows(better, noisy))).verdict == 'inconclusive'
   worse = [0.8 + 0.01 * (i % 3) for i in range(8)]  # a costs 0.19 more than b
   assert _decided(costs_nothing, SweepNumbers(_rows(better, worse))).verdict == 'contradicted'

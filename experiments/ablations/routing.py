@@ -11,8 +11,7 @@ token on average: capacity factor 1.0 in training and evaluation) in the encoder
 twin (the decoder routes top-2 in both). 8 seeds. The T5 claims need a T5-Base-sized model
 trained far longer: here they are "not testable" (their numbers are still shown).
 
-Measured on the 2-core CPU: 12 min (24 runs: 15 trained, 9 copied from another sweep's identical
-runs).
+Measured on the 2-core CPU: 37 min (64 runs, all trained, 2026-12-06, with other work running).
 """
 from moejax.ablate import Claim, Panel, Scale
 

@@ -161,8 +161,9 @@ def markdown(sweep: Sweep, rows: list[dict], decided: list[Judgement], scale: st
     lines += ['', '## Verdicts', '',
               'Paired by seed (step times: by round); difference = how far the claim\'s '
               'direction holds (positive: as the paper says) with its 95% interval; p of the '
-              'two-sided paired t-test (TOST for a margin), Holm-adjusted over the whole page '
-              '(experiments/RESULTS.md). Rule: `moejax/ablate/verdict.py`.', '',
+              'two-sided paired t-test (with a margin: of not being worse by more than it), '
+              'Holm-adjusted over the whole page (experiments/RESULTS.md). Rule: '
+              '`moejax/ablate/verdict.py`.', '',
               *page.table_lines([(sweep.name, j) for j in decided], with_sweep=False)]
   return '\n'.join(lines) + '\n'
 

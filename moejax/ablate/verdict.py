@@ -16,12 +16,13 @@ The rule, decided before the runs (`judge`, then `decide` over a page's claims):
     reproduced       adjusted p < 0.05 and mean d > 0
     contradicted     adjusted p < 0.05 and mean d < 0
     inconclusive     otherwise
-  an equivalence claim ('costs nothing', `margin` declared in the sweep file): TOST of
-  |mean d| < margin, its p adjusted with the others:
-    equivalent       adjusted p < 0.05
-    reproduced       the 95% interval of mean d lies wholly above +margin: better by more than
-                     the margin, so it costs nothing either (uncorrected interval)
-    contradicted     the 95% interval lies wholly below -margin (uncorrected interval)
+  a claim that something costs nothing (`margin` declared in the sweep file): the one-sided
+  t-test of mean d > -margin (non-inferiority: not worse by more than the margin), its p
+  adjusted with the others:
+    equivalent       adjusted p < 0.05, and TOST puts |mean d| < margin (p < 0.05): it costs
+                     nothing and gains nothing beyond the margin either
+    reproduced       adjusted p < 0.05, not equivalent: no worse, and maybe better
+    contradicted     the 95% interval of mean d lies wholly below -margin
     inconclusive     otherwise
 A pair whose number is not finite (a diverged run), or a seed whose curve never reaches the
 target, is left out; the tables say how many were.
@@ -98,8 +99,9 @@ class SweepNumbers:
 @dataclasses.dataclass(frozen=True)
 class Judgement:
   """A claim's numbers: the means of `better` and `than`, the mean difference d with its 95%
-  interval, the test's p (two-sided t-test, or TOST for a margin), and `p_adjusted` and
-  `verdict` once `decide` has seen the page. `key` identifies the comparison across sweeps."""
+  interval, the test's p (two-sided t-test, or non-inferiority for a margin, with TOST's
+  `p_tost`), and `p_adjusted` and `verdict` once `decide` has seen the page. `key` identifies
+  the comparison across sweeps."""
   claim: Claim
   pairs: int
   left_out: int = 0
@@ -108,6 +110,7 @@ class Judgement:
   difference: float | None = None
   ci: tuple[float, float] | None = None
   p: float | None = None
+  p_tost: float | None = None
   status: str = ''  # NOT_TESTABLE or PENDING before the test; '' when tested
   key: tuple = ()
   p_adjusted: float | None = None
@@ -202,17 +205,20 @@ def _comparison(claim: Claim, pairs: dict) -> tuple:
   return (claim.metric, claim.target, claim.margin, tuple(sorted(pairs.items())))
 
 
-def _test(d: np.ndarray, margin: float | None) -> tuple[tuple[float, float], float]:
-  """(95% interval of the mean difference, p): two-sided t-test, or TOST with a margin. Equal
-  differences have no variance: an interval of zero width, p 0 (or 1 at zero, or inside the
-  margin for TOST: 0)."""
+def _test(d: np.ndarray, margin: float | None) -> tuple[tuple[float, float], float, float | None]:
+  """(95% interval of the mean difference, p, TOST's p): the two-sided t-test, or with a margin
+  the one-sided test of mean > -margin, and TOST. Equal differences have no variance: an
+  interval of zero width and p 0 or 1 by where they lie."""
   if np.ptp(d) == 0:
     mean = float(d[0])
-    inside = abs(mean) < margin if margin else mean != 0
-    return (mean, mean), 0.0 if inside else 1.0
+    if not margin:
+      return (mean, mean), float(mean == 0), None
+    return (mean, mean), float(mean <= -margin), float(abs(mean) >= margin)
   test = stats.paired_t_test(d)
-  p = stats.tost(d, margin) if margin else test.p_two_sided
-  return (test.ci_low, test.ci_high), p
+  if not margin:
+    return (test.ci_low, test.ci_high), test.p_two_sided, None
+  no_worse = stats.paired_t_test(d + margin).p_greater
+  return (test.ci_low, test.ci_high), no_worse, stats.tost(d, margin)
 
 
 def judge(claim: Claim, numbers: SweepNumbers) -> Judgement:
@@ -229,10 +235,10 @@ def judge(claim: Claim, numbers: SweepNumbers) -> Judgement:
     return Judgement(claim, 0, seen, status=status or PENDING)
   better, than = (np.array(v, np.float64) for v in zip(*pairs.values()))
   d = (better - than) if claim.higher else (than - better)
-  ci, p = _test(d, claim.margin) if len(d) > 1 else (None, None)
-  return Judgement(claim, len(d), seen - len(d), better=float(better.mean()), than=float(than.mean()),
-                   difference=float(d.mean()), ci=ci, p=p, status=status,
-                   key=_comparison(claim, pairs))
+  ci, p, p_tost = _test(d, claim.margin) if len(d) > 1 else (None, None, None)
+  return Judgement(claim, len(d), seen - len(d), better=float(better.mean()),
+                   than=float(than.mean()), difference=float(d.mean()), ci=ci, p=p,
+                   p_tost=p_tost, status=status, key=_comparison(claim, pairs))
 
 
 def _verdict(j: Judgement) -> str:
@@ -241,9 +247,7 @@ def _verdict(j: Judgement) -> str:
   significant = j.p_adjusted < ALPHA
   if j.claim.margin:
     if significant:
-      return EQUIVALENT
-    if j.ci[0] > j.claim.margin:
-      return REPRODUCED
+      return EQUIVALENT if j.p_tost < ALPHA else REPRODUCED
     return CONTRADICTED if j.ci[1] < -j.claim.margin else INCONCLUSIVE
   if not significant:
     return INCONCLUSIVE
