@@ -146,29 +146,49 @@ def pyplot():
   return plt
 
 
-def write_forest(path: str, decided: Sequence[tuple[str, Judgement]]):
-  """Each tested claim's relative difference with its 95% interval; margins shaded."""
-  plt = pyplot()
-  rows = [(name, j) for name, j in decided if j.verdict in COLOURS and j.ci and j.than]
-  fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.4))
+LOSS_METRICS = ('final_nll', 'early_nll', 'best_nll', 'nll_at_equal_time')
+
+
+def _forest_panel(ax, rows: Sequence[tuple[str, Judgement]], title: str):
   for i, (name, j) in enumerate(reversed(rows)):
     scale = 100 / abs(j.than)
-    low, high = (v * scale for v in j.ci)
-    ax.errorbar(j.difference * scale, i, xerr=[[j.difference * scale - low],
-                                               [high - j.difference * scale]],
-                fmt='o', color=COLOURS[j.verdict], capsize=3)
+    mean, low, high = (v * scale for v in (j.difference, *j.ci))
+    ax.errorbar(mean, i, xerr=[[mean - low], [high - mean]], fmt='o',
+                color=COLOURS[j.verdict], capsize=3)
     if j.claim.margin:
       ax.fill_betweenx([i - 0.4, i + 0.4], -j.claim.margin * scale, j.claim.margin * scale,
                        color='tab:blue', alpha=0.12)
   ax.axvline(0, color='k', lw=0.8)
   ax.set_yticks(range(len(rows)), [f'{name}: {j.claim.text}' for name, j in reversed(rows)],
                 fontsize=7)
-  ax.set_xlabel('paired difference, % of the `than` run\'s mean (positive: as the paper says), '
-                '95% CI', fontsize=8)
-  for verdict, colour in COLOURS.items():
-    ax.plot([], [], 'o', color=colour, label=verdict)
-  ax.legend(fontsize=7, loc='best')
+  ax.set_ylim(-0.6, len(rows) - 0.4)
+  ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3, axis='x')
+
+
+def write_forest(path: str, decided: Sequence[tuple[str, Judgement]]):
+  """Each tested claim's difference with its 95% interval, as a % of the `than` run's mean,
+  margins shaded: loss claims (effects of about 1%) and the others (speed, routing: tens of %)
+  in panels of their own."""
+  plt = pyplot()
+  tested = [(name, j) for name, j in decided if j.verdict in COLOURS and j.ci and j.than]
+  groups = [(title, rows) for title, rows in (
+      ('validation loss', [r for r in tested if r[1].claim.metric in LOSS_METRICS]),
+      ('step time, time to target, routing', [r for r in tested
+                                               if r[1].claim.metric not in LOSS_METRICS]))
+            if rows]
+  if not groups:
+    groups = [('no claim tested yet', [])]
+  heights = [max(len(rows), 1) for _, rows in groups]
+  fig, axes = plt.subplots(len(groups), 1, figsize=(8, 0.32 * sum(heights) + 1.2 * len(groups)),
+                           gridspec_kw={'height_ratios': heights}, squeeze=False)
+  for ax, (title, rows) in zip(axes[:, 0], groups):
+    _forest_panel(ax, rows, title)
+  axes[-1, 0].set_xlabel('paired difference, % of the `than` run\'s mean (positive: as the '
+                         'paper says), 95% CI', fontsize=8)
+  for verdict, colour in COLOURS.items():
+    axes[0, 0].plot([], [], 'o', color=colour, label=verdict)
+  axes[0, 0].legend(fontsize=7, loc='best')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
