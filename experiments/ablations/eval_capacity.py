@@ -7,7 +7,7 @@ trained at CF 1.0, 8 seeds, each checkpoint evaluated at eval CF 1.0, 1.25, 2.0 
 (None): the comparison is paired (the same weights), so seed noise mostly cancels. The plot
 shows the NLL change from eval CF 1.0, with the paper's.
 
-Measured on the 2-core CPU: 2 min (6 runs, all copies of the capacity sweep's, and 24 evaluations).
+Measured on the 2-core CPU: 10 min (16 runs, all trained, and 64 evaluations; 2026-12-06).
 """
 from moejax.ablate import Claim, Panel
 
