@@ -215,8 +215,8 @@ def _draw_points(ax, panel: Panel, rows: list[dict]):
 def _curve_seconds(numbers: SweepNumbers, run: str) -> float:
   """A run's step time for its curve's time axis: the round-robin median, else the median of
   its rows' step times."""
-  times = numbers.step_times.get(run) or [r['step_time'] for r in numbers.rows
-                                         if r['run'] == run and r.get('step_time')]
+  times = list(numbers.step_times.get(run, {}).values()) or [
+      r['step_time'] for r in numbers.rows if r['run'] == run and r.get('step_time')]
   return float(np.median(times)) if times else float('nan')
 
 
