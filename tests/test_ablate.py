@@ -23,7 +23,7 @@ from moejax.ablate.command import committed_keys
 from moejax.ablate.runner import abstract_params, nominal_vocab_size
 from moejax.ablate.verdict import SweepNumbers, decide, family_size, reach_step
 from moejax.ablate.records import RECORD, flatten
-from moejax.ablate.report import add_relative, timed_rows
+from moejax.ablate.report import add_relative, timed_rows, write_png
 from moejax.ablate.sweep import BASE_SCALE, Sweep, with_overrides
 from moejax.models import make_model
 from moejax.train import default_config, loop
@@ -301,18 +301,22 @@ def test_relative_columns_pair_each_row_with_its_reference():
   assert all(r[panel.column] == 1.0 for r in rows if r[cf] == 1.0)
 
 
-def test_step_time_plots_use_the_round_robin_rounds_paired_by_round():
+def test_step_time_plots_use_the_round_robin_rounds_paired_by_round(tmp_path):
   cf = 'model.train_capacity_factor'
   panel = Panel(x=cf, y='step_time', relative_to={cf: 1.0}, relative='ratio')
+  curves = Panel(curve=True, x='seconds', y='nll')
   sweep = Sweep(name='s', path='', doc='', base='', runs={'a': {cf: 1.0}, 'b': {cf: 2.0}},
-                seeds={'a': (0,), 'b': (0,)}, plots=(panel,))
+                seeds={'a': (0,), 'b': (0,)}, plots=(panel, curves))
   rows = [{'run': 'a', cf: 1.0, 'seed': 0, 'step_time': 9.0},
           {'run': 'b', cf: 2.0, 'seed': 0, 'step_time': 1.0}]  # drifted sequential times
-  numbers = SweepNumbers(rows, step_times={'a': {0: 1.0, 1: 2.0}, 'b': {0: 1.5, 1: 2.2}})
+  numbers = SweepNumbers(rows, curves={('a', 0): [(1, 3.0), (2, 2.0)], ('b', 0): [(1, 2.5)]},
+                         step_times={'a': {0: 1.0, 1: 2.0}, 'b': {0: 1.5, 1: 2.2}})
   timed = timed_rows(sweep, rows, numbers)
   assert [(r['run'], r['seed'], r['step_time']) for r in timed] == [
       ('a', 0, 1.0), ('a', 1, 2.0), ('b', 0, 1.5), ('b', 1, 2.2)]
   assert [r[panel.column] for r in timed if r['run'] == 'b'] == [1.5, 1.1]
+  write_png(str(tmp_path / 's.png'), sweep, rows, numbers)  # curves at round-robin seconds
+  assert (tmp_path / 's.png').stat().st_size > 10_000
 
 
 def _rows(a, b, metric='final_nll', **extra):
