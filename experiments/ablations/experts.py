@@ -7,8 +7,9 @@ E = 2, 4, 8, 16, 32 experts in every other block, 8 seeds, 2,000 steps (3.3 M to
 epochs of tiny shakespeare): at 200 steps the experts are still warming up. The papers' losses are
 not comparable with ours; the plot carries the claim as a note.
 
-Measured on the 2-core CPU: 12 min (18 runs: 15 trained, 3 copied from another sweep's identical
-runs).
+Measured on the 2-core CPU: 12 min for the first, 3-seed, 200-step version (18 runs,
+2026-12-03). At 8 seeds and 2,000 steps (48 runs of about 3 min: estimated from the 0.08-0.1 s
+steps) about 2 h 30 min: not yet run.
 """
 from moejax.ablate import Claim, Panel, Scale
 
