@@ -43,11 +43,11 @@ SWEEPS_DIR = os.path.join('experiments', 'ablations')
 # float32 with index dispatch (the fastest here at that width; like einsum dispatch, and unlike
 # sorted, its expert FLOPs follow the capacity, as the papers' do), 200 steps of 16 x 128 bytes
 # of tiny shakespeare (0.4M tokens), evaluated at the end on the whole validation split. About
-# 40 s a run on the 2-core CPU (0.1 s a step; the rest is set-up, compilation and evaluation;
+# 25 s a run on the 2-core CPU (0.08 s a step; the rest is set-up, compilation and evaluation;
 # `moejax ablate` caches compiled steps across runs). The ten sweeps of experiments/ablations
-# hold 147 runs (and 1 pretraining and 10 fine-tunings), 114 distinct: a run with the config of a
-# finished run of another sweep is copied (`runner`). Measured: about 85 min for all of them
-# (each sweep's docstring has its own time).
+# hold 392 runs at 8 seeds (and 1 pretraining and 20 fine-tunings), 352 distinct: a run with the
+# config of a finished run of another sweep is copied (`runner`). Each sweep's docstring has its
+# own time; experiments/RESULTS.md says how much of the suite is done.
 SMALL_SCALE = {'model.model_dim': 64, 'model.num_heads': 2, 'model.ffn_dim': 256,
                'model.dtype': 'float32', 'model.dispatch': 'indices',
                'train.batch_size': 16, 'train.num_steps': 200, 'train.warmup_steps': 20,
