@@ -11,7 +11,7 @@ round-robin in one process (capacity_step_times.csv); the step-time claims rest 
 The paper's step times (the inverse of its examples/s, relative to CF 1.0) are drawn on the
 step-time plot.
 
-Measured on the 2-core CPU: 19 min (30 runs, all trained).
+Measured on the 2-core CPU: 37 min (80 runs, all trained; 2026-12-06).
 """
 from moejax.ablate import Claim, Panel
 
