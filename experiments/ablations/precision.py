@@ -10,8 +10,8 @@ float32 vs selective-precision claim is about a tiny difference) and at stressed
 here", their numbers shown. The speed claim is for accelerators and is not judged here
 (bfloat16 is no faster than float32 on this CPU).
 
-Measured on the 2-core CPU: 14 min for 3 seeds (27 runs: 24 trained, 2026-12-03); 8 seeds (72
-runs, 48 to train) about 20 min: not yet run.
+Measured on the 2-core CPU: 19 min (72 runs: 48 trained, 24 copied from routing and z_loss;
+2026-12-06).
 """
 from moejax.ablate import Claim, Panel, Scale
 
