@@ -13,8 +13,9 @@ and a cosine decay, with dropout 0.1, or 0.1 and expert dropout 0.4; 10 fine-tun
 (batch order and dropout masks). The regime was chosen after a first version (every training
 passage, 200 steps: under one epoch, no overfitting) showed no difference. The claim is about
 fine-tuning a competent pretrained model (Switch-Base); ours is 0.7M parameters pretrained for
-200 steps, so its verdict is "not testable here" (the numbers are still shown). Reported: the validation NLL of the label (nats, over the two labels; every 50
-steps, so best and final show the overfitting) and the test accuracy at the end. Fine-tuning is
+200 steps, so its verdict is "not testable here" (the numbers are still shown). Reported: the
+validation NLL of the label (nats, over the two labels; every 50 steps, so best and final show
+the overfitting) and the test accuracy at the end. Fine-tuning is
 not what `moejax.train.loop.train` does, so this sweep brings its own TRAIN (a fine-tuning run
 has no checkpoint: stopped, it starts again). Byte-level decoders only: not at --scale base.
 

@@ -39,8 +39,8 @@ PLOTS = (
 TABLE = ('final_nll', 'train_fraction_dropped', 'eval_fraction_dropped', 'usage_cv',
          'step_time', 'mflops_per_token', 'params')
 T5_SCALE = Scale(params=100_000_000, steps=100_000,
-                 why='T5-Base-sized encoder-decoders on C4 (Switch Fig. 4, ST-MoE); after 200 steps '
-                     'of 1 MB our encoder-decoder has barely begun span corruption')
+                 why='T5-Base-sized encoder-decoders on C4 (Switch Fig. 4, ST-MoE); after 200 '
+                     'steps of 1 MB our encoder-decoder has barely begun span corruption')
 CLAIMS = (
     Claim('top-1 beats its dense twin', 'final_nll', 'top1', 'top1_dense'),
     Claim('top-2 beats its dense twin', 'final_nll', 'top2', 'top2_dense'),

@@ -24,6 +24,6 @@ from moejax.ablate.sweep import (SCALES, Panel, RunSpec, Sweep, SweepError, load
                                  run_specs, sweep_names)
 from moejax.ablate.verdict import Claim, Scale, judge
 
-__all__ = ['Claim', 'Panel', 'RunSpec', 'SCALES', 'Scale', 'Sweep', 'SweepError', 'eval_curve', 'judge',
-           'load_result', 'load_sweep', 'main', 'read_rows', 'run_dir', 'run_record', 'run_specs',
-           'run_sweep', 'sweep_names', 'write_reports']
+__all__ = ['Claim', 'Panel', 'RunSpec', 'SCALES', 'Scale', 'Sweep', 'SweepError', 'eval_curve',
+           'judge', 'load_result', 'load_sweep', 'main', 'read_rows', 'run_dir', 'run_record',
+           'run_specs', 'run_sweep', 'sweep_names', 'write_reports']

@@ -19,8 +19,9 @@ def _parser() -> argparse.ArgumentParser:
                   '<name>.csv and <name>_curves.csv, and rebuild <name>.md and .png and the '
                   'page of verdicts (verdicts.md, verdicts.png) from the committed files.',
       epilog='Set any config field of every run with --config.<section>.<field>=VALUE, e.g. '
-             '--config.train.num_steps=20 for a quick try (in another --runs_dir and --results_dir: '
-             'a run finished or committed with another config is an error). Sweeps: '
+             '--config.train.num_steps=20 for a quick try (in another --runs_dir and '
+             '--results_dir: a run finished or committed with another config is an error). '
+             'Sweeps: '
              + (', '.join(sweep_names()) or 'none'))
   parser.add_argument('sweep', metavar='SWEEP',
                       help=f"a sweep name ({SWEEPS_DIR}/SWEEP.py), a sweep file, or 'all' (every "

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import time
+import types
 from collections.abc import Callable, Collection
 
 import jax
@@ -103,7 +104,8 @@ def nominal_vocab_size(config: ml_collections.ConfigDict) -> int:
   from moejax import data as data_lib
   size = (data_lib.ByteTokenizer.vocab_size if config.data.tokenizer == 'bytes'
           else config.data.spm_vocab_size)
-  return size + (config.data.num_sentinels if config.task == 'span_corruption' else 0)
+  return data_lib.model_vocab_size(types.SimpleNamespace(vocab_size=size), config.data,
+                                   config.task)
 
 
 def abstract_params(config: ml_collections.ConfigDict, vocab_size: int):
