@@ -154,7 +154,11 @@ def test_expert_dropout_pretrains_once_and_fine_tunes_on_a_few_passages(tmp_path
     assert 0 <= record['test_balanced_accuracy'] <= 1 and math.isfinite(record['final_nll'])
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       rows = [json.loads(line) for line in f]
-    assert [r['step'] for r in rows if r['split'] == 'eval'] == [2, 4]
+    evals = [r for r in rows if r['split'] == 'eval']
+    assert [r['step'] for r in evals] == [2, 4]
+    best = min(evals, key=lambda r: r['nll'])  # early stopping: the test at the best validation
+    assert record['stopping_step'] == best['step'] and record['best_nll'] == best['nll']
+    assert record['validation_balanced_accuracy'] == best['balanced_accuracy']
     assert [r['step'] for r in rows if r['split'] == 'train'] == [1, 2, 3, 4]
 
   few_passages = sweep.train.__globals__['few_passages']
