@@ -71,7 +71,7 @@ CLAIMS = (
           paper='Switch Table 4: GLUE 84.7 -> 85.2', paper_relative=0.5 / 84.7,
           post_hoc='the overfitting regime, the pretraining, early stopping'),
     Claim('expert dropout 0.4 improves the best validation NLL', 'best_nll',
-          'dropout0.1_expert0.4', 'dropout0.1',
+          'dropout0.1_expert0.4', 'dropout0.1', unit='nats of the label',
           post_hoc='the overfitting regime, the pretraining, early stopping'),
 )
 

@@ -4,12 +4,14 @@ Claim: with the FLOPs per token fixed, more experts (more parameters) give a low
 number of steps, steadily from 2 to 256 experts; Switch-Base with 64 experts reaches T5-Base's
 quality at step 450k by step 60k (7.5x). Here: the FLOP-matched dense twin and top-1 Switch with
 E = 2, 4, 8, 16, 32 experts in every other block, 8 seeds, 2,000 steps (3.3 M tokens, about 3.6
-epochs of tiny shakespeare): at 200 steps the experts are still warming up. The papers' losses are
-not comparable with ours; the plot carries the claim as a note.
+epochs of tiny shakespeare): at 200 steps the experts are still warming up. Evaluated every 100
+steps on the first 8 validation batches (64k tokens), as speed_quality: its 16 runs are this
+sweep's dense and E8, trained once. The papers' losses are not comparable with ours; the plot
+carries the claim as a note.
 
 Measured on the 2-core CPU: 12 min for the first, 3-seed, 200-step version (18 runs,
-2026-12-03). At 8 seeds and 2,000 steps (48 runs of about 3 min: estimated from the 0.08-0.1 s
-steps) about 2 h 30 min: not yet run.
+2026-12-03). At 8 seeds and 2,000 steps (48 runs of about 3 min, 16 shared with speed_quality:
+estimated from the 0.08-0.1 s steps) about 1 h 40 min beyond speed_quality: not yet run.
 """
 from moejax.ablate import Claim, Panel, Scale
 
@@ -17,14 +19,16 @@ BASE = 'experiments/configs/switch_tiny.py'
 RUNS = {'dense': {'model.dense_baseline': True},
         **{f'E{e}': {'model.num_experts': e} for e in (2, 4, 8, 16, 32)}}
 SEEDS = tuple(range(8))
-# The gains from more experts grow with training: 2,000 steps (3.3 M tokens), not 200.
+# The gains from more experts grow with training: 2,000 steps (3.3 M tokens), not 200. Evaluated
+# as speed_quality's runs are, so its two runs are E8 and dense here (trained once, copied).
 SCALE = {'small': {'train.num_steps': 2_000, 'checkpoint.every_steps': 500,
-                   'eval.every_steps': 2_000}}
+                   'eval.every_steps': 100, 'eval.max_batches': 8}}
 PLOTS = (
     Panel(x='params', y='final_nll', log_x=True, title='loss vs parameters at equal FLOPs/token',
           note='Switch Fig. 4: the loss falls steadily with the number of experts\n'
                '(T5-Base 223M -> Switch-Base 256 experts 14.7B parameters)'),
     Panel(x='run', y='step_time', title='step time at equal FLOPs per token'),
+    Panel(curve=True, x='step', y='nll', title='validation loss vs steps'),
 )
 GROWS = Scale(steps=2_000, why='the gains from experts grow with training (Switch Fig. 4); '
                               'at 200 steps they are warming up')

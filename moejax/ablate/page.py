@@ -111,7 +111,8 @@ def table_lines(decided: Sequence[tuple[str, Judgement]], with_sweep: bool = Tru
     relative = '' if j.relative is None else f'{100 * j.relative:+.2f}%'
     if c.paper_relative is not None:
       relative += f' ({100 * c.paper_relative:+.2f}%)'
-    cells = [claim_cell(j), c.paper, f'{c.metric} ({UNITS.get(c.metric, "")})'.replace(' ()', ''),
+    unit = c.unit or UNITS.get(c.metric, '')
+    cells = [claim_cell(j), c.paper, f'{c.metric} ({unit})'.replace(' ()', ''),
              f'{c.better} vs {c.than}', means, _difference(j),
              f'{j.pairs}' + (f' ({j.left_out} left out)' if j.left_out else ''), relative, _p(j.p),
              _p(j.p_adjusted), _verdict_cell(j)]

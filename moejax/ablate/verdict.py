@@ -69,7 +69,8 @@ class Scale:
 class Claim:
   """One claim of a paper (module docstring). `paper`: its numbers in words; `paper_relative`:
   its effect over its baseline's value (e.g. 0.013 / 1.397), beside ours in the same ratio;
-  `post_hoc`: said when the claim or its settings were added after seeing results."""
+  `post_hoc`: said when the claim or its settings were added after seeing results; `unit`: the
+  metric's unit where it is not the page's usual one (page.UNITS)."""
   text: str
   metric: str
   better: str
@@ -81,6 +82,7 @@ class Claim:
   paper: str = ''
   paper_relative: float | None = None
   post_hoc: str = ''
+  unit: str = ''
 
   @property
   def min_pairs(self) -> int:
