@@ -45,7 +45,7 @@ SWEEPS_DIR = os.path.join('experiments', 'ablations')
 # of tiny shakespeare (0.4M tokens), evaluated at the end on the whole validation split. About
 # 25 s a run on the 2-core CPU (0.08 s a step; the rest is set-up, compilation and evaluation;
 # `moejax ablate` caches compiled steps across runs). The ten sweeps of experiments/ablations
-# hold 392 runs at 8 seeds (and 1 pretraining and 20 fine-tunings), 352 distinct: a run with the
+# hold 392 runs at 8 seeds (and 1 pretraining and 20 fine-tunings), 336 distinct: a run with the
 # config of a finished run of another sweep is copied (`runner`). Each sweep's docstring has its
 # own time; experiments/RESULTS.md says how much of the suite is done.
 SMALL_SCALE = {'model.model_dim': 64, 'model.num_heads': 2, 'model.ffn_dim': 256,
