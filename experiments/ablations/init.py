@@ -8,8 +8,8 @@ defaults), 8 seeds, evaluated every 50 steps: mean +- std of the first evaluatio
 the last (step 200). The paper's effect is the 1.0x init's instability at its scale; no run here
 is unstable, so the verdicts are "not testable here" (the numbers are still shown).
 
-Measured on the 2-core CPU: 4 min for 3 seeds (6 runs, 2026-12-03); 8 seeds (16 runs) about
-7 min: not yet run.
+Measured on the 2-core CPU: 10 min for 8 seeds (16 runs, 2026-12-06; half of them beside
+another sweep).
 """
 from moejax.ablate import Claim, Panel, Scale
 
