@@ -8,9 +8,8 @@ round-robin in one process, speed_quality_step_times.csv: compilation and evalua
 and against steps. The claims: ahead at equal steps, ahead at equal time, and sooner to 1.9
 nats/byte.
 
-Measured on the 2-core CPU: 4 min for the first, 3-seed, 200-step version (6 runs,
-2026-12-03). At 8 seeds and 2,000 steps (16 runs of about 3 min, estimated) about 50 min: not
-yet run.
+Measured on the 2-core CPU: 84 min for 8 seeds at 2,000 steps (16 runs, 2026-12-06; 5.5 min a
+run beside another sweep, 3.2 min alone).
 """
 from moejax.ablate import Claim, Panel
 
