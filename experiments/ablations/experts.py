@@ -9,9 +9,8 @@ steps on the first 8 validation batches (64k tokens), as speed_quality: its 16 r
 sweep's dense and E8, trained once. The papers' losses are not comparable with ours; the plot
 carries the claim as a note.
 
-Measured on the 2-core CPU: 12 min for the first, 3-seed, 200-step version (18 runs,
-2026-12-03). At 8 seeds and 2,000 steps (48 runs of about 3 min, 16 shared with speed_quality:
-estimated from the 0.08-0.1 s steps) about 1 h 40 min beyond speed_quality: not yet run.
+Measured on the 2-core CPU: 32 min for E32's 8 seeds at 2,000 steps (2026-12-06, 3.9 min a run;
+dense and E8 are speed_quality's runs). Not yet run: E2, E4, E16 (24 runs, about 1 h 30 min).
 """
 from moejax.ablate import Claim, Panel, Scale
 
