@@ -26,7 +26,6 @@ PLOTS = (
     Panel(x='params', y='final_nll', log_x=True, title='loss vs parameters at equal FLOPs/token',
           note='Switch Fig. 4: the loss falls steadily with the number of experts\n'
                '(T5-Base 223M -> Switch-Base 256 experts 14.7B parameters)'),
-    Panel(x='run', y='step_time', title='step time at equal FLOPs per token'),
     Panel(curve=True, x='step', y='nll', title='validation loss vs steps'),
 )
 GROWS = Scale(steps=2_000, why='the gains from experts grow with training (Switch Fig. 4); '
