@@ -6,10 +6,10 @@ beats dropout alone: GLUE 84.7 (Switch-Base, dropout 0.1) vs 85.2 (dropout 0.1, 
 book is a 32-byte passage from, tiny shakespeare or The Time Machine: at 256 bytes it is too
 easy; at 32 every model in experiments/RESULTS.md scored a balanced accuracy of 0.83-0.84).
 
-The pretrained model is `make run`'s: switch_tiny at its own size (width 128, 8 experts of 512, 32
-x 128 bytes a batch, 600 steps; not the sweeps' width-64, 200-step scale), trained once (seed 0, no
-dropout) in <sweep dir>/pretrain. Each run fine-tunes it text-to-text (`moejax.train.finetune`, the
-loss on the label token) in a regime small enough to overfit, as GLUE's small tasks are: 128
+The pretrained model is `make run`'s: switch_tiny at its own size (width 128, 8 experts of 512, a
+batch of 32x128 bytes, 600 steps; not the sweeps' width-64, 200-step scale), trained once (seed 0,
+no dropout) in <sweep dir>/pretrain. Each run fine-tunes it text-to-text (`moejax.train.finetune`,
+the loss on the label token) in a regime small enough to overfit, as GLUE's small tasks are: 128
 training passages of each book (a fixed random choice, the same for every run), 400 steps of 32
 balanced passages (50 epochs), AdamW 1e-3 with warmup 40 and a cosine decay, with dropout 0.1, or
 0.1 and expert dropout 0.4; 10 fine-tuning seeds (batch order and dropout masks). Early stopping on
