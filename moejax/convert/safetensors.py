@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from moejax.convert import torch_bin
+
 DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
           'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
           'BOOL': np.bool_}
@@ -48,7 +50,8 @@ class SafetensorsFile:
 
 
 class Checkpoint:
-  """A hub directory's weights: model.safetensors, or the shards its index names."""
+  """A hub directory's weights: model.safetensors, or the shards its index names; where neither
+  is, pytorch_model.bin or its shards (torch_bin.py)."""
 
   def __init__(self, directory: str):
     index = os.path.join(directory, INDEX)
@@ -58,6 +61,10 @@ class Checkpoint:
       files = {name: SafetensorsFile(os.path.join(directory, name))
                for name in sorted(set(weight_map.values()))}
       self.files = {tensor: files[name] for tensor, name in weight_map.items()}
+    elif (not os.path.exists(os.path.join(directory, 'model.safetensors'))
+          and torch_bin.in_directory(directory)):
+      shards = torch_bin.Shards(directory)
+      self.files = dict.fromkeys(shards.weight_map, shards)
     else:
       single = SafetensorsFile(os.path.join(directory, 'model.safetensors'))
       self.files = {tensor: single for tensor in single.entries}
