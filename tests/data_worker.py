@@ -43,7 +43,7 @@ def main():
   rows = sharding.process_rows(sharding.make_mesh(data=args.num_processes), BATCH_SIZE)
 
   def batches(state=None):
-    return data.train_batches(tokens, config.data, 'lm', tokenizer.vocab_size, BATCH_SIZE,
+    return data.train_batches(tokens, config.data, 'lm', tokenizer, BATCH_SIZE,
                               config.seed, rows, state)
 
   uninterrupted = [b['targets'].tolist() for b in itertools.islice(batches(), BATCHES)]

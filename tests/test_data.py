@@ -15,7 +15,10 @@ import tensorflow_datasets as tfds
 from helpers import REPO, smoke_config
 from moejax import data
 from moejax.data.pipeline import READ_OPTIONS
-from moejax.data.tokenizers import EOS_ID, PAD_ID
+from moejax.data.tokenizers import ByteTokenizer
+
+BYTES = ByteTokenizer()
+EOS_ID, PAD_ID = BYTES.eos_id, BYTES.pad_id
 
 TIMEMACHINE = os.path.join(REPO, 'data', 'timemachine.txt')
 
@@ -86,7 +89,7 @@ def test_sentencepiece_trains_on_the_corpus_and_round_trips(config, tmp_path):
 def test_packed_concatenates_documents_with_eos_and_pads_the_tail():
   tokens = data.tokenize(['\x02\x03\x04', '\x05\x06'], data.ByteTokenizer()).tokens
   np.testing.assert_array_equal(tokens, [5, 6, 7, EOS_ID, 8, 9, EOS_ID])
-  examples = [data.packed(tokens, 4, i) for i in range(2)]
+  examples = [data.packed(tokens, 4, i, PAD_ID) for i in range(2)]
   np.testing.assert_array_equal([e['targets'] for e in examples], [[5, 6, 7, 1], [8, 9, 1, 0]])
   np.testing.assert_array_equal([e['weights'] for e in examples], [[1, 1, 1, 1], [1, 1, 1, 0]])
 
@@ -98,7 +101,7 @@ def train_tokens(config, tmp_path_factory):
 
 
 def _batches(config, tokens, seed, n, rows=slice(0, 8), state=None, task='lm'):
-  batches = data.train_batches(tokens, config.data, task, 259 + 100, 8, seed, rows, state)
+  batches = data.train_batches(tokens, config.data, task, BYTES, 8, seed, rows, state)
   return [b for b in itertools.islice(batches, n)], batches.get_state()
 
 
@@ -127,7 +130,7 @@ def test_same_seed_same_examples_other_seed_other_examples(config, train_tokens)
 
 def test_an_epoch_holds_every_example_once_and_the_next_is_reshuffled(config):
   tokens = np.arange(3, 3 + 32 * 10, dtype=np.int32)  # 10 whole examples of 32 tokens
-  stream = data.train_stream(tokens, config.data, 'lm', 259, seed=0)
+  stream = data.train_stream(tokens, config.data, 'lm', BYTES, seed=0)
   first = [int(stream[i]['targets'][0]) for i in range(10)]
   second = [int(stream[i]['targets'][0]) for i in range(10, 20)]
   assert sorted(first) == sorted(second) == list(range(3, 3 + 320, 32))
@@ -165,7 +168,7 @@ def _resume_cost(config, train_tokens, step):
   """(seconds, examples read) to restore the iterator at `step` and read its first batch."""
   counting = _CountingTokens(train_tokens)
   start = time.perf_counter()
-  batches = data.train_batches(counting, config.data, 'lm', 259, 8, 0, slice(0, 8),
+  batches = data.train_batches(counting, config.data, 'lm', BYTES, 8, 0, slice(0, 8),
                                {'next_index': step})
   next(batches)
   return time.perf_counter() - start, counting.reads
@@ -197,7 +200,7 @@ def test_each_process_reads_its_own_rows_of_the_global_batch(config, train_token
 
 def test_eval_batches_cover_the_split_once_in_order(config, tmp_path):
   tokens = data.split_tokens(config.data, 'validation', data.ByteTokenizer(), None).tokens
-  batches = data.eval_batches(tokens, config.data, 'lm', 259, 16)
+  batches = data.eval_batches(tokens, config.data, 'lm', BYTES, 16)
   targets = np.concatenate([b['targets'] for b in batches])
   weights = np.concatenate([b['weights'] for b in batches])
   text = data.ByteTokenizer().decode(targets[weights > 0].ravel())
@@ -207,7 +210,9 @@ def test_eval_batches_cover_the_split_once_in_order(config, tmp_path):
 
 def test_span_corruption_hides_spans_behind_sentinels():
   tokens = np.arange(3, 3 + 64, dtype=np.int32)
-  inputs, targets = data.span_corrupt(tokens, np.random.default_rng(0), 0.15, 3.0, 200)
+  sentinels = 199 - np.arange(100)  # T5's layout for V = 100 + 100 sentinels: 199, 198, ...
+  inputs, targets = data.span_corrupt(tokens, np.random.default_rng(0), 0.15, 3.0, sentinels,
+                                      EOS_ID)
   assert (len(inputs), len(targets)) == data.span_corruption_lengths(64, 0.15, 3.0)
   assert inputs[-1] == targets[-1] == EOS_ID
   # Putting each sentinel's span back into the inputs gives the original tokens.
@@ -220,7 +225,7 @@ def test_span_corruption_hides_spans_behind_sentinels():
   restored = [x for t in inputs[:-1] for x in (spans[t] if t in spans else [t])]
   np.testing.assert_array_equal(restored, tokens)
   assert sum(map(len, spans.values())) == round(64 * 0.15)
-  other, _ = data.span_corrupt(tokens, np.random.default_rng(1), 0.15, 3.0, 200)
+  other, _ = data.span_corrupt(tokens, np.random.default_rng(1), 0.15, 3.0, sentinels, EOS_ID)
   assert not np.array_equal(inputs, other)
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from moejax.ablate import records
 from moejax.ablate.sweep import RunSpec, Sweep, SweepError, with_overrides
-from moejax.train.config import absolute_paths
+from moejax.train.config import absolute_paths, default_config
 
 RESULT = 'result.json'
 WALL = 'wall_seconds.json'
@@ -47,8 +47,10 @@ def plain_config(config: ml_collections.ConfigDict) -> dict:
 
 
 def check_same_config(workdir: str, saved: dict, config: dict):
-  """Raise SweepError naming the fields where a run's saved config and this one differ."""
+  """Raise SweepError naming the fields where a run's saved config and this one differ. A field
+  the saved config lacks (one moejax added after the run) counts as its default."""
   old, new = records.flatten(saved), records.flatten(config)
+  old = {**records.flatten(plain_config(default_config())), **old}
   changed = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
              if old.get(k) != new.get(k)]
   if changed:
@@ -104,8 +106,8 @@ def nominal_vocab_size(config: ml_collections.ConfigDict) -> int:
   from moejax import data as data_lib
   size = (data_lib.ByteTokenizer.vocab_size if config.data.tokenizer == 'bytes'
           else config.data.spm_vocab_size)
-  return data_lib.model_vocab_size(types.SimpleNamespace(vocab_size=size), config.data,
-                                   config.task)
+  nominal = types.SimpleNamespace(vocab_size=size, added_vocab=lambda sentinels: sentinels)
+  return data_lib.model_vocab_size(nominal, config.data, config.task)
 
 
 def abstract_params(config: ml_collections.ConfigDict, vocab_size: int):

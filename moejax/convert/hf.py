@@ -10,6 +10,10 @@ Each family is a table: which config fields become which `ModelConfig` fields (t
 family fixes, such as SwiGLU experts, rotary positions and dropless top-K routing, included), and
 for every moejax parameter the hub tensors it is made of (`Tensor`). The mapping is a reshape or a
 transpose (and a stack over experts), so import -> export -> import is bit-exact.
+
+Dtypes: an import keeps the checkpoint's (`checkpoint_dtype`: float32 or bfloat16, as its expert
+weights are), so the params take the checkpoint's bytes; only the routers' params are float32
+(upcast exactly). An export writes every tensor in the expert weights' dtype.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from moejax.convert.safetensors import Checkpoint, write_safetensors
@@ -101,12 +106,24 @@ def _decoder_fields(hf: dict) -> dict[str, Any]:
   heads, width = hf['num_attention_heads'], hf['hidden_size']
   head_dim = hf.get('head_dim')  # None (or D / H) in most: ModelConfig's None
   return dict(vocab_size=hf['vocab_size'], kind='decoder', num_layers=hf['num_hidden_layers'],
+              decoder_start_id=_decoder_start(hf),
               model_dim=width, num_heads=heads,
               head_dim=None if head_dim in (None, width // heads) else head_dim,
               num_kv_heads=hf.get('num_key_value_heads') or heads, activation='silu', glu=True,
               positions='rotary', rope_theta=float(hf.get('rope_theta', 10_000.0)),
               norm_eps=float(hf['rms_norm_eps']), num_selected_experts=hf['num_experts_per_tok'],
               train_capacity_factor=None, eval_capacity_factor=None, router_dtype='float32')
+
+
+def _decoder_start(hf: dict) -> int:
+  """A decoder LM's first input: bos, else eos (the end of the document before; OLMoE and Qwen
+  have no bos), as `moejax.data.tokenizers` decides from the tokenizer."""
+  for field in ('bos_token_id', 'eos_token_id'):
+    value = hf.get(field)
+    value = value[0] if isinstance(value, list) and value else value
+    if isinstance(value, int):
+      return value
+  return 0
 
 
 def _block(config: ModelConfig, layer: int, stack: str = 'decoder') -> tuple[str, ...]:
@@ -272,6 +289,7 @@ def _switch_config(hf: dict) -> ModelConfig:
       relative_max_distance=hf['relative_attention_max_distance'],
       norm_eps=float(hf['layer_norm_epsilon']), scaled_attention=False,
       tie_embeddings=hf.get('tie_word_embeddings', True), moe_every=step,
+      decoder_start_id=hf.get('decoder_start_token_id', 0),
       num_experts=hf['num_experts'], num_selected_experts=1,
       expert_capacity=hf['expert_capacity'], router_bias=hf.get('router_bias', False),
       jitter_noise=float(hf.get('router_jitter_noise', 0.0)), router_dtype='float32')
@@ -283,7 +301,7 @@ def _hub_common(config: ModelConfig) -> dict[str, Any]:
               num_key_value_heads=config.kv_heads, head_dim=config.head_dim,
               rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps, hidden_act='silu',
               tie_word_embeddings=False, num_experts_per_tok=config.num_selected_experts,
-              torch_dtype='float32')
+              bos_token_id=config.decoder_start_id)  # what the decoder reads first
 
 
 def _switch_hub_config(config: ModelConfig) -> dict[str, Any]:
@@ -300,7 +318,7 @@ def _switch_hub_config(config: ModelConfig) -> dict[str, Any]:
               layer_norm_epsilon=config.norm_eps, router_jitter_noise=config.jitter_noise,
               router_bias=config.router_bias, dense_act_fn='relu',
               tie_word_embeddings=config.tie_embeddings, is_encoder_decoder=True,
-              pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, torch_dtype='float32')
+              pad_token_id=0, eos_token_id=1, decoder_start_token_id=config.decoder_start_id)
 
 
 def _swiglu_decoder(prefix: str, names: tuple[str, str, str]):
@@ -347,39 +365,67 @@ def _hub_config(directory: str) -> dict:
 
 
 def from_hf(directory: str) -> tuple[ModelConfig, dict]:
-  """(ModelConfig, params) of the hub checkpoint in `directory`, as NumPy arrays."""
+  """(ModelConfig, params) of the hub checkpoint in `directory`, as NumPy arrays in the dtypes
+  the model creates: `param_dtype` is the checkpoint's (`checkpoint_dtype`), the routers'
+  params float32."""
   hf = _hub_config(directory)
   family = FAMILIES[hf['model_type']]
   config = family.model_config(hf)
   checkpoint = Checkpoint(directory)
-  params: dict = {}
-  for tensor in family.tensors(config):
+  layout = family.tensors(config)
+  for tensor in layout:
     missing = [name for name in tensor.names if name not in checkpoint]
     if missing:
       raise InputError(f'{directory}: no tensor {missing[0]} (a {family.model_type} checkpoint '
                        f'of {config.num_layers} layers needs it)')
+  config = dataclasses.replace(config, param_dtype=checkpoint_dtype(checkpoint, layout))
+  params: dict = {}
+  for tensor in layout:
     array = tensor.to_moejax([checkpoint.tensor(name) for name in tensor.names])
-    _set(params, tensor.path, array)
+    _set(params, tensor.path, array.astype(_param_dtype(config, tensor.path), copy=False))
   return config, params
+
+
+def checkpoint_dtype(checkpoint: Checkpoint, layout: list[Tensor]) -> str:
+  """The `param_dtype` of a checkpoint: its expert weights' dtype (the bulk of an MoE), read from
+  the tensors, not from config.json's `torch_dtype` (a label the tensors may not match).
+  float32 and bfloat16 are kept; float16 and float64 become float32 (exact for float16; bfloat16
+  would drop 3 of its mantissa bits). A checkpoint mixing dtypes takes its experts' and every
+  other tensor is cast to it (a float32 norm scale of a bfloat16 checkpoint is rounded)."""
+  experts = next((t for t in layout if t.kind == 'experts'), layout[0])
+  dtype = np.dtype(checkpoint.tensor(experts.names[0]).dtype)
+  return 'bfloat16' if dtype == np.dtype(ml_dtypes.bfloat16) else 'float32'
+
+
+def _param_dtype(config: ModelConfig, path: tuple[str, ...]) -> np.dtype:
+  """The dtype the model creates the param at `path` in: float32 for the routers'
+  (`moejax.routers`), `config.param_dtype` for every other."""
+  return np.dtype(np.float32 if 'router' in path else config.storage_dtype)
 
 
 def to_hf(config: ModelConfig, params: dict, directory: str, model_type: str) -> None:
   """Write `params` of `config` into `directory` as a hub checkpoint of the family `model_type`
-  ('mixtral', 'olmoe', ...): config.json and model.safetensors."""
+  ('mixtral', 'olmoe', ...): config.json and model.safetensors. Every tensor is written in the
+  dtype of the expert weights (the params' dtype but the routers', which are float32: a
+  bfloat16 model's router is rounded to bfloat16, as hub checkpoints store it); config.json's
+  `torch_dtype` says which."""
   family = FAMILIES[model_type]
   os.makedirs(directory, exist_ok=True)
   layout = family.tensors(config)
-  shapes = {name: (shape, np.asarray(_get(params, t.path)).dtype)
-            for t in layout for name, shape in zip(t.names, t.hub_shapes())}
-  write_safetensors(os.path.join(directory, 'model.safetensors'), _hub_tensors(layout, params),
-                    shapes, {'format': 'pt'})
+  experts = next((t for t in layout if t.kind == 'experts'), layout[0])
+  dtype = np.asarray(_get(params, experts.path)).dtype
+  shapes = {name: (shape, dtype) for t in layout for name, shape in zip(t.names, t.hub_shapes())}
+  write_safetensors(os.path.join(directory, 'model.safetensors'),
+                    _hub_tensors(layout, params, dtype), shapes, {'format': 'pt'})
   with open(os.path.join(directory, 'config.json'), 'w') as f:
-    json.dump(dict(family.hub_config(config), model_type=family.model_type), f, indent=2)
+    json.dump(dict(family.hub_config(config), model_type=family.model_type,
+                   torch_dtype=dtype.name), f, indent=2)
 
 
-def _hub_tensors(layout: list[Tensor], params: dict) -> Iterator[tuple[str, np.ndarray]]:
+def _hub_tensors(layout: list[Tensor], params: dict,
+                 dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
   for tensor in layout:
-    yield from zip(tensor.names, tensor.to_hub(np.asarray(_get(params, tensor.path))))
+    yield from zip(tensor.names, tensor.to_hub(np.asarray(_get(params, tensor.path), dtype)))
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:

@@ -2,18 +2,24 @@
 
 The work directory then holds what `moejax train` would have written: config.json (the imported
 model's fields in the `model` section, everything else from `--config FILE` or the defaults, then
-the command line's overrides) and an Orbax checkpoint at step 0 with the imported params and a
-fresh optimizer state. `moejax eval | sample | analyze` read it like any run; `moejax train
+the command line's overrides), the checkpoint's tokenizer files in tokenizer/ (the run's
+`data.tokenizer='hub'`), and an Orbax checkpoint at step 0 with the imported params and a fresh
+optimizer state. `moejax eval | sample | analyze` read it like any run; `moejax train
 --workdir W --config.data.source=...` fine-tunes it on other data. The params are placed on the
 run's mesh one array at a time (`--config.mesh.expert=8` shards the experts), straight from the
-host copy of the import.
+host copy of the import, in the checkpoint's dtype (the imported `model.param_dtype`; an override
+`--config.model.param_dtype=float32` casts a bfloat16 checkpoint up).
 """
 from __future__ import annotations
+
+import os
+import shutil
 
 import jax
 import numpy as np
 
 from moejax.convert.hf import from_hf
+from moejax.data.tokenizers import HUB_TOKENIZER_CONFIGS, HUB_TOKENIZER_FILES
 from moejax.errors import InputError
 
 
@@ -26,6 +32,9 @@ def import_hf(source: str, workdir: str, config_file: str | None,
   config = (config_lib.config_from_file(config_file) if config_file
             else config_lib.default_config())
   config.model.update(model.to_dict())
+  tokenizer = copy_tokenizer(source, os.path.join(workdir, 'tokenizer'))
+  if tokenizer:  # the checkpoint's own; an override may still choose another
+    config.data.update(tokenizer='hub', tokenizer_path=tokenizer)
   config = config_lib.apply_overrides(config, overrides)
   config_lib.check_config(config)
   run = open_run(config, workdir)
@@ -42,8 +51,22 @@ def import_hf(source: str, workdir: str, config_file: str | None,
           'checkpoint': run.checkpoints.directory, 'step': 0}
 
 
+def copy_tokenizer(source: str, directory: str) -> str | None:
+  """Copy a hub directory's tokenizer files (tokenizer.json, spiece.model or tokenizer.model,
+  and the configs naming its special tokens) into `directory`, which it returns; None, copying
+  nothing, when `source` has no tokenizer."""
+  if not any(os.path.exists(os.path.join(source, f)) for f in HUB_TOKENIZER_FILES):
+    return None
+  os.makedirs(directory, exist_ok=True)
+  for name in (*HUB_TOKENIZER_FILES, *HUB_TOKENIZER_CONFIGS):
+    if os.path.exists(os.path.join(source, name)):
+      shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
+  return directory
+
+
 def _placed(imported: dict, fresh):
-  """The imported arrays on the fresh params' devices and shardings; InputError naming the first
+  """The imported arrays on the fresh params' devices and shardings, in their dtypes (the
+  config's: no cast unless an override changed `param_dtype`); InputError naming the first
   parameter whose shape the config changed (an override of a model field)."""
   def place(path, new, like):
     if np.shape(new) != like.shape:

@@ -45,7 +45,8 @@ def tokenizer_for(data: Any, workdir: str | None):
       yield text.decode('utf-8')
 
   def make():
-    return make_tokenizer(data.tokenizer, data.spm_model, data.spm_vocab_size, train_texts, cache)
+    return make_tokenizer(data.tokenizer, data.spm_model, data.spm_vocab_size, train_texts, cache,
+                          data.get('tokenizer_path'))
 
   if cache and data.tokenizer == 'sentencepiece':
     on_lead(lambda: make() and None, 'train the SentencePiece vocabulary')
@@ -63,37 +64,42 @@ def check_corpus(data: Any, splits: dict[str, SplitTokens]) -> None:
 
 
 def model_vocab_size(tokenizer, data: Any, task: str) -> int:
-  """V: the tokenizer's vocabulary, plus the sentinels of span corruption."""
-  return tokenizer.vocab_size + (data.num_sentinels if task == 'span_corruption' else 0)
+  """V: the tokenizer's vocabulary, plus the sentinels span corruption adds (none when the
+  tokenizer has its own `<extra_id_i>`)."""
+  added = tokenizer.added_vocab(data.num_sentinels) if task == 'span_corruption' else 0
+  return tokenizer.vocab_size + added
 
 
-def _examples(tokens: np.ndarray, data: Any, task: str) -> grain.MapDataset:
+def _examples(tokens: np.ndarray, data: Any, task: str, tokenizer) -> grain.MapDataset:
   """The split's packed examples, in order (whole ones only for span corruption)."""
   count = num_examples(len(tokens), data.length, whole_only=task == 'span_corruption')
-  return grain.MapDataset.range(count).map(lambda i: packed(tokens, data.length, i))
+  return grain.MapDataset.range(count).map(
+      lambda i: packed(tokens, data.length, i, tokenizer.pad_id))
 
 
-def _span_corrupted(examples: grain.MapDataset, data: Any, vocab_size: int,
+def _span_corrupted(examples: grain.MapDataset, data: Any, tokenizer,
                     seed: int) -> grain.MapDataset:
-  """Element i's noise is drawn from (seed, i)."""
+  """Element i's noise is drawn from (seed, i); the sentinels are the tokenizer's."""
+  sentinels = tokenizer.sentinel_ids(data.num_sentinels)
   return examples.map_with_index(
-      lambda i, example: corrupted(example, np.random.default_rng([seed, i]), data, vocab_size))
+      lambda i, example: corrupted(example, np.random.default_rng([seed, i]), data, sentinels,
+                                   tokenizer.eos_id))
 
 
-def train_stream(tokens: np.ndarray, data: Any, task: str, vocab_size: int,
+def train_stream(tokens: np.ndarray, data: Any, task: str, tokenizer,
                  seed: int) -> grain.MapDataset:
   """The endless global stream of training examples (random access; see the module's doc)."""
-  stream = _examples(tokens, data, task).shuffle(seed).repeat()
+  stream = _examples(tokens, data, task, tokenizer).shuffle(seed).repeat()
   if task == 'span_corruption':
-    stream = _span_corrupted(stream, data, vocab_size, seed)
+    stream = _span_corrupted(stream, data, tokenizer, seed)
   return stream
 
 
-def train_batches(tokens: np.ndarray, data: Any, task: str, vocab_size: int, batch_size: int,
+def train_batches(tokens: np.ndarray, data: Any, task: str, tokenizer, batch_size: int,
                   seed: int, rows: slice, state: dict | None = None) -> grain.DatasetIterator:
   """This process's `rows` of each global training batch of `batch_size`, from the iterator
   `state` saved in a checkpoint (None: the first batch). `get_state()` says where it is."""
-  stream = train_stream(tokens, data, task, vocab_size, seed)
+  stream = train_stream(tokens, data, task, tokenizer, seed)
   width = rows.stop - rows.start
   own = grain.MapDataset.range(sys.maxsize).map(
       lambda i: stream[i // width * batch_size + rows.start + i % width])
@@ -103,16 +109,16 @@ def train_batches(tokens: np.ndarray, data: Any, task: str, vocab_size: int, bat
   return iterator
 
 
-def eval_batches(tokens: np.ndarray, data: Any, task: str, vocab_size: int, batch_size: int,
+def eval_batches(tokens: np.ndarray, data: Any, task: str, tokenizer, batch_size: int,
                  max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
   """The whole evaluation split (or its first `max_batches`), in order, in full-size batches.
 
   The last batch is completed with all-padding rows (weight 0) so one compiled step serves all.
   Span corruption draws element i's noise from (0, i): the same every evaluation.
   """
-  examples = _examples(tokens, data, task)
+  examples = _examples(tokens, data, task, tokenizer)
   if task == 'span_corruption':
-    examples = _span_corrupted(examples, data, vocab_size, seed=0)
+    examples = _span_corrupted(examples, data, tokenizer, seed=0)
   count = len(examples) if not max_batches else min(len(examples), max_batches * batch_size)
   batches = []
   for start in range(0, count, batch_size):

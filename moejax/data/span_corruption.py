@@ -10,8 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from moejax.data.tokenizers import EOS_ID, PAD_ID
-
 
 def random_segments(total: int, num: int, rng: np.random.Generator) -> np.ndarray:
   """`total` split into `num` positive parts at random (T5's random_segmentation)."""
@@ -35,29 +33,31 @@ def span_corruption_lengths(length: int, noise_density: float,
 
 
 def span_corrupt(tokens: np.ndarray, rng: np.random.Generator, noise_density: float,
-                 mean_span_length: float, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """T5 span corruption of tokens [N] -> (inputs [M], targets [L]), both ending with EOS.
+                 mean_span_length: float, sentinels: np.ndarray,
+                 eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """T5 span corruption of tokens [N] -> (inputs [M], targets [L]), both ending with `eos_id`.
 
   Noise spans are replaced by sentinels in the inputs; the targets list each sentinel followed by
-  the span it replaced. Sentinel i is `vocab_size - 1 - i` (T5's convention: the top ids).
+  the span it replaced. `sentinels` [n]: sentinel i's id (`Tokenizer.sentinel_ids`: T5's
+  `<extra_id_i>`, or the top ids of the vocabulary).
   """
   num_noise, num_spans = span_lengths(len(tokens), noise_density, mean_span_length)
   noise = random_segments(num_noise, num_spans, rng)
   keep = random_segments(len(tokens) - num_noise, num_spans, rng)
   inputs, targets, start = [], [], 0
   for i, (k, n) in enumerate(zip(keep, noise)):
-    sentinel = vocab_size - 1 - i
+    sentinel = int(sentinels[i])
     inputs += [*tokens[start:start + k], sentinel]
     targets += [sentinel, *tokens[start + k:start + k + n]]
     start += k + n
-  return (np.array(inputs + [EOS_ID], np.int32), np.array(targets + [EOS_ID], np.int32))
+  return (np.array(inputs + [eos_id], np.int32), np.array(targets + [eos_id], np.int32))
 
 
 def corrupted(example: dict[str, np.ndarray], rng: np.random.Generator, data: Any,
-              vocab_size: int) -> dict[str, np.ndarray]:
-  """A whole packed LM example -> the encoder-decoder example: inputs [M], input_mask [M],
-  targets [L], weights [L] (`span_corruption_lengths`)."""
+              sentinels: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
+  """A whole packed LM example (no padding) -> the encoder-decoder example: inputs [M],
+  input_mask [M], targets [L], weights [L] (`span_corruption_lengths`), every position real."""
   inputs, targets = span_corrupt(example['targets'], rng, data.noise_density,
-                                 data.mean_span_length, vocab_size)
-  return {'inputs': inputs, 'input_mask': (inputs != PAD_ID).astype(np.float32),
-          'targets': targets, 'weights': (targets != PAD_ID).astype(np.float32)}
+                                 data.mean_span_length, sentinels, eos_id)
+  return {'inputs': inputs, 'input_mask': np.ones(inputs.shape, np.float32),
+          'targets': targets, 'weights': np.ones(targets.shape, np.float32)}

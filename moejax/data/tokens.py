@@ -1,6 +1,6 @@
 """A split as one stream of tokens, tokenized once and memory-mapped by every process.
 
-The documents of a split (`moejax.data.sources.documents`), each tokenized and ended with EOS, are
+The documents of a split (`moejax.data.sources.documents`), each tokenized as `Tokenizer.document` makes it, are
 concatenated into tokens [T] int32 and cut into examples of L tokens (`packed`). Process 0 alone
 prepares the dataset, reads it and writes `<directory>/<key>.npy` (atomically, then `<key>.json`:
 the split's characters and tokens); every process waits for its verdict and memory-maps the file, so
@@ -20,35 +20,29 @@ import numpy as np
 
 from moejax.distributed import on_lead
 from moejax.data.sources import dataset_name, documents
-from moejax.data.tokenizers import EOS_ID, PAD_ID, SentencePieceTokenizer
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitTokens:
   """A split's token stream and how many characters it came from (for nats per character)."""
-  tokens: np.ndarray  # Shape: [T], int32, every document followed by EOS
+  tokens: np.ndarray  # Shape: [T], int32, every document as `Tokenizer.document` makes it
   chars: int
 
 
 def tokenize(texts, tokenizer) -> SplitTokens:
-  """Documents (str or UTF-8 bytes) -> their tokens, each document ended with EOS."""
+  """Documents (str or UTF-8 bytes) -> their tokens, each as `tokenizer.document` makes it
+  (ended with eos, started with bos where the tokenizer adds one)."""
   pieces, chars = [], 0
   for text in texts:
     text = text.decode('utf-8') if isinstance(text, bytes) else text
     chars += len(text)
-    pieces += [tokenizer.encode(text).astype(np.int32), np.array([EOS_ID], np.int32)]
+    pieces.append(tokenizer.document(text))
   tokens = np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
   return SplitTokens(tokens, chars)
 
 
-def tokenizer_key(tokenizer) -> str:
-  if isinstance(tokenizer, SentencePieceTokenizer):
-    return 'spm-' + hashlib.sha256(tokenizer.model_proto).hexdigest()[:16]
-  return type(tokenizer).__name__
-
-
 def _key(data: Any, split: str, tokenizer) -> str:
-  what = [dataset_name(data), split, data.text_key, tokenizer_key(tokenizer)]
+  what = [dataset_name(data), split, data.text_key, tokenizer.key()]
   return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:20]
 
 
@@ -93,10 +87,10 @@ def num_examples(num_tokens: int, length: int, whole_only: bool = False) -> int:
   return num_tokens // length if whole_only else -(-num_tokens // length)
 
 
-def packed(tokens: np.ndarray, length: int, index: int) -> dict[str, np.ndarray]:
+def packed(tokens: np.ndarray, length: int, index: int, pad_id: int) -> dict[str, np.ndarray]:
   """Example `index` of the stream cut into `length` tokens: targets [L] int32, padded with
-  PAD_ID past the end, and weights [L] float32 (1 on real tokens)."""
+  `pad_id` past the end, and weights [L] float32 (1 on real tokens)."""
   piece = np.asarray(tokens[index * length:(index + 1) * length], np.int32)
   pad = length - len(piece)
-  return {'targets': np.pad(piece, (0, pad), constant_values=PAD_ID),
+  return {'targets': np.pad(piece, (0, pad), constant_values=pad_id),
           'weights': np.pad(np.ones(len(piece), np.float32), (0, pad))}

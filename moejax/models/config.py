@@ -28,11 +28,11 @@ KINDS = ('decoder', 'encoder_decoder')
 POSITIONS = ('rotary', 'relative')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # MoeLayer fields a model sets itself: layer field -> the model field it comes from (None: the
-# model decides, `causal` per stack and `param_dtype` float32).
+# model decides, `causal` per stack).
 MOE_FIELDS_SET_BY_MODEL = {'ffn_dim': 'ffn_dim', 'activation': 'activation',
                            'glu': 'glu', 'router_dtype': 'router_dtype',
                            'balancing_bias': 'balancing_bias_rate', 'dtype': 'dtype',
-                           'causal': None, 'param_dtype': None, 'decode_length': None}
+                           'param_dtype': 'param_dtype', 'causal': None, 'decode_length': None}
 MOE_DEFAULTS = {'num_experts': 8}  # MoeLayer fields without a default there
 # Fields only an encoder may use: a causal decoder stack of an encoder-decoder leaves them out.
 ENCODER_ONLY = {'routing': ('experts_choose',), 'batch_prioritized': (True,)}
@@ -53,6 +53,11 @@ class _ModelFields:
   routes tokens-choose in sequence order. A decoder-only model refuses them. With `soft_moe`, the
   encoder's Soft MoE layers take `num_experts`, `slots_per_expert`, `group_size`, `init_scale` and
   the FFN fields; the routing fields apply to the decoder's MoE layers only.
+
+  Dtypes: every param is stored in `param_dtype` but the routers' (float32 whatever it is, as they
+  compute: Switch's selective precision; D x E a layer) and the balancing biases (a float32 state,
+  not a param: rate-sized steps would round away in bfloat16). `dtype` is the compute dtype,
+  a separate choice: params are cast to it, up or down, where they are used.
   """
   vocab_size: int                     # V; the training code sets it from the tokenizer
   kind: str = 'decoder'
@@ -74,6 +79,7 @@ class _ModelFields:
   positions: str | None = None        # None: 'rotary' for decoders, 'relative' (T5) otherwise
   relative_buckets: int = 32
   relative_max_distance: int = 128
+  decoder_start_id: int = 0           # the decoder's first input, before the first target (T5: pad)
   # Mixture of experts: the layout and what the model sets in its MoE layers.
   moe_every: int = 2
   dense_baseline: bool = False
@@ -84,7 +90,10 @@ class _ModelFields:
   # Implementation.
   scan_layers: bool = False
   remat: bool = False
-  dtype: str = 'float32'              # compute dtype; params are float32
+  dtype: str = 'float32'              # compute dtype: params are cast to it, whatever they are
+  # Storage dtype of every param but the routers' (float32 always: `moejax.routers`); an import
+  # takes its checkpoint's.
+  param_dtype: str = 'float32'
 
 
 def _moe_fields() -> list[tuple[str, Any, dataclasses.Field]]:
@@ -138,7 +147,7 @@ class _ModelConfigChecks:
       raise bad('kind', f'it must be one of {KINDS}')
     if self.positions is not None and self.positions not in POSITIONS:
       raise bad('positions', f'it must be one of {POSITIONS} or None')
-    for field in ('dtype', 'router_dtype'):
+    for field in ('dtype', 'router_dtype', 'param_dtype'):
       if getattr(self, field) not in DTYPES:
         raise bad(field, f'it must be one of {tuple(DTYPES)}')
     for field in ('vocab_size', 'num_layers', 'model_dim', 'num_heads', 'ffn_dim',
@@ -206,6 +215,11 @@ class _ModelConfigChecks:
     return DTYPES[self.dtype]
 
   @property
+  def storage_dtype(self):
+    """The params' dtype (`param_dtype`); the routers' params are float32 whatever it is."""
+    return DTYPES[self.param_dtype]
+
+  @property
   def attention_head_dim(self) -> int:
     """A: head_dim, or model_dim // num_heads when it is None."""
     return self.head_dim or self.model_dim // self.num_heads
@@ -233,7 +247,8 @@ class _ModelConfigChecks:
                     else self.routing, batch_prioritized=False)
     return dict(kwargs, ffn_dim=self.ffn_dim, activation=self.activation, glu=self.glu,
                 router_dtype=DTYPES[self.router_dtype], balancing_bias=self.balancing_bias_rate > 0,
-                dtype=self.compute_dtype, causal=causal, decode_length=decode_length)
+                dtype=self.compute_dtype, param_dtype=self.storage_dtype, causal=causal,
+                decode_length=decode_length)
 
   def moe_layer(self, causal: bool, name: str | None = None, decode_length: int | None = None):
     """The MoE layer of a stack: a MoeLayer, or in an encoder with `soft_moe` a SoftMoeLayer."""
@@ -241,7 +256,7 @@ class _ModelConfigChecks:
       return SoftMoeLayer(self.num_experts, self.ffn_dim, slots_per_expert=self.slots_per_expert,
                           group_size=self.group_size, activation=self.activation, glu=self.glu,
                           causal=False, init_scale=self.init_scale, dtype=self.compute_dtype,
-                          name=name)
+                          param_dtype=self.storage_dtype, name=name)
     return MoeLayer(**self.moe_kwargs(causal, decode_length), name=name)
 
   @property

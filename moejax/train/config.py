@@ -33,13 +33,16 @@ def default_config() -> ml_collections.ConfigDict:
       {k: v for k, v in ModelConfig(vocab_size=1).to_dict().items() if k != 'vocab_size'})
   # V; None: the tokenizer's (and span corruption's sentinels). An imported model sets its own.
   config.model.vocab_size = ml_collections.config_dict.placeholder(int)
+  # The decoder's first input; None: the tokenizer's (`Tokenizer.start_id`). An import sets it.
+  config.model.decoder_start_id = ml_collections.config_dict.placeholder(int)
 
   config.data = ml_collections.ConfigDict(dict(
       source='data/tinyshakespeare.txt',  # a local file/directory, or a TFDS name ('lm1b')
       data_dir=ml_collections.config_dict.placeholder(str),  # TFDS data_dir (None: TFDS default)
       text_key='text', train_split='train', eval_split='validation',
       validation_fraction=0.1,           # local text: the last 10% of each file is validation
-      tokenizer='bytes',                 # or 'sentencepiece'
+      tokenizer='bytes',                 # or 'sentencepiece', or 'hub' (tokenizer_path)
+      tokenizer_path=ml_collections.config_dict.placeholder(str),  # a hub dir or tokenizer.json
       spm_model=ml_collections.config_dict.placeholder(str),  # a .model file; None: train one
       spm_vocab_size=1024,
       length=128,                        # L: packed example length
@@ -307,8 +310,8 @@ def check_config(config: ml_collections.ConfigDict) -> ModelConfig:
 def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` with its local paths absolute (data source, vocabulary, TFDS and upcycling
   directories), so a saved run evaluates and samples from any directory."""
-  fields = (('data', 'source'), ('data', 'spm_model'), ('data', 'data_dir'),
-            ('upcycle', 'from_workdir'))
+  fields = (('data', 'source'), ('data', 'spm_model'), ('data', 'tokenizer_path'),
+            ('data', 'data_dir'), ('upcycle', 'from_workdir'))
   for section, field in fields:
     if section in config and config[section].get(field):
       path = config[section][field]
@@ -342,9 +345,11 @@ def write_saved_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.replace(path + '.tmp', path)
 
 
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+def model_config(config: ml_collections.ConfigDict, vocab_size: int,
+                 start_id: int = 0) -> ModelConfig:
   """The run's ModelConfig: config.model with the data's vocabulary size `vocab_size` (or
-  `model.vocab_size` when set: at least the data's, e.g. an imported model's)."""
+  `model.vocab_size` when set: at least the data's, e.g. an imported model's) and the tokenizer's
+  decoder start id `start_id` (or `model.decoder_start_id` when set)."""
   if config.model.vocab_size is not None:
     if config.model.vocab_size < vocab_size:
       raise ConfigError('vocab_size', config.model.vocab_size, f'the data needs {vocab_size} ids '
@@ -355,4 +360,6 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
   if config.model.kind != TASKS[config.task]:
     raise ConfigError('kind', config.model.kind, f'task={config.task!r} needs '
                       f'model.kind={TASKS[config.task]!r}', 'model')
-  return ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': vocab_size})
+  start = config.model.get('decoder_start_id')
+  return ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': vocab_size,
+                                'decoder_start_id': start_id if start is None else start})

@@ -14,14 +14,15 @@ from moejax.models import ModelConfig
 Batch = dict[str, jax.Array]
 
 
-def shift_right(targets: jax.Array) -> jax.Array:
-  """Decoder inputs [B, L]: the targets shifted one to the right, starting with PAD (id 0)."""
-  return jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+def shift_right(targets: jax.Array, start_id: int = 0) -> jax.Array:
+  """Decoder inputs [B, L]: the targets shifted one to the right, starting with `start_id`
+  (`ModelConfig.decoder_start_id`: T5's pad 0, a hub decoder LM's bos)."""
+  return jnp.pad(targets, ((0, 0), (1, 0)), constant_values=start_id)[:, :-1]
 
 
 def model_inputs(config: ModelConfig, batch: Batch) -> tuple:
   """The model's positional inputs (before `deterministic`) from a batch."""
-  decoder = (shift_right(batch['targets']), batch['weights'] > 0)
+  decoder = (shift_right(batch['targets'], config.decoder_start_id), batch['weights'] > 0)
   if config.kind == 'decoder':
     return decoder
   return (batch['inputs'], batch['input_mask'] > 0, *decoder)

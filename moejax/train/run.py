@@ -89,7 +89,7 @@ class Run:
     """This process's rows of each training batch, from a checkpoint's `data_state`."""
     cfg = self.config
     return data_lib.train_batches(self.tokens(cfg.data.train_split).tokens, cfg.data, cfg.task,
-                                  self.model_config.vocab_size, cfg.train.batch_size, cfg.seed,
+                                  self.tokenizer, cfg.train.batch_size, cfg.seed,
                                   self.rows(cfg.train.batch_size), data_state)
 
   def fresh_state(self):
@@ -106,7 +106,7 @@ class Run:
     """This process's rows of each evaluation batch (the whole split, in order)."""
     cfg = self.config
     batches = data_lib.eval_batches(self.tokens(cfg.data.eval_split).tokens, cfg.data, cfg.task,
-                                    self.model_config.vocab_size, cfg.eval.batch_size,
+                                    self.tokenizer, cfg.eval.batch_size,
                                     cfg.eval.max_batches)
     rows = self.rows(cfg.eval.batch_size)
     return [{name: value[rows] for name, value in batch.items()} for batch in batches]
@@ -130,7 +130,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   os.makedirs(workdir, exist_ok=True)
   tokenizer = data_lib.tokenizer_for(config.data, workdir)
   vocab_size = data_lib.model_vocab_size(tokenizer, config.data, config.task)
-  model_cfg = model_config(config, vocab_size)
+  model_cfg = model_config(config, vocab_size, tokenizer.start_id(config.model.kind))
   mesh_shape = (config.mesh.data, config.mesh.expert, config.mesh.model)
   mesh = None
   if np.prod(mesh_shape) > 1:
@@ -138,7 +138,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint.every_steps,
                             config.checkpoint.keep, state_fields(config, model_cfg))
   run = Run(config, workdir, tokenizer, model_cfg, make_model(model_cfg),
-            make_optimizer(config.train), mesh, checkpoints)
+            make_optimizer(config.train, model_cfg.param_dtype), mesh, checkpoints)
   if data_lib.is_local(config.data.source):  # a short local corpus is refused before training
     data_lib.check_corpus(config.data, {split: run.tokens(split) for split in
                                         (config.data.train_split, config.data.eval_split)})

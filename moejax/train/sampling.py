@@ -5,13 +5,16 @@ decoder's attention keys and values, and each MoE layer's expert slots taken so 
 the model's 'cache' collection (`make_model(config, decode_length=L)`). Its logits equal those of
 recomputing the whole window at every step (`tests/test_sampling.py`: to 1e-5, with tokens
 dropped over capacity), for as long as the context fits in the window of the training length L;
-when it is full, the cache is refilled from the last L / 2 tokens of the context.
+when it is full, the cache is refilled from the last L / 2 tokens of the context. A run whose
+`group_size` does not divide L (its routing groups span sequences) samples with each window as
+one group: the group size of sampling is a decode-time choice (`_sampling_model`).
 Without the cache (`cache=False`), every step recomputes a window of L tokens holding the last
 L - 1 tokens of the context: one compiled forward serves every step, and causal attention and
 causal routing make the logits at position n independent of the padding after it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -20,14 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.data.tokenizers import EOS_ID, PAD_ID
 from moejax.balancing import BIAS_COLLECTION
 
 
-def _model_args(inputs, decoder_inputs, decoder_mask) -> tuple:
-  """The model's positional inputs: the encoder's `inputs` (or None, a decoder LM) first."""
+def _model_args(encoder, decoder_inputs, decoder_mask) -> tuple:
+  """The model's positional inputs: the encoder's (inputs [1, L], mask [1, L]) first, or
+  nothing for a decoder LM (`encoder` None)."""
   args = (decoder_inputs, decoder_mask)
-  return args if inputs is None else (inputs, inputs != PAD_ID, *args)
+  return args if encoder is None else (*encoder, *args)
 
 
 def _pick(logits: jax.Array, temperature, rng: jax.Array) -> jax.Array:
@@ -66,26 +69,40 @@ def _prefill_pieces(tokens: list[int], group: int) -> list[list[int]]:
   return [tokens[i:i + group] for i in range(0, len(tokens), group)]
 
 
+def _sampling_model(model: nn.Module, length: int) -> nn.Module:
+  """`model` as it samples one sequence in windows of `length`: routed in the training groups
+  when `group_size` divides the window, else each window as one group. A training group that
+  spans sequences (or cuts one short) cannot be formed from one sequence; a whole window keeps
+  the capacity factor's slots per token, and the cached and uncached samplers agree."""
+  group = model.config.group_size
+  if group is None or length % group == 0:
+    return model
+  return type(model)(dataclasses.replace(model.config, group_size=None))
+
+
 def generate(model: nn.Module, params, prompt: np.ndarray, num_tokens: int, length: int,
-             temperature: float, seed: int, bias_state=None, cache: bool = True) -> np.ndarray:
-  """`num_tokens` new token ids after `prompt` (decoder LM), or from the encoder reading
-  `prompt` (encoder-decoder; it stops at EOS). `length`: the window L. bias_state: the MoE
-  layers' 'balancing_bias_state' collection, for models with balancing biases. cache: decode
-  with the KV cache (see the module's doc)."""
+             temperature: float, seed: int, bias_state=None, cache: bool = True,
+             eos_id: int | None = None) -> np.ndarray:
+  """Up to `num_tokens` new token ids after `prompt` (decoder LM), or from the encoder reading
+  `prompt` (encoder-decoder), stopping at the tokenizer's `eos_id` (None: never; the encoder's
+  input ends with it). `length`: the window L. bias_state: the MoE layers'
+  'balancing_bias_state' collection, for models with balancing biases. cache: decode with the
+  KV cache (see the module's doc)."""
+  model = _sampling_model(model, length)
   variables = {'params': params}
   if bias_state is not None:
     variables[BIAS_COLLECTION] = bias_state
   encoder_decoder = model.config.kind == 'encoder_decoder'
   inputs = None
-  if encoder_decoder:
-    inputs = np.zeros((1, length), np.int32)
-    source = np.append(prompt, EOS_ID)[-length:]
-    inputs[0, :len(source)] = source
+  if encoder_decoder:  # (ids [1, L], mask [1, L]): the prompt, then eos, then padding
+    source = np.asarray(prompt if eos_id is None else np.append(prompt, eos_id))[-length:]
+    inputs = (np.pad(source, (0, length - len(source)))[None].astype(np.int32),
+              (np.arange(length) < len(source))[None])
   context = [] if encoder_decoder else [int(t) for t in prompt]
   step = _cached_steps if cache else _window_steps
   out = []
   for i, token in enumerate(step(model, variables, inputs, context, length, temperature, seed)):
-    if i == num_tokens or (encoder_decoder and token == EOS_ID):
+    if i == num_tokens or token == eos_id:
       break
     context.append(token)
     out.append(token)
@@ -93,26 +110,27 @@ def generate(model: nn.Module, params, prompt: np.ndarray, num_tokens: int, leng
 
 
 def _window_steps(model, variables, inputs, context, length, temperature, seed):
-  """Tokens, each from a window of L recomputed: [PAD, the last L - 1 tokens of the context]."""
+  """Tokens, each from a window of L recomputed: [start, the last L - 1 tokens of the context]
+  (start: `ModelConfig.decoder_start_id`, as in training), padded after it."""
   rng = jax.random.key(seed)
   for i in itertools.count():
-    window = context[-(length - 1):]  # decoder inputs: [PAD, window...], as in training
+    window = context[-(length - 1):]
     decoder_inputs = np.zeros((1, length), np.int32)
-    decoder_inputs[0, 1:len(window) + 1] = window
+    decoder_inputs[0, :len(window) + 1] = [model.config.decoder_start_id, *window]
     yield int(_next_token(model, variables, inputs, decoder_inputs, len(window), temperature,
                           jax.random.fold_in(rng, i)))
 
 
 def _cached_steps(model, variables, inputs, context, length, temperature, seed):
   """Tokens, each from one position fed to the decoding model; `context` grows as they are
-  taken. The cache starts as [PAD, the last L - 1 tokens], and a full one is refilled with
-  [PAD, the last L / 2 - 1]."""
+  taken. The cache starts as [start, the last L - 1 tokens], and a full one is refilled with
+  [start, the last L / 2 - 1] (start: `ModelConfig.decoder_start_id`)."""
   decoding = type(model)(model.config, decode_length=length)
   group = model.config.group_size or length
   rng, i, keep = jax.random.key(seed), 0, length - 1
   while True:
     cache = _empty_cache(decoding, inputs)
-    fed = [PAD_ID, *context[-keep:]] if context else [PAD_ID]
+    fed = [model.config.decoder_start_id, *(context[-keep:] if context else [])]
     keep = max(length // 2 - 1, 1)
     for piece in _prefill_pieces(fed, group):
       token, cache = _decode(decoding, variables, cache, inputs, np.asarray([piece], np.int32),
@@ -133,14 +151,18 @@ SENTINEL = '<X>'
 
 
 def encode_prompt(run, prompt: str) -> np.ndarray:
-  """Token ids of a prompt; for span corruption, each '<X>' becomes the next sentinel id."""
+  """Token ids of a prompt (bos first where the tokenizer starts documents with it); for span
+  corruption, each '<X>' becomes the next of the tokenizer's sentinels."""
+  tokenizer = run.tokenizer
   if run.config.task != 'span_corruption':
-    return run.tokenizer.encode(prompt)
+    return tokenizer.document(prompt)[:-1]  # without the document's eos
+  pieces = prompt.split(SENTINEL)
+  sentinels = tokenizer.sentinel_ids(run.config.data.num_sentinels)
   ids = []
-  for i, piece in enumerate(prompt.split(SENTINEL)):
+  for i, piece in enumerate(pieces):
     if i:
-      ids.append(run.model_config.vocab_size - i)  # sentinel i - 1
-    ids.extend(run.tokenizer.encode(piece))
+      ids.append(int(sentinels[i - 1]))
+    ids.extend(tokenizer.encode(piece))
   return np.asarray(ids, np.int32)
 
 
@@ -149,5 +171,6 @@ def sample_text(run, params, prompt: str, num_tokens: int, temperature: float,
   """Continue `prompt` (decoder), or fill its '<X>' spans (encoder-decoder; the generated
   sentinels are dropped from the text). bias_state: as in `evaluate`."""
   ids = generate(run.model, params, encode_prompt(run, prompt), num_tokens,
-                 run.config.data.length, temperature, seed, bias_state, cache)
+                 run.config.data.length, temperature, seed, bias_state, cache,
+                 run.tokenizer.eos_id)
   return run.tokenizer.decode(ids)
