@@ -35,7 +35,7 @@ def write_checkpoint(directory: str, fields: dict) -> None:
   hub = dict(model_type='mixtral', num_experts_per_tok=2, rms_norm_eps=1e-5, rope_theta=1e6,
              tie_word_embeddings=False, hidden_act='silu', **fields)
   mixtral = FAMILIES['mixtral']
-  layout = mixtral.tensors(mixtral.model_config(hub))
+  layout = mixtral.tensors(mixtral.read(hub))
   shapes = {name: (shape, np.float32)
             for t in layout for name, shape in zip(t.names, t.hub_shapes())}
   rng = np.random.default_rng(0)

@@ -80,29 +80,54 @@ class Tensor:
     return [array.reshape(self.hub_shapes()[0])]
 
 
+# Fields of any hub config.json without effect on moejax's numbers: hub metadata (the tensors,
+# not `torch_dtype`, decide the dtype), the generation cache, initialization, the training losses'
+# coefficients (moejax's `train.*` set them), what the reference returns besides logits, the
+# length rotary positions were trained to (moejax computes them at any position), and the pad id
+# (padding is masked by weights, never by its id).
+HUB_ACCEPTED = ('architectures', 'model_type', 'torch_dtype', 'dtype', 'transformers_version',
+                '_name_or_path', 'use_cache', 'output_router_logits', 'initializer_range',
+                'router_aux_loss_coef', 'max_position_embeddings', 'pad_token_id')
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """How one hub `model_type` maps onto moejax."""
+  """How one hub `model_type` maps onto moejax, and what it does with each config.json field:
+  `implemented` (read into the ModelConfig or the layout, with the reference config class's
+  `defaults` where a file leaves one out), `accepted` (no effect on moejax's numbers; besides
+  HUB_ACCEPTED) or `refused` (field -> the one value moejax implements; another is refused in one
+  line naming it). `tests/test_hub_configs.py` checks the three cover every field of
+  transformers 4.57.6's config class of the family."""
   model_type: str
-  model_config: Callable[[dict], ModelConfig]  # hub config.json -> ModelConfig
+  model_config: Callable[[dict], ModelConfig]  # hub config.json (defaults filled) -> ModelConfig
   tensors: Callable[[ModelConfig], list[Tensor]]  # every param, in hub order
   hub_config: Callable[[ModelConfig], dict]  # the family's config.json fields from a ModelConfig
+  implemented: tuple[str, ...]
+  accepted: tuple[str, ...]
+  refused: dict[str, Any]
+  defaults: dict[str, Any]
+
+  def read(self, hf: dict) -> ModelConfig:
+    """The ModelConfig of a config.json: refused settings raise InputError naming the field."""
+    for field, supported in self.refused.items():
+      if hf.get(field, supported) != supported:
+        raise InputError(f'{self.model_type} checkpoint: {field}={hf[field]!r} is not '
+                         f'supported (only {supported!r})')
+    return self.model_config({**self.defaults, **hf})
 
 
-def _refuse(hf: dict, **unsupported: Any) -> None:
-  """InputError naming the first hub setting moejax does not implement (its value is not the
-  supported one)."""
-  for field, supported in unsupported.items():
-    if hf.get(field, supported) != supported:
-      raise InputError(f'{hf.get("model_type")} checkpoint: {field}={hf[field]!r} is not '
-                       f'supported (only {supported!r})')
+# What every decoder family here refuses: another activation than SwiGLU's, a tied output, rotary
+# scaling, attention dropout (moejax has none: fine-tuning would differ).
+DECODER_REFUSED = dict(hidden_act='silu', tie_word_embeddings=False, rope_scaling=None,
+                       attention_dropout=0.0)
+DECODER_IMPLEMENTED = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
+                       'num_key_value_heads', 'rms_norm_eps', 'rope_theta', 'num_experts_per_tok',
+                       'bos_token_id', 'eos_token_id')
 
 
 def _decoder_fields(hf: dict) -> dict[str, Any]:
   """ModelConfig fields every family here shares: a pre-norm RMSNorm decoder with rotary
   positions, SwiGLU experts, an untied output layer, float32 routers, dropless routing."""
-  _refuse(hf, tie_word_embeddings=False, rope_scaling=None, hidden_act='silu',
-          sliding_window=None, use_sliding_window=False)
   heads, width = hf['num_attention_heads'], hf['hidden_size']
   head_dim = hf.get('head_dim')  # None (or D / H) in most: ModelConfig's None
   return dict(vocab_size=hf['vocab_size'], kind='decoder', num_layers=hf['num_hidden_layers'],
@@ -110,7 +135,7 @@ def _decoder_fields(hf: dict) -> dict[str, Any]:
               model_dim=width, num_heads=heads,
               head_dim=None if head_dim in (None, width // heads) else head_dim,
               num_kv_heads=hf.get('num_key_value_heads') or heads, activation='silu', glu=True,
-              positions='rotary', rope_theta=float(hf.get('rope_theta', 10_000.0)),
+              positions='rotary', rope_theta=float(hf['rope_theta']),
               norm_eps=float(hf['rms_norm_eps']), num_selected_experts=hf['num_experts_per_tok'],
               train_capacity_factor=None, eval_capacity_factor=None, router_dtype='float32')
 
@@ -128,10 +153,11 @@ def _decoder_start(hf: dict) -> int:
 
 def _block(config: ModelConfig, layer: int, stack: str = 'decoder') -> tuple[str, ...]:
   """The params path of block `layer` of a stack (unscanned)."""
-  units = config.num_layers // config.period
-  if layer >= units * config.period:
+  cross = stack == 'decoder' and config.kind == 'encoder_decoder'
+  period = config.stack_period(cross)
+  if layer >= config.stack_layers(cross) // period * period:
     return (stack, f'block_{layer}')
-  return (stack, f'unit_{layer // config.period}', f'block_{layer % config.period}')
+  return (stack, f'unit_{layer // period}', f'block_{layer % period}')
 
 
 def _attention(path: tuple, hub: str, config: ModelConfig,
@@ -184,10 +210,16 @@ def decoder_tensors(config: ModelConfig, moe: Callable[[str, tuple], list[Tensor
     out += _attention((*block, 'attention'), f'{prefix}.self_attn', config)
     out.append(Tensor((*block, 'pre_ffn_norm', 'scale'),
                       (f'{prefix}.post_attention_layernorm.weight',), (d,)))
-    if not config.is_sparse(layer):
-      raise InputError(f'layer {layer} has a dense FFN; only checkpoints whose every layer is '
-                       'sparse are supported for this family')
-    out += moe(prefix, block)
+    if config.is_sparse(layer):
+      out += moe(prefix, block)
+    else:  # a dense SwiGLU FFN (Qwen's mlp_only_layers)
+      f, hub = config.dense_width, f'{prefix}.mlp'
+      out += [Tensor((*block, 'mlp', 'wi', 'kernel'), (f'{hub}.gate_proj.weight',), (d, f),
+                     'linear'),
+              Tensor((*block, 'mlp', 'wi_gate', 'kernel'), (f'{hub}.up_proj.weight',), (d, f),
+                     'linear'),
+              Tensor((*block, 'mlp', 'wo', 'kernel'), (f'{hub}.down_proj.weight',), (f, d),
+                     'linear')]
   return out + [Tensor(('decoder', 'final_norm', 'scale'), ('model.norm.weight',), (d,)),
                 Tensor(('logits', 'kernel'), ('lm_head.weight',), (d, config.vocab_size),
                        'linear')]
@@ -215,7 +247,8 @@ def switch_tensors(config: ModelConfig) -> list[Tensor]:
     out.append(Tensor((stack, 'relative_bias', 'rel_embedding'),
                       (f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',),
                       (config.relative_buckets, config.num_heads), 'same'))
-    for layer in range(config.num_layers):
+    cross = stack == 'decoder'
+    for layer in range(config.stack_layers(cross)):
       block, prefix = _block(config, layer, stack), f'{stack}.block.{layer}.layer'
       out.append(Tensor((*block, 'pre_attention_norm', 'scale'),
                         (f'{prefix}.0.layer_norm.weight',), (d,)))
@@ -230,7 +263,7 @@ def switch_tensors(config: ModelConfig) -> list[Tensor]:
         ffn = 2
       out.append(Tensor((*block, 'pre_ffn_norm', 'scale'),
                         (f'{prefix}.{ffn}.layer_norm.weight',), (d,)))
-      if config.is_sparse(layer):
+      if config.is_sparse(layer, cross):
         out += _experts(config, f'{prefix}.{ffn}.mlp', block,
                         ('experts.expert_{e}.wi', 'experts.expert_{e}.wo'), 'router.classifier')
       else:
@@ -247,40 +280,80 @@ def switch_tensors(config: ModelConfig) -> list[Tensor]:
 
 def _mixtral_config(hf: dict) -> ModelConfig:
   return ModelConfig(**_decoder_fields(hf), ffn_dim=hf['intermediate_size'], moe_every=1,
-                     num_experts=hf['num_local_experts'], normalize_weights=True)
+                     num_experts=hf['num_local_experts'], normalize_weights=True,
+                     jitter_noise=float(hf['router_jitter_noise']))
 
 
 def _olmoe_config(hf: dict) -> ModelConfig:
-  _refuse(hf, clip_qkv=None, attention_bias=False)
   return ModelConfig(**_decoder_fields(hf), ffn_dim=hf['intermediate_size'], moe_every=1,
                      num_experts=hf['num_experts'], normalize_weights=hf['norm_topk_prob'],
                      qk_norm=True)
 
 
 def _qwen_config(hf: dict) -> ModelConfig:
-  _refuse(hf, mlp_only_layers=[], decoder_sparse_step=1)
+  """Qwen2-MoE: layer i is sparse when (i + 1) % decoder_sparse_step == 0 and i is not in
+  mlp_only_layers (moejax's rule, with dense_layers), its dense FFNs intermediate_size wide."""
   width, shared = hf['moe_intermediate_size'], hf['shared_expert_intermediate_size']
   if shared % width:
     raise InputError(f'qwen2_moe checkpoint: shared_expert_intermediate_size={shared} is not a '
                      f'multiple of moe_intermediate_size={width}')
-  return ModelConfig(**_decoder_fields(hf), ffn_dim=width, moe_every=1,
+  return ModelConfig(**_decoder_fields(hf), ffn_dim=width, moe_every=hf['decoder_sparse_step'],
+                     dense_layers=tuple(hf['mlp_only_layers'] or ()),
+                     dense_ffn_dim=hf['intermediate_size'],
                      num_experts=hf['num_experts'], normalize_weights=hf['norm_topk_prob'],
                      attention_bias=hf.get('qkv_bias', True), num_shared_experts=shared // width,
                      shared_expert_gate=True)
 
 
+def switch_sparse(step: int, layer: int) -> bool:
+  """Whether transformers 4.57.6 makes block `layer` of a Switch stack sparse, for its
+  `*_sparse_step` (0: none; a file without the step gets layers // sparse layers, or the number
+  of layers when none is sparse, which still makes block 1 sparse)."""
+  return step > 0 and (step == 1 or layer % step == 1)
+
+
+def _switch_layout(hf: dict) -> dict[str, Any]:
+  """moejax's layout fields (moe_every, decoder_moe_every, dense_layers) for the reference's
+  sparse blocks: steps 0, 1 and 2 are moe_every's own rule; another step k (sparse at
+  i % k == 1) is moe_every 1 with the other blocks in dense_layers, which both stacks share."""
+  layers = {False: hf['num_layers'], True: hf['num_decoder_layers'] or hf['num_layers']}
+  steps = {False: hf['encoder_sparse_step'], True: hf['decoder_sparse_step']}
+  every = {cross: step if step in (0, 1, 2) else 1 for cross, step in steps.items()}
+  dense = sorted({i for cross in (False, True) for i in range(layers[cross])
+                  if every[cross] and (i + 1) % every[cross] == 0
+                  and not switch_sparse(steps[cross], i)})
+  for cross in (False, True):
+    moejax = [every[cross] > 0 and (i + 1) % every[cross] == 0 and i not in dense
+              for i in range(layers[cross])]
+    if moejax != [switch_sparse(steps[cross], i) for i in range(layers[cross])]:
+      raise InputError(f'switch_transformers checkpoint: encoder_sparse_step={steps[False]} with '
+                       f'decoder_sparse_step={steps[True]} is not supported (the two stacks\' '
+                       'dense blocks differ)')
+  return dict(moe_every=every[False], decoder_moe_every=every[True], dense_layers=tuple(dense))
+
+
+def _switch_steps(hf: dict) -> dict:
+  """config.json with both `*_sparse_step` fields, as transformers derives them when absent."""
+  decoder_layers = hf.get('num_decoder_layers') or hf['num_layers']
+  derived = {}
+  for stack, layers in (('encoder', hf['num_layers']), ('decoder', decoder_layers)):
+    sparse = hf[f'num_sparse_{stack}_layers']
+    derived[f'{stack}_sparse_step'] = layers // sparse if sparse > 0 else layers
+  return {**derived, **hf, 'num_decoder_layers': decoder_layers}
+
+
 def _switch_config(hf: dict) -> ModelConfig:
   """Switch Transformers: T5 v1.0 (unscaled attention logits, a relative position bias in each
-  stack, ReLU FFNs, T5's RMSNorm, the output tied to the embedding), every other FFN sparse,
-  top-1, a fixed expert capacity per sequence."""
-  _refuse(hf, dense_act_fn='relu', is_gated_act=False, router_dtype='float32',
-          num_decoder_layers=hf['num_layers'], decoder_sparse_step=hf['encoder_sparse_step'])
-  step = hf['encoder_sparse_step']
-  if step not in (1, 2):  # Hugging Face makes layer i sparse when i % step == 1
-    raise InputError(f'switch_transformers checkpoint: encoder_sparse_step={step}: only 1 and 2 '
-                     'place the sparse layers where moejax does')
+  stack, ReLU FFNs, T5's RMSNorm, the output tied to the embedding), sparse FFNs where
+  `switch_sparse` puts them, top-1, a fixed expert capacity per sequence."""
+  hf = _switch_steps(hf)
+  if hf['router_dtype'] not in ('float32', 'bfloat16'):
+    raise InputError(f'switch_transformers checkpoint: router_dtype={hf["router_dtype"]!r} is '
+                     "not supported (only 'float32' or 'bfloat16')")
   heads, width = hf['num_heads'], hf['d_model']
   return ModelConfig(
+      **_switch_layout(hf), num_decoder_layers=(None if hf['num_decoder_layers'] == hf['num_layers']
+                                                else hf['num_decoder_layers']),
       vocab_size=hf['vocab_size'], kind='encoder_decoder', num_layers=hf['num_layers'],
       model_dim=width, num_heads=heads,
       head_dim=None if hf['d_kv'] * heads == width else hf['d_kv'], ffn_dim=hf['d_ff'],
@@ -288,11 +361,10 @@ def _switch_config(hf: dict) -> ModelConfig:
       relative_buckets=hf['relative_attention_num_buckets'],
       relative_max_distance=hf['relative_attention_max_distance'],
       norm_eps=float(hf['layer_norm_epsilon']), scaled_attention=False,
-      tie_embeddings=hf.get('tie_word_embeddings', True), moe_every=step,
-      decoder_start_id=hf.get('decoder_start_token_id', 0),
+      tie_embeddings=hf['tie_word_embeddings'], decoder_start_id=hf['decoder_start_token_id'],
       num_experts=hf['num_experts'], num_selected_experts=1,
-      expert_capacity=hf['expert_capacity'], router_bias=hf.get('router_bias', False),
-      jitter_noise=float(hf.get('router_jitter_noise', 0.0)), router_dtype='float32')
+      expert_capacity=hf['expert_capacity'], router_bias=hf['router_bias'],
+      jitter_noise=float(hf['router_jitter_noise']), router_dtype=hf['router_dtype'])
 
 
 def _hub_common(config: ModelConfig) -> dict[str, Any]:
@@ -304,14 +376,26 @@ def _hub_common(config: ModelConfig) -> dict[str, Any]:
               bos_token_id=config.decoder_start_id)  # what the decoder reads first
 
 
+def _switch_hub_step(config: ModelConfig, cross: bool) -> int:
+  """The reference's `*_sparse_step` that makes a stack's blocks sparse where moejax's are."""
+  layers = config.stack_layers(cross)
+  sparse = [config.is_sparse(i, cross) for i in range(layers)]
+  for step in range(layers + 1):
+    if sparse == [switch_sparse(step, i) for i in range(layers)]:
+      return step
+  raise InputError(f'no switch_transformers sparse step puts the sparse blocks where this '
+                   f'model has them ({"decoder" if cross else "encoder"}: {sparse})')
+
+
 def _switch_hub_config(config: ModelConfig) -> dict[str, Any]:
-  sparse = config.num_layers // config.moe_every
+  count = lambda cross: sum(config.is_sparse(i, cross) for i in range(config.stack_layers(cross)))
   return dict(architectures=['SwitchTransformersForConditionalGeneration'],
               vocab_size=config.vocab_size, d_model=config.model_dim,
               d_kv=config.attention_head_dim, d_ff=config.ffn_dim, num_layers=config.num_layers,
-              num_decoder_layers=config.num_layers, num_heads=config.num_heads,
-              num_sparse_encoder_layers=sparse, num_sparse_decoder_layers=sparse,
-              encoder_sparse_step=config.moe_every, decoder_sparse_step=config.moe_every,
+              num_decoder_layers=config.stack_layers(True), num_heads=config.num_heads,
+              num_sparse_encoder_layers=count(False), num_sparse_decoder_layers=count(True),
+              encoder_sparse_step=_switch_hub_step(config, False),
+              decoder_sparse_step=_switch_hub_step(config, True), router_dtype=config.router_dtype,
               num_experts=config.num_experts, expert_capacity=config.expert_capacity,
               relative_attention_num_buckets=config.relative_buckets,
               relative_attention_max_distance=config.relative_max_distance,
@@ -329,27 +413,80 @@ def _swiglu_decoder(prefix: str, names: tuple[str, str, str]):
       config, lambda hub, block: _experts(config, f'{hub}.{prefix}', block, names, 'gate'))
 
 
-FAMILIES = {family.model_type: family for family in (
-    Family('mixtral', _mixtral_config, _swiglu_decoder('block_sparse_moe', ('w1', 'w3', 'w2')),
-           lambda config: dict(_hub_common(config), architectures=['MixtralForCausalLM'],
-                               intermediate_size=config.ffn_dim,
-                               num_local_experts=config.num_experts)),
-    Family('olmoe', _olmoe_config,
-           _swiglu_decoder('mlp', ('gate_proj', 'up_proj', 'down_proj')),
-           lambda config: dict(_hub_common(config), architectures=['OlmoeForCausalLM'],
-                               intermediate_size=config.ffn_dim, num_experts=config.num_experts,
-                               norm_topk_prob=config.normalize_weights)),
-    Family('qwen2_moe', _qwen_config,
-           lambda config: decoder_tensors(config, functools.partial(_qwen_moe, config)),
-           lambda config: dict(_hub_common(config), architectures=['Qwen2MoeForCausalLM'],
-                               moe_intermediate_size=config.ffn_dim,
-                               shared_expert_intermediate_size=(config.num_shared_experts
-                                                                * config.ffn_dim),
-                               num_experts=config.num_experts, decoder_sparse_step=1,
-                               mlp_only_layers=[], norm_topk_prob=config.normalize_weights,
-                               qkv_bias=config.attention_bias)),
-    Family('switch_transformers', _switch_config, switch_tensors, _switch_hub_config),
-)}
+# The defaults of transformers 4.57.6's config classes for the fields moejax reads (a file may
+# leave them out: OLMoE-1B-7B-0924 has no rms_norm_eps).
+_DECODER_DEFAULTS = dict(head_dim=None, hidden_act='silu', tie_word_embeddings=False,
+                         rope_scaling=None, attention_dropout=0.0)
+MIXTRAL = Family(
+    'mixtral', _mixtral_config, _swiglu_decoder('block_sparse_moe', ('w1', 'w3', 'w2')),
+    lambda config: dict(_hub_common(config), architectures=['MixtralForCausalLM'],
+                        intermediate_size=config.ffn_dim, num_local_experts=config.num_experts,
+                        router_jitter_noise=config.jitter_noise),
+    implemented=(*DECODER_IMPLEMENTED, 'head_dim', 'intermediate_size', 'num_local_experts',
+                 'router_jitter_noise'),
+    accepted=(),
+    refused=dict(DECODER_REFUSED, sliding_window=None),
+    defaults=dict(_DECODER_DEFAULTS, vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, rope_theta=1e6,
+                  sliding_window=None, num_experts_per_tok=2, num_local_experts=8,
+                  router_jitter_noise=0.0))
+OLMOE = Family(
+    'olmoe', _olmoe_config, _swiglu_decoder('mlp', ('gate_proj', 'up_proj', 'down_proj')),
+    lambda config: dict(_hub_common(config), architectures=['OlmoeForCausalLM'],
+                        intermediate_size=config.ffn_dim, num_experts=config.num_experts,
+                        norm_topk_prob=config.normalize_weights),
+    implemented=(*DECODER_IMPLEMENTED, 'intermediate_size', 'num_experts', 'norm_topk_prob'),
+    accepted=(),
+    refused=dict(DECODER_REFUSED, attention_bias=False, clip_qkv=None),
+    defaults=dict(_DECODER_DEFAULTS, vocab_size=50304, hidden_size=2048, intermediate_size=2048,
+                  num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=None,
+                  rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=50279, rope_theta=1e4,
+                  attention_bias=False, clip_qkv=None, num_experts_per_tok=8, num_experts=64,
+                  norm_topk_prob=False))
+QWEN2_MOE = Family(
+    'qwen2_moe', _qwen_config,
+    lambda config: decoder_tensors(config, functools.partial(_qwen_moe, config)),
+    lambda config: dict(_hub_common(config), architectures=['Qwen2MoeForCausalLM'],
+                        intermediate_size=config.dense_width, moe_intermediate_size=config.ffn_dim,
+                        shared_expert_intermediate_size=config.num_shared_experts * config.ffn_dim,
+                        num_experts=config.num_experts, decoder_sparse_step=config.moe_every,
+                        mlp_only_layers=list(config.dense_layers),
+                        norm_topk_prob=config.normalize_weights, qkv_bias=config.attention_bias),
+    implemented=(*DECODER_IMPLEMENTED, 'intermediate_size', 'decoder_sparse_step',
+                 'moe_intermediate_size', 'shared_expert_intermediate_size', 'num_experts',
+                 'norm_topk_prob', 'mlp_only_layers', 'qkv_bias'),
+    # The window is off unless use_sliding_window (refused), whatever its size and layers.
+    accepted=('sliding_window', 'max_window_layers'),
+    refused=dict(DECODER_REFUSED, use_sliding_window=False),
+    defaults=dict(_DECODER_DEFAULTS, vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                  num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                  rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None, rope_theta=1e4,
+                  use_sliding_window=False, decoder_sparse_step=1, moe_intermediate_size=1408,
+                  shared_expert_intermediate_size=5632, num_experts_per_tok=4, num_experts=60,
+                  norm_topk_prob=False, mlp_only_layers=[], qkv_bias=True))
+SWITCH = Family(
+    'switch_transformers', _switch_config, switch_tensors, _switch_hub_config,
+    implemented=('vocab_size', 'd_model', 'd_kv', 'd_ff', 'expert_capacity', 'num_layers',
+                 'num_sparse_encoder_layers', 'num_decoder_layers', 'num_sparse_decoder_layers',
+                 'encoder_sparse_step', 'decoder_sparse_step', 'num_heads', 'num_experts',
+                 'router_bias', 'router_jitter_noise', 'router_dtype',
+                 'relative_attention_num_buckets', 'relative_attention_max_distance',
+                 'layer_norm_epsilon', 'tie_word_embeddings', 'decoder_start_token_id'),
+    # dropout_rate: training only (moejax fine-tunes with its own model.dropout_rate);
+    # router_ignore_padding_tokens: read by no code of 4.57.6 (moejax never routes padding);
+    # add_router_probs: an output; the eos id is the tokenizer's.
+    accepted=('dropout_rate', 'router_z_loss_coef', 'initializer_factor',
+              'router_ignore_padding_tokens', 'add_router_probs', 'eos_token_id'),
+    refused=dict(dense_act_fn='relu', is_encoder_decoder=True, is_gated_act=False,
+                 feed_forward_proj='relu', router_type='tokens_masked', num_selected_experts=1),
+    defaults=dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, expert_capacity=64,
+                  num_layers=12, num_sparse_encoder_layers=3, num_decoder_layers=None,
+                  num_sparse_decoder_layers=3, num_heads=12, num_experts=8, router_bias=False,
+                  router_jitter_noise=0.01, router_dtype='float32',
+                  relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                  layer_norm_epsilon=1e-6, tie_word_embeddings=True, decoder_start_token_id=0))
+FAMILIES = {family.model_type: family for family in (MIXTRAL, OLMOE, QWEN2_MOE, SWITCH)}
 
 
 def _hub_config(directory: str) -> dict:
@@ -370,7 +507,7 @@ def from_hf(directory: str) -> tuple[ModelConfig, dict]:
   params float32."""
   hf = _hub_config(directory)
   family = FAMILIES[hf['model_type']]
-  config = family.model_config(hf)
+  config = family.read(hf)
   checkpoint = Checkpoint(directory)
   layout = family.tensors(config)
   for tensor in layout:

@@ -42,8 +42,11 @@ ENCODER_ONLY = {'routing': ('experts_choose',), 'batch_prioritized': (True,)}
 class _ModelFields:
   """A decoder-only LM or a T5-style encoder-decoder with a configurable MoE layout.
 
-  Layout: block i (0-based, in each stack) has a sparse FFN when `moe_every > 0` and
-  `(i + 1) % moe_every == 0`: `moe_every=2` is Switch's every other FFN, 1 makes all sparse, 0 none.
+  Layout: block i (0-based, in each stack) has a sparse FFN when `moe_every > 0`,
+  `(i + 1) % moe_every == 0` and i is not in `dense_layers`: `moe_every=2` is Switch's every other
+  FFN, 1 makes all sparse, 0 none. An encoder-decoder's decoder may differ from its encoder
+  (`num_decoder_layers`, `decoder_moe_every`: Switch-C's 15 sparse encoder blocks and 12 dense
+  decoder blocks). Dense FFNs are `dense_ffn_dim` wide (Qwen-MoE's `intermediate_size`).
   `dense_baseline=True` replaces each sparse FFN by a dense FFN of width (K + shared) * F, the
   FLOP-matched twin (same per-token FLOPs up to the router's 2 * D * E).
 
@@ -62,6 +65,7 @@ class _ModelFields:
   vocab_size: int                     # V; the training code sets it from the tokenizer
   kind: str = 'decoder'
   num_layers: int = 4                 # blocks per stack (the encoder-decoder has two stacks)
+  num_decoder_layers: int | None = None  # an encoder-decoder's decoder blocks; None: num_layers
   model_dim: int = 128                # D
   num_heads: int = 4
   head_dim: int | None = None         # None: model_dim // num_heads
@@ -82,6 +86,9 @@ class _ModelFields:
   decoder_start_id: int = 0           # the decoder's first input, before the first target (T5: pad)
   # Mixture of experts: the layout and what the model sets in its MoE layers.
   moe_every: int = 2
+  decoder_moe_every: int | None = None  # an encoder-decoder's decoder layout; None: moe_every
+  dense_layers: tuple[int, ...] = ()  # blocks kept dense in every stack (Qwen's mlp_only_layers)
+  dense_ffn_dim: int | None = None    # the dense FFNs' width; None: ffn_dim
   dense_baseline: bool = False
   balancing_bias_rate: float = 0.0    # > 0: DeepSeek-V3 bias balancing, updated at this rate
   router_dtype: str = 'float32'       # the routers' compute dtype (Switch: float32)
@@ -131,6 +138,11 @@ class _ModelConfigChecks:
       allowed = _field_type(field.type, {**vars(layer_lib), **globals()})
       if Any in allowed:
         continue
+      if typing.get_origin(allowed[0]) is tuple:  # a tuple of ints (a JSON list when loaded)
+        if isinstance(value, (list, tuple)) and all(type(v) is int for v in value):
+          object.__setattr__(self, field.name, tuple(value))
+          continue
+        raise ConfigError(field.name, value, 'it must be a list of ints', 'model')
       ok = any(isinstance(value, t) and not (t is int and isinstance(value, bool))
                for t in allowed)
       if not ok and float in allowed and isinstance(value, int) and not isinstance(value, bool):
@@ -167,10 +179,22 @@ class _ModelConfigChecks:
       raise bad('activation', f'it must be one of {tuple(ACTIVATIONS)}')
     if not 0 <= self.dropout_rate < 1:
       raise bad('dropout_rate', 'it must be in [0, 1)')
-    if self.moe_every < 0:
-      raise bad('moe_every', 'it must be >= 0 (0: no sparse layers)')
-    if self.scan_layers and self.num_layers % self.period:
-      raise bad('num_layers', f'with scan_layers it must be a multiple of moe_every={self.period}')
+    for field in ('num_decoder_layers', 'dense_ffn_dim'):
+      if getattr(self, field) is not None and getattr(self, field) < 1:
+        raise bad(field, 'it must be >= 1, or None')
+    for field in ('moe_every', 'decoder_moe_every'):
+      if (getattr(self, field) or 0) < 0:
+        raise bad(field, 'it must be >= 0 (0: no sparse layers)')
+    most = max(self.stack_layers(False), self.stack_layers(True))
+    if any(not 0 <= i < most for i in self.dense_layers):
+      raise bad('dense_layers', f'each must be a block index in [0, {most})')
+    if self.scan_layers and self.dense_layers:
+      raise bad('dense_layers', 'scan_layers repeats one unit of blocks: use scan_layers=False')
+    for cross in (False, True):
+      if self.scan_layers and self.stack_layers(cross) % self.stack_period(cross):
+        field = 'num_decoder_layers' if cross and self.num_decoder_layers else 'num_layers'
+        raise bad(field, 'with scan_layers it must be a multiple of moe_every='
+                  f'{self.stack_period(cross)}')
     if self.balancing_bias_rate < 0:
       raise bad('balancing_bias_rate', 'it must be >= 0 (0: off)')
     if self.kind == 'decoder':
@@ -184,7 +208,7 @@ class _ModelConfigChecks:
 
   def _check_layers(self):
     """Build each stack's MoE layer, so the layers' own rules check the fields."""
-    if not self.moe_every:
+    if not self.has_sparse_layers:
       return
     try:
       for causal in ((True,) if self.kind == 'decoder' else (False, True)):
@@ -205,10 +229,32 @@ class _ModelConfigChecks:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
+  def stack_layers(self, cross_attention: bool = False) -> int:
+    """Blocks of a stack: num_layers, or num_decoder_layers (when set) for the stack that
+    cross-attends (an encoder-decoder's decoder)."""
+    return (self.num_decoder_layers or self.num_layers) if cross_attention else self.num_layers
+
+  def stack_moe_every(self, cross_attention: bool = False) -> int:
+    """A stack's moe_every: decoder_moe_every (when set) for an encoder-decoder's decoder."""
+    if cross_attention and self.decoder_moe_every is not None:
+      return self.decoder_moe_every
+    return self.moe_every
+
+  def stack_period(self, cross_attention: bool = False) -> int:
+    """Blocks in one repeating unit of a stack's layout (what `nn.scan` scans over)."""
+    return max(self.stack_moe_every(cross_attention), 1)
+
   @property
-  def period(self) -> int:
-    """Blocks in one repeating unit of the layout (what `nn.scan` scans over)."""
-    return max(self.moe_every, 1)
+  def has_sparse_layers(self) -> bool:
+    """Whether any block of any stack has a (possibly dense-baseline) MoE FFN slot."""
+    stacks = (False, True) if self.kind == 'encoder_decoder' else (False,)
+    return any(self.is_sparse(i, cross) for cross in stacks
+               for i in range(self.stack_layers(cross)))
+
+  @property
+  def dense_width(self) -> int:
+    """The width of the layout's dense FFNs: dense_ffn_dim, or ffn_dim."""
+    return self.dense_ffn_dim or self.ffn_dim
 
   @property
   def compute_dtype(self):
@@ -233,9 +279,11 @@ class _ModelConfigChecks:
   def position_kind(self) -> str:
     return self.positions or ('rotary' if self.kind == 'decoder' else 'relative')
 
-  def is_sparse(self, layer: int) -> bool:
-    """Whether block `layer` of a stack has a (possibly dense-baseline) MoE FFN slot."""
-    return self.moe_every > 0 and (layer + 1) % self.moe_every == 0
+  def is_sparse(self, layer: int, cross_attention: bool = False) -> bool:
+    """Whether block `layer` of a stack (`cross_attention`: an encoder-decoder's decoder) has a
+    (possibly dense-baseline) MoE FFN slot."""
+    every = self.stack_moe_every(cross_attention)
+    return every > 0 and (layer + 1) % every == 0 and layer not in self.dense_layers
 
   def moe_kwargs(self, causal: bool = True,
                  decode_length: int | None = None) -> dict[str, Any]:
@@ -285,9 +333,9 @@ def per_token_flops(config: ModelConfig, length: int, target_length: int | None 
   kv_inner = config.kv_heads * config.attention_head_dim
   ffn_mats = 3 if config.glu else 2
 
-  def ffn(layer, encoder):
-    if not config.is_sparse(layer):
-      return 2 * ffn_mats * d * config.ffn_dim
+  def ffn(layer, encoder, cross):
+    if not config.is_sparse(layer, cross):
+      return 2 * ffn_mats * d * config.dense_width
     if config.dense_baseline:
       return 2 * ffn_mats * d * config.dense_baseline_width
     if encoder and config.soft_moe:
@@ -301,8 +349,9 @@ def per_token_flops(config: ModelConfig, length: int, target_length: int | None 
     attention = 2 * 2 * d * (inner + kv_inner) + 2 * 2 * keys * inner
     if cross_keys is not None:  # q, out per target token; k, v per encoder token
       attention += 2 * 2 * d * inner * (1 + cross_ratio) + 2 * 2 * cross_keys * inner
-    return sum(attention + ffn(i, cross_keys is None and config.kind == 'encoder_decoder')
-               for i in range(config.num_layers))
+    cross = cross_keys is not None
+    return sum(attention + ffn(i, not cross and config.kind == 'encoder_decoder', cross)
+               for i in range(config.stack_layers(cross)))
 
   logits = 2 * d * config.vocab_size
   if config.kind == 'decoder':

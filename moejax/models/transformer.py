@@ -4,9 +4,14 @@ Axis legend (DESIGN.md): B batch, L (query) length, M key length, D model width,
 A head width, V vocabulary, F FFN width. Masks are bool, True on real tokens; they are passed
 explicitly (never guessed from token ids here) and reach every MoE layer as its padding mask.
 
-A stack of blocks is a repeat of one *unit* of `config.period` blocks (the MoE layout repeats with
-that period), so `nn.scan` (config.scan_layers) scans over units and still mixes dense and sparse
-blocks; `nn.remat` (config.remat) rematerializes each unit.
+A stack of blocks is a repeat of one *unit* of `config.stack_period(...)` blocks (the MoE layout
+repeats with that period), so `nn.scan` (config.scan_layers) scans over units and still mixes
+dense and sparse blocks; `nn.remat` (config.remat) rematerializes each unit. An encoder-decoder's
+decoder may have its own depth and period (`num_decoder_layers`, `decoder_moe_every`), and
+`dense_layers` keeps chosen blocks dense (unscanned stacks only).
+
+Params are stored in `config.param_dtype` (the MoE routers' in float32) and cast to the compute
+dtype `config.dtype` where they are used; attention softmax and output logits are float32.
 """
 from __future__ import annotations
 
@@ -66,14 +71,16 @@ class RelativePositionBias(nn.Module):
     buckets = relative_bucket(relative, self.bidirectional, cfg.relative_buckets,
                               cfg.relative_max_distance)
     table = self.param('rel_embedding', nn.initializers.normal(0.1),
-                       (cfg.relative_buckets, cfg.num_heads), jnp.float32)  # Shape: [buckets, H]
-    return jnp.transpose(table[buckets], (2, 0, 1))[None]  # Shape: [1, H, L, M]
+                       (cfg.relative_buckets, cfg.num_heads), cfg.storage_dtype)  # [buckets, H]
+    bias = table[buckets].astype(jnp.float32)  # added to float32 logits; Shape: [L, M, H]
+    return jnp.transpose(bias, (2, 0, 1))[None]  # Shape: [1, H, L, M]
 
 
 def rms_norm(config: ModelConfig, name: str, axes: tuple[int, ...] = (-1,)) -> nn.RMSNorm:
   """RMSNorm over `axes` (a scale per feature of them), epsilon `config.norm_eps`."""
-  return nn.RMSNorm(epsilon=config.norm_eps, dtype=config.compute_dtype, reduction_axes=axes,
-                    feature_axes=axes, name=name)
+  return nn.RMSNorm(epsilon=config.norm_eps, dtype=config.compute_dtype,
+                    param_dtype=config.storage_dtype, reduction_axes=axes, feature_axes=axes,
+                    name=name)
 
 
 class Attention(nn.Module):
@@ -98,7 +105,7 @@ class Attention(nn.Module):
     cfg = self.config
     dense = lambda heads, name: nn.DenseGeneral(
         (heads, cfg.attention_head_dim), use_bias=cfg.attention_bias, dtype=cfg.compute_dtype,
-        name=name)
+        param_dtype=cfg.storage_dtype, name=name)
     q = dense(cfg.num_heads, 'query')(x)  # Shape: [B, L, H, A]
     k, v = dense(cfg.kv_heads, 'key')(kv), dense(cfg.kv_heads, 'value')(kv)  # [B, M, KV, A]
     if cfg.qk_norm:
@@ -118,7 +125,7 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
     out = jnp.einsum('bhlm,bmha->blha', probs, v)  # Shape: [B, L, H, A]
     return nn.DenseGeneral(cfg.model_dim, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
-                           name='out')(out)  # Shape: [B, L, D]
+                           param_dtype=cfg.storage_dtype, name='out')(out)  # Shape: [B, L, D]
 
   def _cached(self, k: jax.Array, v: jax.Array, start: jax.Array | int):
     """Write k, v [B, L, KV, A] at `start` into the cache; (every cached key and value [B, M, KV,
@@ -142,7 +149,7 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     dense = lambda features, name: nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype,
-                                            name=name)
+                                            param_dtype=cfg.storage_dtype, name=name)
     hidden = ACTIVATIONS[cfg.activation](dense(self.ffn_dim, 'wi')(x))  # Shape: [B, L, F]
     if cfg.glu:
       hidden = hidden * dense(self.ffn_dim, 'wi_gate')(x)
@@ -200,23 +207,26 @@ class Block(nn.Module):
       y = cfg.moe_layer(self.causal, 'moe', self.decode_length)(
           h, self.deterministic, padding_mask=padding_mask, token_ids=token_ids)
     else:
-      width = cfg.dense_baseline_width if self.sparse else cfg.ffn_dim
+      width = cfg.dense_baseline_width if self.sparse else cfg.dense_width
       y = Mlp(cfg, width, name='mlp')(h)
     return x + drop(y)
 
 
 class Unit(nn.Module):
-  """`config.period` consecutive blocks: one period of the MoE layout (what scan repeats)."""
+  """One period of the stack's MoE layout (what scan repeats): `config.stack_period` blocks,
+  the first of them the stack's block `first`."""
   config: ModelConfig
   causal: bool
   cross_attention: bool
   deterministic: bool
   decode_length: int | None = None
+  first: int = 0
 
   @nn.compact
   def __call__(self, x, padding_mask, self_bias, encoded, encoded_mask, token_ids, start):
-    for i in range(self.config.period):
-      x = Block(self.config, self.config.is_sparse(i), self.causal, self.cross_attention,
+    cfg, cross = self.config, self.cross_attention
+    for i in range(cfg.stack_period(cross)):
+      x = Block(cfg, cfg.is_sparse(self.first + i, cross), self.causal, cross,
                 self.deterministic, self.decode_length, name=f'block_{i}')(
                     x, padding_mask, self_bias, encoded, encoded_mask, token_ids, start)
     return x
@@ -231,7 +241,8 @@ class _ScannedUnit(Unit):
 
 
 class Stack(nn.Module):
-  """num_layers blocks (units of `period`), then a final norm. Plain loop or nn.scan.
+  """The stack's blocks (`config.stack_layers`, in units of `config.stack_period`), then a final
+  norm. Plain loop or nn.scan.
 
   `decode_length` (a causal stack sampling with a cache): each call takes the next L tokens of
   sequences of decode_length, from the position in the 'cache' collection ('index').
@@ -254,7 +265,9 @@ class Stack(nn.Module):
     if cfg.position_kind == 'relative':
       bias = RelativePositionBias(cfg, bidirectional=not self.causal, name='relative_bias')(
           x.shape[1], key_length, start)  # Shape: [1, H, L, M]
-    num_units = cfg.num_layers // cfg.period
+    period = cfg.stack_period(self.cross_attention)
+    num_layers = cfg.stack_layers(self.cross_attention)
+    num_units = num_layers // period
     args = (padding_mask, bias, encoded, encoded_mask, token_ids, start)
     unit_args = (cfg, self.causal, self.cross_attention, deterministic, self.decode_length)
     if cfg.scan_layers:
@@ -270,9 +283,9 @@ class Stack(nn.Module):
     else:
       unit = nn.remat(Unit) if cfg.remat else Unit
       for i in range(num_units):
-        x = unit(*unit_args, name=f'unit_{i}')(x, *args)
+        x = unit(*unit_args, first=i * period, name=f'unit_{i}')(x, *args)
       # Blocks past the last full unit (num_layers not a multiple of period) are dense.
-      for i in range(num_units * cfg.period, cfg.num_layers):
+      for i in range(num_units * period, num_layers):
         x = Block(cfg, False, self.causal, self.cross_attention, deterministic,
                   self.decode_length, name=f'block_{i}')(x, *args)
     return rms_norm(cfg, 'final_norm')(x)
@@ -284,7 +297,8 @@ def output_logits(config: ModelConfig, embed: nn.Embed, x: jax.Array) -> jax.Arr
   x = x.astype(jnp.float32)
   if config.tie_embeddings:
     return (x * config.model_dim ** -0.5) @ embed.embedding.astype(jnp.float32).T
-  return nn.Dense(config.vocab_size, use_bias=False, dtype=jnp.float32, name='logits')(x)
+  return nn.Dense(config.vocab_size, use_bias=False, dtype=jnp.float32,
+                  param_dtype=config.storage_dtype, name='logits')(x)
 
 
 class DecoderLM(nn.Module):
@@ -302,7 +316,7 @@ class DecoderLM(nn.Module):
                deterministic: bool) -> jax.Array:
     cfg = self.config
     embed = nn.Embed(cfg.vocab_size, cfg.model_dim, embedding_init=nn.initializers.normal(1.0),
-                     dtype=cfg.compute_dtype, name='embed')
+                     dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name='embed')
     x = Stack(cfg, causal=True, decode_length=self.decode_length, name='decoder')(
         embed(inputs), padding_mask, deterministic, token_ids=inputs)  # Shape: [B, L, D]
     return output_logits(cfg, embed, x)  # Shape: [B, L, V]
@@ -324,7 +338,7 @@ class EncoderDecoder(nn.Module):
                deterministic: bool) -> jax.Array:
     cfg = self.config
     embed = nn.Embed(cfg.vocab_size, cfg.model_dim, embedding_init=nn.initializers.normal(1.0),
-                     dtype=cfg.compute_dtype, name='embed')
+                     dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name='embed')
     encoded = Stack(cfg, causal=False, name='encoder')(
         embed(inputs), inputs_mask, deterministic, token_ids=inputs)  # Shape: [B, M, D]
     x = Stack(cfg, causal=True, cross_attention=True, decode_length=self.decode_length,

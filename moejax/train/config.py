@@ -266,7 +266,7 @@ def check_mesh(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
     raise ConfigError('data', mesh.data, f'mesh.data x mesh.expert x mesh.model = '
                       f'{mesh.data * mesh.expert * mesh.model} exceeds the {devices} devices',
                       'mesh')
-  if model.moe_every and not model.dense_baseline and model.num_experts % mesh.expert:
+  if model.has_sparse_layers and not model.dense_baseline and model.num_experts % mesh.expert:
     raise ConfigError('expert', mesh.expert, f'it must divide model.num_experts='
                       f'{model.num_experts}', 'mesh')
   if model.ffn_dim % mesh.model:

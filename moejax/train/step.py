@@ -45,7 +45,7 @@ class TrainState:
 
 
 def has_moe(config: ModelConfig) -> bool:
-  return config.moe_every > 0 and not config.dense_baseline
+  return config.has_sparse_layers and not config.dense_baseline
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, batch: Batch,
