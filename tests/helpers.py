@@ -6,7 +6,11 @@ import subprocess
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from moejax import collect_decisions, collect_router_probs
+from moejax.models import make_model
 from moejax.train.config import config_from_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +58,13 @@ def run_cli(capsys, *args, cwd=None) -> tuple[int, str, str]:
   return status, out, err
 
 
+def train_args(workdir, data_dir, *overrides) -> list[str]:
+  """`moejax train` arguments of the smoke config (run from the repo) in `workdir`, its TFDS
+  data_dir in `data_dir`, then `overrides` (--config.<field>=VALUE, flags)."""
+  return ['train', '--config', os.path.join(REPO, SMOKE_CONFIG), '--workdir', str(workdir),
+          f'--config.data.data_dir={data_dir}', *overrides]
+
+
 def smoke_config(data_dir, **train):
   """experiments/configs/smoke.py with its TFDS data_dir in `data_dir` and `train` overrides."""
   config = config_from_file(os.path.join(REPO, SMOKE_CONFIG))
@@ -61,6 +72,31 @@ def smoke_config(data_dir, **train):
   config.data.data_dir = str(data_dir)
   config.train.update(train)
   return config
+
+
+def apply_imported(config, params, reference):
+  """An imported model on a fixture's reference.npz inputs: (logits [B, L, V], then per MoE
+  layer in the reference's order (the encoder's, then the decoder's; each stack's in depth
+  order): router probs [B * L, E], chosen experts [B * L, K], dropped choices [B * L, K])."""
+  ids = jnp.asarray(reference['input_ids'])
+  args = (ids, jnp.ones(ids.shape, bool))
+  if config.kind == 'encoder_decoder':
+    decoder_ids = jnp.asarray(reference['decoder_input_ids'])
+    args += (decoder_ids, jnp.ones(decoder_ids.shape, bool))
+  logits, state = make_model(config).apply({'params': params}, *args, True,
+                                           mutable=['decisions'])
+  flat = lambda x: np.asarray(x).reshape(-1, x.shape[-1])
+  probs, decisions = collect_router_probs(state), collect_decisions(state)
+  names = sorted(probs, key=_layer_order)
+  return (np.asarray(logits), [flat(probs[n]) for n in names],
+          [flat(decisions[n].expert_index) for n in names],
+          [~flat(decisions[n].dispatched) for n in names])
+
+
+def _layer_order(name):
+  """'encoder/unit_3/block_1' -> (0, 3, 1): the encoder first, then depth (not text) order."""
+  stack, unit, block = name.split('/')[:3]
+  return stack != 'encoder', int(unit.split('_')[1]), int(block.split('_')[1])
 
 
 def init_layer(layer, x, **kwargs):

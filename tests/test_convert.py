@@ -7,16 +7,13 @@ import shutil
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, run_cli
-from moejax import collect_decisions, collect_router_probs
+from helpers import REPO, apply_imported, run_cli
 from moejax.convert import from_hf, to_hf
 from moejax.convert.safetensors import Checkpoint, SafetensorsFile, write_safetensors
 from moejax.errors import InputError
-from moejax.models import make_model
 
 FIXTURES = os.path.join(REPO, 'tests', 'fixtures', 'hf')
 FAMILIES = ['mixtral', 'olmoe', 'qwen2_moe', 'switch_transformers']
@@ -26,36 +23,11 @@ def _reference(family):
   return dict(np.load(os.path.join(FIXTURES, family, 'reference.npz')))
 
 
-def _apply(config, params, reference):
-  """(logits [B, L, V], then per MoE layer in the reference's order (the encoder's, then the
-  decoder's; each stack's in depth order): router probs [B * L, E], chosen experts [B * L, K],
-  dropped choices [B * L, K])."""
-  ids = jnp.asarray(reference['input_ids'])
-  args = (ids, jnp.ones(ids.shape, bool))
-  if config.kind == 'encoder_decoder':
-    decoder_ids = jnp.asarray(reference['decoder_input_ids'])
-    args += (decoder_ids, jnp.ones(decoder_ids.shape, bool))
-  logits, state = make_model(config).apply({'params': params}, *args, True,
-                                           mutable=['decisions'])
-  flat = lambda x: np.asarray(x).reshape(-1, x.shape[-1])
-  probs, decisions = collect_router_probs(state), collect_decisions(state)
-  names = sorted(probs, key=_layer_order)
-  return (np.asarray(logits), [flat(probs[n]) for n in names],
-          [flat(decisions[n].expert_index) for n in names],
-          [~flat(decisions[n].dispatched) for n in names])
-
-
-def _layer_order(name):
-  """'encoder/unit_3/block_1' -> (0, 3, 1): the encoder first, then depth (not text) order."""
-  stack, unit, block = name.split('/')[:3]
-  return stack != 'encoder', int(unit.split('_')[1]), int(block.split('_')[1])
-
-
 @pytest.mark.parametrize('family', FAMILIES)
 def test_imported_model_gives_the_reference_logits_probabilities_and_experts(family):
   config, params = from_hf(os.path.join(FIXTURES, family))
   reference = _reference(family)
-  logits, probs, chosen, dropped = _apply(config, params, reference)
+  logits, probs, chosen, dropped = apply_imported(config, params, reference)
   np.testing.assert_allclose(logits, reference['logits'], atol=1e-4, rtol=0)
   assert len(probs) == len(reference['router_probs'])
   for layer, expected in enumerate(reference['router_probs']):
@@ -71,7 +43,7 @@ def test_switch_drops_exactly_the_tokens_the_reference_drops():
   config, params = from_hf(os.path.join(FIXTURES, 'switch_transformers'))
   reference = _reference('switch_transformers')
   assert config.expert_capacity == 3 and int(reference['dropped'].sum()) == 16
-  _, _, _, dropped = _apply(config, params, reference)
+  _, _, _, dropped = apply_imported(config, params, reference)
   np.testing.assert_array_equal(np.stack(dropped)[..., 0], reference['dropped'])
 
 

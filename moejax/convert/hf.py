@@ -339,7 +339,8 @@ def _switch_steps(hf: dict) -> dict:
   for stack, layers in (('encoder', hf['num_layers']), ('decoder', decoder_layers)):
     sparse = hf[f'num_sparse_{stack}_layers']
     derived[f'{stack}_sparse_step'] = layers // sparse if sparse > 0 else layers
-  return {**derived, **hf, 'num_decoder_layers': decoder_layers}
+  given = {k: v for k, v in hf.items() if v is not None}  # a null step: derived, as absent
+  return {**hf, **derived, **given, 'num_decoder_layers': decoder_layers}
 
 
 def _switch_config(hf: dict) -> ModelConfig:
@@ -476,12 +477,15 @@ SWITCH = Family(
     # dropout_rate: training only (moejax fine-tunes with its own model.dropout_rate);
     # router_ignore_padding_tokens: read by no code of 4.57.6 (moejax never routes padding);
     # add_router_probs: an output; the eos id is the tokenizer's.
+    # is_full_sparse: a T5X setting that 4.57.6 does not read.
     accepted=('dropout_rate', 'router_z_loss_coef', 'initializer_factor',
-              'router_ignore_padding_tokens', 'add_router_probs', 'eos_token_id'),
+              'router_ignore_padding_tokens', 'add_router_probs', 'eos_token_id',
+              'is_full_sparse'),
     refused=dict(dense_act_fn='relu', is_encoder_decoder=True, is_gated_act=False,
                  feed_forward_proj='relu', router_type='tokens_masked', num_selected_experts=1),
     defaults=dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, expert_capacity=64,
-                  num_layers=12, num_sparse_encoder_layers=3, num_decoder_layers=None,
+                  num_layers=12, num_sparse_encoder_layers=3,
+                  num_decoder_layers=12,  # 4.57.6's, whatever num_layers is (null: num_layers)
                   num_sparse_decoder_layers=3, num_heads=12, num_experts=8, router_bias=False,
                   router_jitter_noise=0.01, router_dtype='float32',
                   relative_attention_num_buckets=32, relative_attention_max_distance=128,

@@ -1,0 +1,166 @@
+"""Published config.json files, sizes shrunk (tests/fixtures/hf/published, made by
+tools/make_published_fixtures.py from the files in tools/published/): moejax's import against
+transformers 4.57.6 loading the very same file, each family's fields classified, and each fixture's
+own tokenizer against AutoTokenizer's ids."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from helpers import REPO, apply_imported
+from moejax.convert import from_hf
+from moejax.convert.hf import FAMILIES, HUB_ACCEPTED
+from moejax.data.tokenizers import load_hub_tokenizer
+from moejax.errors import InputError
+
+PUBLISHED = os.path.join(REPO, 'tests', 'fixtures', 'hf', 'published')
+CHECKPOINTS = sorted(d for d in os.listdir(PUBLISHED)
+                     if os.path.isdir(os.path.join(PUBLISHED, d)))
+TEXTS = ('The quick brown fox, 42 times.', 'Thé café à Noël: déjà vu.', '東京は晴れです。',
+         'Rocket 🚀 and snake 🐍!')  # tools/make_published_fixtures.py's
+
+
+def _hub(name):
+  with open(os.path.join(PUBLISHED, name, 'config.json')) as f:
+    return json.load(f)
+
+
+def _reference(name):
+  return dict(np.load(os.path.join(PUBLISHED, name, 'reference.npz')))
+
+
+def test_a_fixture_for_each_found_published_config():
+  found = sorted(d for d in os.listdir(os.path.join(REPO, 'tools', 'published'))
+                 if os.path.exists(os.path.join(REPO, 'tools', 'published', d, 'config.json')))
+  assert found and set(found) <= set(CHECKPOINTS)
+
+
+# The fast tier imports one decoder and the Switch-C layout; the slow tier every fixture.
+FAST = ('mistralai__Mixtral-8x7B-v0.1', 'google__switch-c-2048')
+TIERED = [name if name in FAST else pytest.param(name, marks=pytest.mark.slow)
+          for name in CHECKPOINTS]
+
+
+@pytest.mark.parametrize('name', TIERED)
+def test_imported_published_config_gives_the_reference_outputs(name):
+  """Logits to 1e-4, router probabilities to 1e-5, the same experts in the same order, and for
+  Switch the same choices dropped over capacity."""
+  config, params = from_hf(os.path.join(PUBLISHED, name))
+  reference = _reference(name)
+  logits, probs, chosen, dropped = apply_imported(config, params, reference)
+  np.testing.assert_allclose(logits, reference['logits'], atol=1e-4, rtol=0)
+  assert len(probs) == len(reference['router_probs'])
+  for layer, expected in enumerate(reference['router_probs']):
+    np.testing.assert_allclose(probs[layer], expected, atol=1e-5)
+    np.testing.assert_array_equal(chosen[layer], reference['experts'][layer])
+  if 'dropped' in reference:
+    assert reference['dropped'].any()
+    np.testing.assert_array_equal(np.stack(dropped)[..., 0], reference['dropped'])
+  else:
+    assert not np.any(dropped)
+
+
+def test_layouts_with_dense_layers_among_sparse_ones():
+  """Switch-C: 3 sparse encoder blocks and 2 dense decoder blocks (decoder_sparse_step 0);
+  Qwen's variant: block 0 dense by decoder_sparse_step 2, block 1 by mlp_only_layers."""
+  switch_c, _ = from_hf(os.path.join(PUBLISHED, 'google__switch-c-2048'))
+  assert [switch_c.is_sparse(i) for i in range(3)] == [True] * 3
+  assert switch_c.stack_layers(True) == 2
+  assert [switch_c.is_sparse(i, True) for i in range(2)] == [False] * 2
+  qwen, params = from_hf(os.path.join(PUBLISHED, 'Qwen__Qwen2-57B-A14B__dense_layers'))
+  assert [qwen.is_sparse(i) for i in range(4)] == [False, False, False, True]
+  assert params['decoder']['unit_0']['block_0']['mlp']['wi']['kernel'].shape == (32, 48)
+
+
+@pytest.mark.parametrize('name', CHECKPOINTS)
+def test_each_fixture_tokenizer_gives_autotokenizers_ids(name):
+  tokenizer = load_hub_tokenizer(os.path.join(PUBLISHED, name))
+  reference = _reference(name)
+  for i, text in enumerate(TEXTS):
+    np.testing.assert_array_equal(tokenizer.encode(text), reference[f'texts_ids_{i}'])
+    np.testing.assert_array_equal(tokenizer.encode_with_specials(text),
+                                  reference[f'texts_ids_special_{i}'])
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+  # Documents as packed: what AutoTokenizer adds (bos for Mixtral, eos for T5), ended by eos.
+  document = tokenizer.document(TEXTS[0])
+  special = reference['texts_ids_special_0']
+  np.testing.assert_array_equal(document[:len(special)], special)
+  assert document[-1] == tokenizer.eos_id
+
+
+def _fields_of(family: str) -> dict:
+  with open(os.path.join(PUBLISHED, 'reference_config_fields.json')) as f:
+    return json.load(f)[family]
+
+
+def _published_fields(family: str) -> set:
+  return {k for name in CHECKPOINTS if _hub(name)['model_type'] == family for k in _hub(name)}
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_every_field_is_implemented_accepted_or_refused(family):
+  """Each field of the family's transformers 4.57.6 config class, and of its published files,
+  is in exactly one list; the defaults moejax fills in are the class's."""
+  hub_family = FAMILIES[family]
+  lists = [set(hub_family.implemented), set(hub_family.accepted) | set(HUB_ACCEPTED),
+           set(hub_family.refused)]
+  assert all(not (a & b) for i, a in enumerate(lists) for b in lists[i + 1:])
+  reference = _fields_of(family)
+  unclassified = (set(reference) | _published_fields(family)) - set.union(*lists)
+  assert not unclassified, f'{family}: {sorted(unclassified)}'
+  for field, value in hub_family.defaults.items():
+    if field in reference:  # Qwen's mlp_only_layers None means []
+      assert value == reference[field] or (reference[field] is None and value == []), field
+
+
+def _other_values(value, field):
+  """Other valid values of a hub field (a layout field: a few, since two stacks' layouts must
+  agree on their dense blocks)."""
+  if field.endswith('_sparse_step') or field.startswith('num_sparse_'):
+    return [1, 2, 3, 4]
+  if field == 'num_key_value_heads':  # half as many still divide the heads
+    return [value // 2]
+  if isinstance(value, bool):
+    return [not value]
+  if isinstance(value, int):
+    return [value * 2 if value else 1]
+  if isinstance(value, float):
+    return [value + 0.5]
+  if isinstance(value, list):
+    return [[0]]
+  if value is None:
+    return [16]
+  return [{'float32': 'bfloat16'}[value]]
+
+
+def _read_or_none(family, config):
+  try:
+    return family.read(config)
+  except InputError:
+    return None
+
+
+# A field read only when another is absent (decoder start: bos, else eos; Switch's layout: the
+# steps, else the numbers of sparse layers).
+PRECEDED_BY = {'eos_token_id': ('bos_token_id',),
+               'num_sparse_encoder_layers': ('encoder_sparse_step', 'decoder_sparse_step'),
+               'num_sparse_decoder_layers': ('encoder_sparse_step', 'decoder_sparse_step')}
+
+
+@pytest.mark.parametrize('name', CHECKPOINTS)
+def test_each_implemented_field_changes_the_model_and_each_refused_one_is_named(name):
+  hub = _hub(name)
+  family = FAMILIES[hub['model_type']]
+  base = {**family.defaults, **hub}
+  for field in family.implemented:
+    config = {**base, **{k: None for k in PRECEDED_BY.get(field, ())}}
+    before = family.read(config)
+    others = [_read_or_none(family, {**config, field: value})
+              for value in _other_values(config.get(field), field) if value != config.get(field)]
+    assert any(other not in (None, before) for other in others), field
+  for field, supported in family.refused.items():
+    other = 'gelu' if isinstance(supported, str) else _other_values(supported, field)[0]
+    with pytest.raises(InputError, match=f'^{family.model_type} checkpoint: {field}=') as error:
+      family.read({**hub, field: other})
+    assert '\n' not in str(error.value)
