@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import REPO, apply_imported
+from helpers import REPO, apply_imported, run_cli
 from moejax.convert import from_hf
 from moejax.convert.hf import FAMILIES, HUB_ACCEPTED
 from moejax.data.tokenizers import load_hub_tokenizer
@@ -164,3 +164,47 @@ def test_each_implemented_field_changes_the_model_and_each_refused_one_is_named(
     with pytest.raises(InputError, match=f'^{family.model_type} checkpoint: {field}=') as error:
       family.read({**hub, field: other})
     assert '\n' not in str(error.value)
+
+
+@pytest.mark.slow
+def test_an_imported_checkpoint_runs_on_text_with_its_own_tokenizer(tmp_path, tfds_dir, capsys):
+  """import-hf keeps the checkpoint's tokenizer: eval tokenizes the corpus with it (bos first, as
+  Mixtral's documents start), sample stops at its eos, analyze routes several texts."""
+  source = os.path.join(PUBLISHED, 'mistralai__Mixtral-8x7B-v0.1')
+  workdir = tmp_path / 'run'
+  status, _, err = run_cli(
+      capsys, 'import-hf', source, '--workdir', workdir,
+      f'--config.data.source={os.path.join(REPO, "data", "timemachine.txt")}',
+      f'--config.data.data_dir={tfds_dir}', '--config.data.length=32',
+      '--config.eval.max_batches=2', '--config.eval.batch_size=8')
+  assert status == 0, err
+  with open(workdir / 'config.json') as f:
+    saved = json.load(f)
+  assert saved['data']['tokenizer'] == 'hub'
+  assert saved['model']['decoder_start_id'] == 1  # <s>: Mixtral's bos
+  assert sorted(os.listdir(workdir / 'tokenizer')) == sorted(
+      f for f in os.listdir(source) if f.endswith(('.json', '.model')))
+  status, out, err = run_cli(capsys, 'eval', '--workdir', workdir)
+  assert status == 0 and np.isfinite(json.loads(out)['nll']), err
+  tokenizer = load_hub_tokenizer(str(workdir / 'tokenizer'))
+  tokens = [np.load(workdir / 'tokens' / f) for f in os.listdir(workdir / 'tokens')
+            if f.endswith('.npy')]
+  assert all(t[0] == tokenizer.bos_id and (t == tokenizer.eos_id).any() for t in tokens)
+  status, out, err = run_cli(capsys, 'sample', '--workdir', workdir, '--prompt', 'Time',
+                             '--num_tokens', '8')
+  assert status == 0 and '--- sample' in out, err
+  texts = []
+  for i, body in enumerate(TEXTS[:2]):
+    texts.append(tmp_path / f'text{i}.txt')
+    texts[-1].write_text(body * 4)
+  status, out, err = run_cli(capsys, 'analyze', '--workdir', workdir, '--text', texts[0],
+                             '--text', texts[1], '--out', tmp_path / 'analysis')
+  assert status == 0, err
+  with open(tmp_path / 'analysis' / 'routing.json') as f:
+    report = json.load(f)
+  assert list(report['texts']) == ['text0.txt', 'text1.txt']
+  first = report['texts']['text0.txt']
+  assert first['tokens'] == len(tokenizer.document(TEXTS[0] * 4)) - 1
+  for layer in first['layers'].values():
+    assert abs(sum(layer['usage']) - 1) < 1e-6 and 0 <= layer['agreement']['same_first'] <= 1
+  assert os.path.exists(tmp_path / 'analysis' / 'usage_by_text.png')

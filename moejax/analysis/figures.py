@@ -1,5 +1,5 @@
 """Figures of routing (matplotlib, written to files): text coloured by expert (PNG and HTML),
-usage by token class, consecutive-token agreement, expert usage over training."""
+usage by token class, consecutive-token agreement, expert usage by text and over training."""
 from __future__ import annotations
 
 import html
@@ -140,6 +140,36 @@ def agreement_png(path: str, agreement: dict[str, dict], reference: dict | None 
   ax.set_xticks(x, [layer.replace('/', '/\n', 1) for layer in layers], fontsize=8)
   ax.set_ylabel('% of consecutive token pairs')
   ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1, 1))
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def usage_by_text_png(path: str, usage: dict[str, dict[str, list[float]]], most_layers: int = 4):
+  """Mixtral Fig. 7: per layer (the first, the last and evenly spaced ones between, at most
+  `most_layers`), each expert's share of first choices in each text, one colour per text, beside
+  the uniform share 1 / E. `usage`: {text: {layer: [E] shares}}."""
+  plt = _pyplot()
+  texts = list(usage)
+  layers = list(usage[texts[0]])
+  picked = sorted({layers[round(i)] for i in np.linspace(0, len(layers) - 1,
+                                                         min(most_layers, len(layers)))},
+                  key=layers.index)
+  num_experts = len(usage[texts[0]][layers[0]])
+  fig, axes = plt.subplots(len(picked), 1, figsize=(max(6, 0.35 * num_experts * len(texts)),
+                                                   1.9 * len(picked) + 0.6), squeeze=False)
+  width = 0.8 / len(texts)
+  x = np.arange(num_experts)
+  for ax, layer in zip(axes[:, 0], picked):
+    for i, text in enumerate(texts):
+      ax.bar(x + (i - (len(texts) - 1) / 2) * width, 100 * np.asarray(usage[text][layer]), width,
+             label=text)
+    ax.axhline(100 / num_experts, color='grey', lw=0.8, ls='--')
+    ax.set_title(layer, fontsize=8, loc='left')
+    ax.set_ylabel('% first choices', fontsize=7)
+    ax.set_xticks(x, [str(e) for e in x], fontsize=6)
+  axes[-1, 0].set_xlabel('expert (dashed: uniform 1/E)')
+  axes[0, 0].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1, 1))
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

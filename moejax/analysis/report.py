@@ -48,15 +48,18 @@ def layer_report(routing: LayerRouting, dropless: LayerRouting, token_ids: np.nd
                           for i, n, share in expert] for expert in top]}
 
 
-def analyze_run(workdir: str, text: str | None = None, out: str | None = None,
+def analyze_run(workdir: str, text: str | dict[str, str] | None = None, out: str | None = None,
                 step: int | None = None, max_tokens: int = 4096, config=None,
                 at_init: bool = False, stop=None) -> dict | None:
   """Route `text` (default: the start of the validation split) through the run's checkpoint
-  (`step`, default the latest) and write routing.json and the figures into `out` (default
-  <workdir>/analysis). `config`: the run's (default: its saved config.json). `at_init`: route
-  through the run's initial parameters instead (the untrained baseline: what the router does
-  before it learns anything). Returns the report written to routing.json; None, having written
-  nothing, when `stop` (a `moejax.train.stopping.StopRequest`) asks to stop before the writing."""
+  (`step`, default the latest), with the run's own tokenizer, and write routing.json and the
+  figures into `out` (default <workdir>/analysis). `text` may be several named texts ({name:
+  text}): the layers' report and the coloured text are the first's, and routing.json's 'texts'
+  holds each one's expert usage and agreement per layer (usage_by_text.png: Mixtral Fig. 7).
+  `config`: the run's (default: its saved config.json). `at_init`: route through the run's
+  initial parameters instead (the untrained baseline: what the router does before it learns
+  anything). Returns the report written to routing.json; None, having written nothing, when
+  `stop` (a `moejax.train.stopping.StopRequest`) asks to stop before the writing."""
   from moejax.train.config import saved_config
   from moejax.train.resume import load
   from moejax.train.run import open_run
@@ -68,17 +71,24 @@ def analyze_run(workdir: str, text: str | None = None, out: str | None = None,
     state = run.fresh_state()
   else:
     run, state = load(config, workdir, step)
-  text = validation_text(run, 4 * max_tokens) if text is None else text
-  token_ids = run.tokenizer.encode(text)[:max_tokens]
-  if len(token_ids) < 2:
-    raise InputError(f'the text to analyze has {len(token_ids)} token(s); it needs at least 2')
+  if text is None:
+    text = validation_text(run, 4 * max_tokens)
+  texts = text if isinstance(text, dict) else {'text': text}
+  ids = {name: run.tokenizer.document(body)[:-1][:max_tokens] for name, body in texts.items()}
+  for name, token_ids in ids.items():
+    if len(token_ids) < 2:
+      raise InputError(f'the text to analyze ({name}) has {len(token_ids)} token(s); it needs '
+                       'at least 2')
   model_config, length = run.model_config, run.config.data.length
-  route = lambda factor: route_tokens(with_eval_capacity(model_config, factor), state.params,
-                                      token_ids, length, state.balancing_bias_state)
-  routes = route(model_config.eval_capacity_factor)
+  route = lambda factor, token_ids: route_tokens(with_eval_capacity(model_config, factor),
+                                                 state.params, token_ids, length,
+                                                 state.balancing_bias_state)
+  by_text = {name: route(model_config.eval_capacity_factor, token_ids)
+             for name, token_ids in ids.items()}
+  token_ids, routes = ids[next(iter(ids))], by_text[next(iter(ids))]
   if stopped():
     return None
-  dropless = route(None)
+  dropless = route(None, token_ids)
   if stopped():
     return None
   out = out or os.path.join(workdir, 'analysis')
@@ -89,6 +99,11 @@ def analyze_run(workdir: str, text: str | None = None, out: str | None = None,
             'num_selected_experts': model_config.num_selected_experts,
             'layers': {name: layer_report(routes[name], dropless[name], token_ids, run.tokenizer)
                        for name in routes}}
+  if len(texts) > 1:
+    report['texts'] = {text_name: {'tokens': int(len(ids[text_name])), 'layers': {
+        name: {'usage': stats.usage(r.first_choice, r.num_experts).tolist(),
+               'agreement': stats.agreement(r)} for name, r in text_routes.items()}}
+        for text_name, text_routes in by_text.items()}
   with open(os.path.join(out, 'routing.json'), 'w') as f:
     json.dump(report, f, indent=1)
   write_figures(out, report, routes, token_ids, run.tokenizer, None if at_init else workdir)
@@ -97,8 +112,8 @@ def analyze_run(workdir: str, text: str | None = None, out: str | None = None,
 
 def write_figures(out: str, report: dict, routes: dict[str, LayerRouting], token_ids: np.ndarray,
                   tokenizer, workdir: str | None = None):
-  """colored_text.png/.html, class_usage.png, agreement.png, and usage_over_training.png when
-  `workdir` has a metrics.jsonl."""
+  """colored_text.png/.html, class_usage.png, agreement.png, usage_by_text.png when the report
+  has several texts, and usage_over_training.png when `workdir` has a metrics.jsonl."""
   shown = token_ids[:SHOWN_TOKENS]
   pieces = [tokenizer.decode([i]) for i in shown]
   first = {name: r.first_choice[:len(shown)] for name, r in routes.items()}
@@ -113,6 +128,10 @@ def write_figures(out: str, report: dict, routes: dict[str, LayerRouting], token
   figures.agreement_png(os.path.join(out, 'agreement.png'),
                         {name: layer['agreement'] for name, layer in layers.items()},
                         MIXTRAL_SAME_FIRST if num_experts == 8 else None)
+  if 'texts' in report:
+    figures.usage_by_text_png(os.path.join(out, 'usage_by_text.png'), {
+        text: {name: layer['usage'] for name, layer in entry['layers'].items()}
+        for text, entry in report['texts'].items()})
   metrics = os.path.join(workdir, 'metrics.jsonl') if workdir else None
   if metrics and os.path.exists(metrics):
     figures.usage_over_training_png(os.path.join(out, 'usage_over_training.png'),
