@@ -208,3 +208,19 @@ def test_an_imported_checkpoint_runs_on_text_with_its_own_tokenizer(tmp_path, tf
   for layer in first['layers'].values():
     assert abs(sum(layer['usage']) - 1) < 1e-6 and 0 <= layer['agreement']['same_first'] <= 1
   assert os.path.exists(tmp_path / 'analysis' / 'usage_by_text.png')
+
+
+def test_an_imported_switch_model_gets_its_own_sentinels():
+  """Span corruption of an imported Switch checkpoint hides spans behind the tokenizer's own
+  <extra_id_i> (T5's: extra_id_0 the highest), not ids past the model's vocabulary."""
+  from moejax import data
+  source = os.path.join(PUBLISHED, 'google__switch-base-32')
+  config, _ = from_hf(source)
+  tokenizer = load_hub_tokenizer(source)
+  sentinels = tokenizer.sentinel_ids(100)
+  assert sentinels[0] == tokenizer.token_id('<extra_id_0>') == tokenizer.vocab_size - 1
+  assert list(sentinels[:3]) == [tokenizer.vocab_size - 1 - i for i in range(3)]
+  settings = type('Data', (), {'num_sentinels': 100})
+  assert data.model_vocab_size(tokenizer, settings, 'span_corruption') == tokenizer.vocab_size
+  assert tokenizer.vocab_size <= config.vocab_size  # the hub pads the vocabulary to 64
+  assert tokenizer.start_id('encoder_decoder') == config.decoder_start_id == 0

@@ -1,4 +1,5 @@
-"""`moejax import-hf SOURCE --workdir W`: a hub checkpoint as a moejax run at step 0.
+"""`moejax import-hf SOURCE --workdir W`: a hub checkpoint as a moejax run at step 0; `moejax
+export-hf --workdir W --out DIR`: a run's checkpoint as a hub directory.
 
 The work directory then holds what `moejax train` would have written: config.json (the imported
 model's fields in the `model` section, everything else from `--config FILE` or the defaults, then
@@ -8,19 +9,27 @@ optimizer state. `moejax eval | sample | analyze` read it like any run; `moejax 
 --workdir W --config.data.source=...` fine-tunes it on other data. The params are placed on the
 run's mesh one array at a time (`--config.mesh.expert=8` shards the experts), straight from the
 host copy of the import, in the checkpoint's dtype (the imported `model.param_dtype`; an override
-`--config.model.param_dtype=float32` casts a bfloat16 checkpoint up).
+`--config.model.param_dtype=float32` casts a bfloat16 checkpoint up). The family imported is
+recorded in <workdir>/imported_from.json, the default of an export.
+
+An export restores the run's checkpoint as `moejax eval` does and writes it with `to_hf`: shards
+of at most `--max-shard-size` (the hub's units: 5GB is 5 * 10^9 bytes) with their index, the
+run's tokenizer files when it has the hub's (`data.tokenizer='hub'`), and config.json.
 """
 from __future__ import annotations
 
+import json
 import os
-import shutil
+import re
 
 import jax
 import numpy as np
 
-from moejax.convert.hf import from_hf
-from moejax.data.tokenizers import HUB_TOKENIZER_CONFIGS, HUB_TOKENIZER_FILES
+from moejax.convert.hf import FAMILIES, copy_tokenizer, from_hf, hub_model_type, to_hf
 from moejax.errors import InputError
+
+IMPORTED = 'imported_from.json'  # {'source': hub directory, 'model_type': its family}
+SIZE_UNITS = {'': 1, 'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'TB': 10**12}
 
 
 def import_hf(source: str, workdir: str, config_file: str | None,
@@ -29,9 +38,12 @@ def import_hf(source: str, workdir: str, config_file: str | None,
   from moejax.train import config as config_lib
   from moejax.train.run import open_run
   model, params = from_hf(source)
+  model_type = hub_model_type(source)
   config = (config_lib.config_from_file(config_file) if config_file
             else config_lib.default_config())
   config.model.update(model.to_dict())
+  if model.kind == 'encoder_decoder':  # T5's objective: what Switch was trained on
+    config.task = 'span_corruption'
   tokenizer = copy_tokenizer(source, os.path.join(workdir, 'tokenizer'))
   if tokenizer:  # the checkpoint's own; an override may still choose another
     config.data.update(tokenizer='hub', tokenizer_path=tokenizer)
@@ -46,22 +58,61 @@ def import_hf(source: str, workdir: str, config_file: str | None,
   run.checkpoints.save(state, None, force=True)
   if jax.process_index() == 0:
     config_lib.write_saved_config(config, workdir)
+    with open(os.path.join(workdir, IMPORTED), 'w') as f:
+      json.dump({'source': os.path.abspath(source), 'model_type': model_type}, f, indent=1)
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  return {'source': source, 'workdir': workdir, 'parameters': count,
+  return {'source': source, 'workdir': workdir, 'model_type': model_type, 'parameters': count,
           'checkpoint': run.checkpoints.directory, 'step': 0}
 
 
-def copy_tokenizer(source: str, directory: str) -> str | None:
-  """Copy a hub directory's tokenizer files (tokenizer.json, spiece.model or tokenizer.model,
-  and the configs naming its special tokens) into `directory`, which it returns; None, copying
-  nothing, when `source` has no tokenizer."""
-  if not any(os.path.exists(os.path.join(source, f)) for f in HUB_TOKENIZER_FILES):
+def export_hf(workdir: str, out: str, config, step: int | None, max_shard_size: str | None,
+              model_type: str | None) -> dict:
+  """Write the run's checkpoint `step` (default: the newest complete one) of `config` into
+  `out`, a new or empty directory, as a hub checkpoint of `model_type` (default: the family the
+  run was imported from); what was written."""
+  from moejax.train.resume import load
+  if os.path.isdir(out) and os.listdir(out):
+    raise InputError(f'--out {out} is not empty; export into a new or an empty directory')
+  model_type = model_type or imported_model_type(workdir)
+  if model_type is None:
+    raise InputError(f'{workdir} was not imported from the hub (no {IMPORTED}): pass '
+                     f'--model-type ({", ".join(FAMILIES)})')
+  if model_type not in FAMILIES:
+    raise InputError(f'--model-type {model_type!r} is not one moejax exports '
+                     f'({", ".join(FAMILIES)})')
+  max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+  run, state = load(config, workdir, step)
+  run.checkpoints.close()
+  tokenizer = None
+  if config.data.tokenizer == 'hub':  # a hub directory, or a tokenizer.json among its files
+    path = config.data.tokenizer_path
+    tokenizer = path if os.path.isdir(path) else os.path.dirname(path)
+  files = to_hf(run.model_config, state.params, out, model_type, max_bytes, tokenizer)
+  return {'workdir': workdir, 'step': int(jax.device_get(state.step)), 'out': out,
+          'model_type': model_type, 'files': files, 'tokenizer': tokenizer}
+
+
+def imported_model_type(workdir: str) -> str | None:
+  """The family the run in `workdir` was imported from; None when it was not."""
+  path = os.path.join(workdir, IMPORTED)
+  if not os.path.exists(path):
     return None
-  os.makedirs(directory, exist_ok=True)
-  for name in (*HUB_TOKENIZER_FILES, *HUB_TOKENIZER_CONFIGS):
-    if os.path.exists(os.path.join(source, name)):
-      shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
-  return directory
+  try:
+    with open(path) as f:
+      return json.load(f)['model_type']
+  except (ValueError, KeyError, TypeError) as error:
+    raise InputError(f'{path} is damaged ({error!r}): pass --model-type') from None
+
+
+def parse_size(text: str) -> int:
+  """Bytes of a shard size as the hub writes it: '500MB', '5GB' (powers of 1000, any case, a
+  fraction allowed), or a number of bytes."""
+  match = re.fullmatch(r'\s*(\d+(?:\.\d*)?)\s*((?:[kmgt]?b)?)\s*', text, re.IGNORECASE)
+  size = int(float(match[1]) * SIZE_UNITS[match[2].upper()]) if match else 0
+  if size < 1:
+    raise InputError(f'--max-shard-size {text!r} is not a size: a number of bytes, or of KB, MB, '
+                     'GB or TB (5GB: 5 * 10^9 bytes)')
+  return size
 
 
 def _placed(imported: dict, fresh):
