@@ -220,3 +220,29 @@ def test_a_split_is_tokenized_with_a_hub_tokenizer(tmp_path):
   example = data.packed(split.tokens, len(split.tokens) + 3, 0, tokenizer.pad_id)
   assert list(example['targets'][-3:]) == [tokenizer.pad_id] * 3
   assert example['weights'].sum() == len(split.tokens)
+
+
+@pytest.mark.slow
+def test_train_from_scratch_with_any_tokenizer_json(tmp_path, tfds_dir, capsys):
+  """`moejax train` with data.tokenizer='hub': the model's vocabulary is the tokenizer's, the
+  corpus is packed with its eos (and bos), and sampling decodes with it."""
+  from helpers import SMOKE_CONFIG, run_cli
+  directory = _hub_dir(tmp_path, 'byte_level_bpe')
+  tokenizer = load_hub_tokenizer(directory)
+  workdir = tmp_path / 'run'
+  status, out, err = run_cli(
+      capsys, 'train', '--config', os.path.join(REPO, SMOKE_CONFIG), '--workdir', workdir,
+      f'--config.data.data_dir={tfds_dir}', '--config.data.tokenizer=hub',
+      f'--config.data.tokenizer_path={os.path.join(directory, "tokenizer.json")}',
+      '--config.train.num_steps=2', '--config.sample.num_tokens=4')
+  assert status == 0, err
+  with open(workdir / 'config.json') as f:
+    saved = json.load(f)
+  assert saved['data']['tokenizer_path'] == os.path.join(directory, 'tokenizer.json')
+  from moejax.train.config import saved_config
+  from moejax.train.run import open_run
+  run = open_run(saved_config(str(workdir)), str(workdir))
+  assert run.model_config.vocab_size == tokenizer.vocab_size == 400
+  assert run.model_config.decoder_start_id == tokenizer.eos_id  # no bos: the previous eos
+  tokens = run.tokens('train').tokens
+  assert (np.asarray(tokens) == tokenizer.eos_id).sum() >= 1
