@@ -19,18 +19,15 @@ import json
 import os
 
 from moejax.train import config_from_file, loop
+from moejax.train.metrics import read_metrics
 from moejax.train.summary import format_summary
 
 
 def eval_curve(workdir: str) -> dict[int, float]:
   """{step: validation nats/char} from a run's metrics.jsonl."""
-  curve = {}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      record = json.loads(line)
-      if record['split'] == 'eval':
-        curve[record['step']] = record['nats_per_char']
-  return curve
+  return {row['step']: row['nats_per_char']
+          for row in read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+          if row['split'] == 'eval'}
 
 
 def steps_to_reach(curve: dict[int, float], target: float, start: int) -> int | None:

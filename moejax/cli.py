@@ -4,9 +4,11 @@
                 [--config.model.num_experts=16 ...] [--print_config] [--step N] [--restart]
   moejax eval   --workdir runs/x [--step N] [--config.model.eval_capacity_factor=None ...]
   moejax sample --workdir runs/x [--prompt "ROMEO:" --num_tokens 300 --temperature 0.8]
-  moejax analyze --workdir runs/x [--text FILE] [--out DIR] [--at_init]
+  moejax analyze --workdir runs/x [--text FILE [--text FILE2 ...]] [--out DIR] [--at_init]
   moejax ablate SWEEP [--report] [--scale small|base] [--runs_dir DIR] [--results_dir DIR]
   moejax import-hf HUB_DIR --workdir runs/mixtral [--config FILE] [--config.data.source=...]
+  moejax export-hf --workdir runs/mixtral --out DIR [--step N] [--max-shard-size 5GB]
+                   [--model-type mixtral]
 
 Every config field can be set with --config.<section>.<field>=VALUE (a Python literal, None, or
 text). `eval` and `sample` read the run's saved config.json (plus any overrides) unless --config
@@ -24,7 +26,8 @@ import os
 import sys
 import warnings
 
-from moejax.commandline import debug_requested, reporting_errors, split_overrides
+from moejax.commandline import (check_directory, debug_requested, reporting_errors,
+                                split_overrides)
 
 COMMANDS = {'train': 'train (or resume) a run from an experiment config',
             'eval': "evaluate a run's checkpoint on the validation split, as JSON",
@@ -32,7 +35,10 @@ COMMANDS = {'train': 'train (or resume) a run from an experiment config',
             'analyze': "which tokens go to which expert: routing.json and figures of a run's "
                        'checkpoint',
             'import-hf': 'a Hugging Face hub checkpoint (Mixtral, OLMoE, Qwen-MoE, Switch) as a '
-                         'run at step 0 that eval, sample, analyze and train use like any other'}
+                         'run at step 0 that eval, sample, analyze and train use like any other',
+            'export-hf': "a run's checkpoint as a Hugging Face hub directory (safetensors "
+                         "shards and their index, config.json, the run's tokenizer) that "
+                         'transformers loads'}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,12 +84,23 @@ def _parser() -> argparse.ArgumentParser:
                          '; training resumes from it and sets later steps aside'
                          if name == 'train' else ''))
     if name == 'analyze':
-      sub.add_argument('--text', metavar='FILE',
-                       help='UTF-8 text to route (default: the start of the validation split)')
+      sub.add_argument('--text', metavar='FILE', action='append',
+                       help='UTF-8 text to route (default: the start of the validation split); '
+                            'several: expert usage per text too (usage_by_text.png)')
       sub.add_argument('--out', metavar='DIR', help='output directory (default: WORKDIR/analysis)')
       sub.add_argument('--max_tokens', type=int, default=4096, help='tokens of the text routed')
       sub.add_argument('--at_init', action='store_true',
                        help="route through the run's initial parameters (the untrained baseline)")
+    if name == 'export-hf':
+      sub.add_argument('--out', metavar='DIR', required=True,
+                       help='a new or empty directory for the hub files')
+      sub.add_argument('--max-shard-size', metavar='SIZE',
+                       help="shards of at most SIZE ('500MB', '5GB': powers of 1000, as the "
+                            'hub counts) and model.safetensors.index.json (default: one '
+                            'model.safetensors)')
+      sub.add_argument('--model-type', metavar='FAMILY',
+                       help='mixtral, olmoe, qwen2_moe or switch_transformers (default: the '
+                            'family the run was imported from)')
     if name == 'sample':
       sub.add_argument('--prompt', help='text to continue (default: config.sample.prompt)')
       sub.add_argument('--num_tokens', type=int, help='tokens to generate')
@@ -169,14 +186,15 @@ def _analyze(args: argparse.Namespace, config) -> int:
   from moejax.analysis import analyze_run
   from moejax.errors import InputError
   from moejax.train.stopping import agreed_stop, stop_requests
-  text = None
-  if args.text:
+  texts = {}
+  for path in args.text or ():
     try:
-      with open(args.text, encoding='utf-8') as f:
-        text = f.read()
+      with open(path, encoding='utf-8') as f:
+        texts[path if os.path.basename(path) in texts else os.path.basename(path)] = f.read()
     except (OSError, UnicodeDecodeError) as error:
-      raise InputError(f'cannot read --text {args.text}: {error}') from None
-  out = args.out or os.path.join(args.workdir, 'analysis')
+      raise InputError(f'cannot read --text {path}: {error}') from None
+  text = (next(iter(texts.values())) if len(texts) == 1 else texts) if texts else None
+  out = args.out
   with stop_requests() as request:
     report = analyze_run(args.workdir, text, out, args.step, args.max_tokens, config,
                          args.at_init, request)
@@ -185,6 +203,7 @@ def _analyze(args: argparse.Namespace, config) -> int:
   print(f'routed {report["tokens"]} tokens at step {report["step"]} '
         f'(eval capacity factor {report["eval_capacity_factor"]}); wrote {out}/routing.json, '
         'colored_text.png/.html, class_usage.png, agreement.png'
+        + (', usage_by_text.png' if 'texts' in report else '')
         + ('' if args.at_init else ', usage_over_training.png'))
   for name, layer in report['layers'].items():
     a, r = layer['agreement'], layer['router']
@@ -218,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-  from moejax.errors import InputError
-  if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
-    raise InputError(f'--workdir {args.workdir} is a file; it must be a (run) directory')
+  if args.command == 'analyze':
+    args.out = args.out or os.path.join(args.workdir, 'analysis')
+  for flag in ('workdir', 'out'):  # where a command writes (or reads) a directory
+    if getattr(args, flag, None):
+      check_directory(getattr(args, flag), f'--{flag}')
   if args.command == 'import-hf':
     from moejax.convert.workdir import import_hf
     print(json.dumps(import_hf(args.source, args.workdir, args.config, overrides), indent=1))
@@ -231,6 +252,11 @@ def _command(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     return 0
   if args.command == 'analyze':
     return _analyze(args, config)
+  if args.command == 'export-hf':
+    from moejax.convert.workdir import export_hf
+    print(json.dumps(export_hf(args.workdir, args.out, config, args.step, args.max_shard_size,
+                               args.model_type), indent=1))
+    return 0
   return _run(args, config)
 
 

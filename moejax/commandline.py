@@ -29,6 +29,22 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
   return rest, overrides
 
 
+def check_directory(path: str, flag: str) -> None:
+  """Refuse a directory argument (a work, output, runs or results directory) that cannot be
+  one because `path`, or the nearest existing entry above it, is not a directory: an InputError
+  naming it, before any work (not a FileExistsError when it is made)."""
+  from moejax.errors import InputError
+  found = os.path.abspath(path)
+  while not os.path.lexists(found):
+    found = os.path.dirname(found)
+  if os.path.isdir(found):
+    return
+  what = 'a file' if os.path.isfile(found) else 'not a directory'
+  if found == os.path.abspath(path):
+    raise InputError(f'{flag} {path} is {what}; it must be a directory')
+  raise InputError(f'{flag} {path} cannot be made: {found} is {what}')
+
+
 def debug_requested(args: argparse.Namespace) -> bool:
   """--debug, or MOEJAX_DEBUG set (not to 0): show tracebacks instead of one-line errors."""
   return args.debug or os.environ.get('MOEJAX_DEBUG', '') not in ('', '0')

@@ -8,15 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import SMOKE_CONFIG, run_cli as _moejax, sigterm_once_logged, smoke_config
+from helpers import (SMOKE_CONFIG, run_cli as _moejax, sigterm_once_logged, smoke_config,
+                     train_args as _train_args)
 from moejax import cli
 from moejax.train import loop
 from moejax.train.resume import load
-
-
-def _train_args(workdir, data_dir, *overrides):
-  return ['train', '--config', os.path.abspath(SMOKE_CONFIG), '--workdir', str(workdir),
-          f'--config.data.data_dir={data_dir}', *overrides]
 
 
 def _json(out: str) -> dict:

@@ -7,7 +7,8 @@ import sys
 
 from moejax.ablate.sweep import (SCALES, SWEEPS_DIR, SweepError, load_sweep, run_specs,
                                  sweep_names)
-from moejax.commandline import debug_requested, reporting_errors, split_overrides
+from moejax.commandline import (check_directory, debug_requested, reporting_errors,
+                                split_overrides)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,6 +78,8 @@ def ablate(name: str, args: argparse.Namespace,
            overrides: list[tuple[str, str]]) -> int | None:
   """Run one sweep (or rebuild its report) as `args` say; the exit status (None: stopped)."""
   from moejax.ablate import report, runner
+  check_directory(args.runs_dir, '--runs_dir')
+  check_directory(args.results_dir, '--results_dir')
   sweep = load_sweep(name)
   specs = run_specs(sweep, args.scale, overrides)
   suffix = '' if args.scale == 'small' else f'_{args.scale}'

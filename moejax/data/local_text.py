@@ -15,7 +15,7 @@ import re
 
 import tensorflow_datasets as tfds
 
-from moejax.errors import ConfigError
+from moejax.errors import ConfigError, InputError
 
 
 @dataclasses.dataclass
@@ -60,16 +60,29 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
         yield os.path.basename(path), {'text': part}
 
 
-def check_utf8(path: str) -> None:
-  """Refuse a file that is not UTF-8 text, naming it and the first bad byte."""
+def check_utf8(path: str) -> int:
+  """The characters of a file; refuse one that is not UTF-8 text, naming it and the first bad
+  byte."""
   with open(path, 'rb') as f:
     data = f.read()
   try:
-    data.decode('utf-8')
+    return len(data.decode('utf-8'))
   except UnicodeDecodeError as error:
     raise ConfigError('source', path, f'it is not UTF-8 text (byte {error.start}: {error.reason}, '
                       f'{data[error.start:error.start + 4]!r}); convert it, e.g. iconv -f latin1 '
                       '-t utf-8', 'data') from None
+
+
+def check_splits(path: str, lengths: list[int], validation_fraction: float) -> None:
+  """Refuse text that leaves the train or the validation split without a character (TFDS would
+  fail on a split without examples): one line naming `path`. lengths: characters per file."""
+  if not sum(lengths):
+    raise InputError(f'data.source {path} is empty: there is no text to train on')
+  cuts = [int(n * (1 - validation_fraction)) for n in lengths]  # as _generate_examples cuts
+  if not any(cuts) or all(cut == n for cut, n in zip(cuts, lengths)):
+    raise InputError(f'data.source {path} is too short ({sum(lengths)} characters) to cut into '
+                     f'a train and a validation split (data.validation_fraction='
+                     f'{validation_fraction:g})')
 
 
 @functools.lru_cache(maxsize=16)
@@ -77,8 +90,7 @@ def local_text_builder(path: str, validation_fraction: float,
                        data_dir: str | None) -> LocalText:
   """The prepared builder for `path` (prepared on first use into `data_dir`; one per process)."""
   files = _files(path)
-  for file in files:
-    check_utf8(file)
+  check_splits(path, [check_utf8(file) for file in files], validation_fraction)
   signature = '|'.join(f'{os.path.abspath(p)}:{os.path.getsize(p)}:{os.path.getmtime(p)}'
                        for p in files) + f'|{validation_fraction}'
   stem = re.sub(r'[^a-z0-9]+', '_', os.path.basename(os.path.normpath(path)).lower()).strip('_')

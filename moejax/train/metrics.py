@@ -4,8 +4,9 @@ Both are written in the training loop's own thread and flushed at each write, so
 raises `MetricsWriteError` at once (naming the file) instead of killing a writer thread and
 leaving the loop blocked on its queue.
 
-metrics.jsonl is append-only, so a crash (kill -9, a full disk) can leave its last line torn:
-`read_metrics` skips that line with a warning, and the next writer starts on a new line.
+metrics.jsonl is append-only, so a crash (kill -9, a full disk) can leave its last line torn;
+the next writer starts on a new line after it, and `read_metrics` skips torn lines wherever
+they are, with a warning.
 """
 from __future__ import annotations
 
@@ -18,8 +19,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
-from moejax.errors import InputError
 
 
 class MetricsWriteError(OSError):
@@ -103,22 +102,26 @@ def _ends_torn(path: str) -> bool:
 
 
 def read_metrics(path: str) -> list[dict]:
-  """The rows of a metrics.jsonl, in file order. A torn last line is skipped with a warning; a
-  broken line before it is an InputError naming the file and the line."""
+  """The rows of a metrics.jsonl, in file order. Torn lines (a crash mid-write; a resumed run
+  appends after them, so they may be anywhere) are skipped, with one warning naming the file and
+  their line numbers. Every reader of metrics.jsonl reads it here."""
   with open(path) as f:
     lines = f.read().split('\n')
-  rows = []
+  rows, torn = [], []
   for number, line in enumerate(lines, 1):
     if not line.strip():
       continue
     try:
-      rows.append(json.loads(line))
-    except ValueError as error:
-      if any(rest.strip() for rest in lines[number:]):
-        raise InputError(f'{path} line {number} is not JSON ({error}); only a torn last line '
-                         'is expected after a crash') from None
-      warnings.warn(f'{path}: skipping its torn last line {number} (a crash while writing)',
-                    stacklevel=2)
+      row = json.loads(line)
+    except ValueError:
+      row = None
+    if isinstance(row, dict):
+      rows.append(row)
+    else:
+      torn.append(str(number))
+  if torn:
+    warnings.warn(f'{path}: skipping torn line{"s" * (len(torn) > 1)} {", ".join(torn)} '
+                  '(cut short by a crash while writing)', stacklevel=2)
   return rows
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers import SMOKE_CONFIG, run_cli as _moejax, smoke_config
+from helpers import run_cli as _moejax, smoke_config, train_args as _train
 from moejax.train import loop
 from moejax.train.checkpoint import CheckpointError
 
@@ -20,11 +20,6 @@ def _snapshot(directory) -> dict[str, str]:
       with open(path, 'rb') as f:
         files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
   return files
-
-
-def _train(workdir, tfds_dir, *overrides):
-  return ('train', '--config', SMOKE_CONFIG, '--workdir', workdir,
-          f'--config.data.data_dir={tfds_dir}', *overrides)
 
 
 def _eval_nll(capsys, workdir) -> str:
@@ -95,7 +90,7 @@ def test_a_torn_last_metrics_line_is_skipped_and_appended_after(copy_run, tfds_d
   metrics = copy_run / 'metrics.jsonl'
   with open(metrics, 'a') as f:
     f.write('{"step": 6, "split": "tra')  # kill -9 mid-write
-  with pytest.warns(UserWarning, match='skipping its torn last line 7 '):
+  with pytest.warns(UserWarning, match='skipping torn line 7 '):
     status, _, err = _moejax(capsys, 'analyze', '--workdir', copy_run, '--max_tokens', 64)
   assert status == 0, err
   assert _eval_nll(capsys, copy_run)
