@@ -77,8 +77,9 @@ def analyze_run(workdir: str, text: str | dict[str, str] | None = None, out: str
   ids = {name: run.tokenizer.document(body)[:-1][:max_tokens] for name, body in texts.items()}
   for name, token_ids in ids.items():
     if len(token_ids) < 2:
-      raise InputError(f'the text to analyze ({name}) has {len(token_ids)} token(s); it needs '
-                       'at least 2')
+      which = f' ({name})' if len(ids) > 1 else ''
+      raise InputError(f'the text to analyze{which} has {len(token_ids)} token(s); it needs at '
+                       'least 2')
   model_config, length = run.model_config, run.config.data.length
   route = lambda factor, token_ids: route_tokens(with_eval_capacity(model_config, factor),
                                                  state.params, token_ids, length,
