@@ -2,9 +2,10 @@
 decoders and the Switch Transformers encoder-decoder.
 
 `from_hf(directory)` reads a hub directory (config.json, model.safetensors or its shards) into a
-`ModelConfig` and moejax params; `to_hf(config, params, directory)` writes them back in the
-family's layout. Both go one tensor at a time (`moejax.convert.safetensors`): the input is
-memory-mapped and each moejax array is built from its own input tensors only.
+`ModelConfig` and moejax params; `to_hf(config, params, directory, model_type)` writes them back
+in the family's layout (one file, or shards with the hub's index), with a tokenizer's files. Both
+go one tensor at a time (`moejax.convert.safetensors`): the input is memory-mapped, each moejax
+array is built from its own input tensors only, and each hub tensor is written as it is made.
 
 Each family is a table: which config fields become which `ModelConfig` fields (the settings a
 family fixes, such as SwiGLU experts, rotary positions and dropless top-K routing, included), and
@@ -21,14 +22,16 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable, Iterator
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from moejax.convert.safetensors import Checkpoint, write_safetensors
-from moejax.errors import InputError
+from moejax.convert.safetensors import INDEX, SINGLE, Checkpoint, write_checkpoint
+from moejax.data.tokenizers import HUB_TOKENIZER_CONFIGS, HUB_TOKENIZER_FILES
+from moejax.errors import ConfigError, InputError
 from moejax.models import ModelConfig
 
 
@@ -70,14 +73,15 @@ class Tensor:
       return [(self.shape[0] * self.shape[2], self.shape[1])]
     return [self.shape if self.kind == 'same' else (int(np.prod(self.shape)),)]
 
-  def to_hub(self, array: np.ndarray) -> list[np.ndarray]:
+  def to_hub(self, array: np.ndarray) -> Iterator[np.ndarray]:
+    """The hub tensors of `array`, made one at a time (an expert's as it is asked for)."""
     if self.kind == 'experts':
-      return [np.ascontiguousarray(a.T) for a in array]
+      return (np.ascontiguousarray(a.T) for a in array)
     if self.kind == 'linear':
-      return [np.ascontiguousarray(array.reshape(self.hub_shapes()[0][::-1]).T)]
+      return iter([np.ascontiguousarray(array.reshape(self.hub_shapes()[0][::-1]).T)])
     if self.kind == 'shared':
-      return [np.ascontiguousarray(array.transpose(1, 0, 2).reshape(self.shape[1], -1).T)]
-    return [array.reshape(self.hub_shapes()[0])]
+      return iter([np.ascontiguousarray(array.transpose(1, 0, 2).reshape(self.shape[1], -1).T)])
+    return iter([array.reshape(self.hub_shapes()[0])])
 
 
 # Fields of any hub config.json without effect on moejax's numbers: hub metadata (the tensors,
@@ -369,9 +373,12 @@ def _switch_config(hf: dict) -> ModelConfig:
 
 
 def _hub_common(config: ModelConfig) -> dict[str, Any]:
+  """The decoders' shared config.json fields; head_dim only when it is not D / H (a null one
+  breaks transformers 4.57.6's Qwen2-MoE, which reads it wherever the field is)."""
+  head_dim = {} if config.head_dim is None else dict(head_dim=config.head_dim)
   return dict(vocab_size=config.vocab_size, hidden_size=config.model_dim,
               num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-              num_key_value_heads=config.kv_heads, head_dim=config.head_dim,
+              num_key_value_heads=config.kv_heads, **head_dim,
               rope_theta=config.rope_theta, rms_norm_eps=config.norm_eps, hidden_act='silu',
               tie_word_embeddings=False, num_experts_per_tok=config.num_selected_experts,
               bos_token_id=config.decoder_start_id)  # what the decoder reads first
@@ -493,6 +500,12 @@ SWITCH = Family(
 FAMILIES = {family.model_type: family for family in (MIXTRAL, OLMOE, QWEN2_MOE, SWITCH)}
 
 
+def hub_model_type(directory: str) -> str:
+  """The family (config.json's `model_type`) of the hub checkpoint in `directory`; InputError
+  when moejax does not import it."""
+  return _hub_config(directory)['model_type']
+
+
 def _hub_config(directory: str) -> dict:
   path = os.path.join(directory, 'config.json')
   if not os.path.isfile(path):
@@ -544,23 +557,118 @@ def _param_dtype(config: ModelConfig, path: tuple[str, ...]) -> np.dtype:
   return np.dtype(np.float32 if 'router' in path else config.storage_dtype)
 
 
-def to_hf(config: ModelConfig, params: dict, directory: str, model_type: str) -> None:
+def to_hf(config: ModelConfig, params: dict, directory: str, model_type: str,
+          max_shard_bytes: int | None = None, tokenizer_dir: str | None = None) -> list[str]:
   """Write `params` of `config` into `directory` as a hub checkpoint of the family `model_type`
-  ('mixtral', 'olmoe', ...): config.json and model.safetensors. Every tensor is written in the
-  dtype of the expert weights (the params' dtype but the routers', which are float32: a
-  bfloat16 model's router is rounded to bfloat16, as hub checkpoints store it); config.json's
-  `torch_dtype` says which."""
+  ('mixtral', 'olmoe', ...); the files written. The tensors go in the family's order into
+  model.safetensors, or with `max_shard_bytes` into shards of at most that many bytes (a larger
+  tensor has one of its own) named in model.safetensors.index.json, as transformers writes them;
+  one at a time, so beside the params only one param's host copy and one hub tensor are held.
+  With `tokenizer_dir`, its tokenizer files are copied too (`copy_tokenizer`); config.json
+  comes last. Every tensor is written in the dtype of the expert weights (the params' dtype but
+  the routers', which are float32: a bfloat16 model's router is rounded to bfloat16, as hub
+  checkpoints store it); config.json's `torch_dtype` says which. InputError when `params` do
+  not fit the family's layout or `directory` already holds a checkpoint; ConfigError naming a
+  model field the family cannot hold (`_check_config`)."""
+  if model_type not in FAMILIES:
+    raise InputError(f'model_type {model_type!r} is not one moejax exports '
+                     f'({", ".join(FAMILIES)})')
   family = FAMILIES[model_type]
-  os.makedirs(directory, exist_ok=True)
+  _check_config(family, config)
   layout = family.tensors(config)
+  _check_params(layout, params, model_type)
+  _check_no_checkpoint(directory)
+  os.makedirs(directory, exist_ok=True)
+  if tokenizer_dir is not None and copy_tokenizer(tokenizer_dir, directory) is None:
+    raise InputError(f'{tokenizer_dir} holds no tokenizer ({", ".join(HUB_TOKENIZER_FILES)})')
   experts = next((t for t in layout if t.kind == 'experts'), layout[0])
-  dtype = np.asarray(_get(params, experts.path)).dtype
+  dtype = np.dtype(_get(params, experts.path).dtype)
   shapes = {name: (shape, dtype) for t in layout for name, shape in zip(t.names, t.hub_shapes())}
-  write_safetensors(os.path.join(directory, 'model.safetensors'),
-                    _hub_tensors(layout, params, dtype), shapes, {'format': 'pt'})
-  with open(os.path.join(directory, 'config.json'), 'w') as f:
+  files = write_checkpoint(directory, _hub_tensors(layout, params, dtype), shapes,
+                           max_shard_bytes, {'format': 'pt'})
+  with open(os.path.join(directory, 'config.json'), 'w') as f:  # the tokenizer's, replaced
     json.dump(dict(family.hub_config(config), model_type=family.model_type,
                    torch_dtype=dtype.name), f, indent=2)
+  return [*files, 'config.json']
+
+
+def copy_tokenizer(source: str, directory: str) -> str | None:
+  """Copy a hub directory's tokenizer files (tokenizer.json, spiece.model or tokenizer.model,
+  and the configs naming its special tokens) into `directory`, which it returns; None, copying
+  nothing, when `source` has no tokenizer."""
+  if not any(os.path.exists(os.path.join(source, f)) for f in HUB_TOKENIZER_FILES):
+    return None
+  os.makedirs(directory, exist_ok=True)
+  for name in (*HUB_TOKENIZER_FILES, *HUB_TOKENIZER_CONFIGS):
+    if os.path.exists(os.path.join(source, name)):
+      shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
+  return directory
+
+
+# ModelConfig fields an export leaves behind: how moejax stores, trains or runs a model, not
+# what the family's model computes from its tensors (it routes without capacity, or with
+# Switch's expert_capacity, in the dtype it is loaded in).
+RUN_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'dropout_rate', 'expert_dropout',
+              'jitter_noise', 'dispatch', 'block_size', 'group_size', 'train_capacity_factor',
+              'eval_capacity_factor', 'min_expert_capacity', 'load_balancing_loss_scale',
+              'init_scale', 'router_init_scale')
+
+
+def _check_config(family: Family, config: ModelConfig) -> None:
+  """ConfigError naming the first model field whose value the family's checkpoint cannot hold:
+  its config.json, read back, would make another model (OLMoE's qk_norm in a Mixtral file)."""
+  try:
+    expected = _computed(family.read(family.hub_config(config)))
+  except ConfigError as error:  # Qwen2-MoE's without a shared expert, say
+    raise InputError(f'no {family.model_type} checkpoint holds this model: {error}') from None
+  for field, value in _computed(config).items():
+    if value != expected[field]:
+      shown = '' if value == getattr(config, field) else f' (here {value!r})'
+      raise ConfigError(field, getattr(config, field),
+                        f'{family.model_type} checkpoints hold {expected[field]!r}{shown}',
+                        'model')
+
+
+def _computed(config: ModelConfig) -> dict[str, Any]:
+  """The fields of `config` that decide what its model computes (RUN_FIELDS left out), a None
+  that stands for a value resolved, and the layout as which blocks of each stack are sparse
+  (under moe_every)."""
+  stacks = (False, True) if config.kind == 'encoder_decoder' else (False,)
+  sparse = tuple(tuple(config.is_sparse(i, cross) for i in range(config.stack_layers(cross)))
+                 for cross in stacks)
+  fields = {k: v for k, v in config.to_dict().items()
+            if k not in (*RUN_FIELDS, 'decoder_moe_every', 'dense_layers')}
+  return dict(fields, head_dim=config.attention_head_dim, num_kv_heads=config.kv_heads,
+              positions=config.position_kind, moe_every=sparse,
+              num_decoder_layers=config.stack_layers(True) if len(stacks) == 2 else None,
+              dense_ffn_dim=config.dense_width if not all(map(all, sparse)) else None)
+
+
+def _check_params(layout: list[Tensor], params: dict, model_type: str) -> None:
+  """InputError naming the first param missing from `params`, left over, or of another shape
+  than the family's layout of the config gives it."""
+  found = dict(_leaves(params))
+  for tensor in layout:
+    name = '/'.join(tensor.path)
+    if tensor.path not in found:
+      raise InputError(f'{model_type} export: the params have no {name}, which '
+                       f'{model_type} checkpoints of this config hold')
+    if tuple(found.pop(tensor.path).shape) != tensor.shape:
+      raise InputError(f'{model_type} export: param {name} is not {list(tensor.shape)}, its '
+                       f'shape in {model_type} checkpoints of this config')
+  if found:
+    raise InputError(f'{model_type} export: param {"/".join(next(iter(found)))} has no place in '
+                     f'{model_type} checkpoints')
+
+
+def _check_no_checkpoint(directory: str) -> None:
+  """InputError when `directory` holds hub weights that an export would mix with its own."""
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  held = [n for n in names if n in (SINGLE, INDEX)
+          or (n.startswith('model-') and n.endswith('.safetensors'))]
+  if held:
+    raise InputError(f'{directory} already holds a checkpoint ({sorted(held)[0]}); export into '
+                     'an empty directory')
 
 
 def _hub_tensors(layout: list[Tensor], params: dict,
@@ -579,3 +687,11 @@ def _get(tree: dict, path: tuple[str, ...]):
   for key in path:
     tree = tree[key]
   return tree
+
+
+def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      yield from _leaves(value, (*prefix, key))
+    else:
+      yield (*prefix, key), value
