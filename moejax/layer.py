@@ -123,7 +123,8 @@ class MoeLayer(nn.Module):
       'per_choice' (1 at uniform routing for every K) or 'per_token' (K at uniform routing:
       GShard's, flaxformer's and ST-MoE's top-K value); see `routing.load_balancing_loss`.
     dtype: compute dtype of dispatch, experts and combine.
-    param_dtype: storage dtype of the expert weights.
+    param_dtype: storage dtype of the expert weights, the shared experts and their gate; the
+      router's params are float32 whatever it is (`moejax.routers`).
     decode_length: decode sequences of this length a few tokens at a time (a model sampling with a
       KV cache sets it; not a ModelConfig field): each call takes the next T tokens of every
       sequence (the 'cache' collection holds where they start and each expert's slots taken so

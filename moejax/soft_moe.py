@@ -25,7 +25,8 @@ class SoftMoeLayer(nn.Module):
   Per group of S tokens, each of the E * P slots (P = slots_per_expert) is a softmax-weighted
   mixture of all the group's real tokens (softmax over tokens), each expert runs on its P slots,
   and each token's output is a softmax-weighted mixture of all slot outputs (softmax over slots).
-  Logits [G, S, E * P] = scale * l2norm(x) . l2norm(phi) in float32, phi [D, E * P] learned.
+  Logits [G, S, E * P] = scale * l2norm(x) . l2norm(phi) in float32, phi [D, E * P] learned
+  (phi and scale, its router, are float32 params whatever `param_dtype` is).
   Every slot sees every token of the group, later ones included: encoders only (causal=False;
   True raises). Padded tokens enter no slot and get zeros. No aux losses or metrics are sown.
 

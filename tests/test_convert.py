@@ -180,16 +180,25 @@ def test_an_import_whose_overrides_change_the_architecture_is_refused(tmp_path, 
 
 @pytest.mark.slow
 def test_the_import_streams_one_tensor_at_a_time(tmp_path):
-  """Peak memory of an import (a 58 MiB generated checkpoint, in a fresh process): the output
-  and about one param more, far from the 2 x output of reading everything, then converting."""
+  """Peak memory of an import (58 MiB float32 and 54 MiB bfloat16 generated checkpoints, each in
+  a fresh process): the output and about one param more, far from the 2 x output of reading
+  everything, then converting; placed on the device in the checkpoint's dtype."""
   result = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'import_memory.py'),
                            '--small', '--out', str(tmp_path / 'memory.json')],
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   with open(tmp_path / 'memory.json') as f:
     measured = json.load(f)
-  assert measured['output_bytes'] >= 50 * 2**20
-  assert measured['growth_bytes'] < 1.5 * measured['output_bytes']
+  for case, numbers in measured.items():  # each checkpoint, then the bfloat16 one as float32
+    assert numbers['output_bytes'] >= 50 * 2**20
+    assert numbers['growth_bytes'] < 1.5 * numbers['output_bytes']
+    placed = numbers['device']['live_arrays_bytes']
+    if case == 'bfloat16_as_float32':  # every bfloat16 param doubled, the routers as they were
+      assert placed == 2 * numbers['output_bytes'] - numbers['float32_router_bytes']
+    else:  # the import's own dtypes
+      assert placed == numbers['output_bytes']
+  assert [measured[dtype]['param_dtype'] for dtype in ('float32', 'bfloat16')] == [
+      'float32', 'bfloat16']
 
 
 def test_an_import_is_placed_on_a_mesh_with_the_experts_sharded(tmp_path, tfds_dir):

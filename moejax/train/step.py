@@ -36,7 +36,7 @@ from moejax.train.inputs import Batch, loss_weights, model_inputs
 @struct.dataclass
 class TrainState:
   step: jax.Array                # int32 [], batches consumed (skipped updates included)
-  params: Any                    # float32
+  params: Any                    # in model.param_dtype, the routers' float32
   opt_state: Any
   rng: jax.Array                 # uint32 [2], base key; step s uses fold_in(rng, s)
   nonfinite_in_a_row: jax.Array  # int32 []
