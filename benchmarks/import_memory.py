@@ -1,7 +1,7 @@
 """Memory of importing a Hugging Face checkpoint and evaluating one batch with it, float32 and
 bfloat16, on generated Mixtral-shaped checkpoints.
 
-  python benchmarks/import_memory.py             # 1.7 GB float32, 1.6 GB bfloat16 (README's figures)
+  python benchmarks/import_memory.py             # 1.7 GB float32, 1.6 GB bfloat16 (the README's)
   python benchmarks/import_memory.py --small     # 58 MB float32, 54 MB bfloat16, in a minute
   python benchmarks/import_memory.py --dtype bfloat16   # one checkpoint's cases
 

@@ -124,8 +124,13 @@ def test_a_bfloat16_import_takes_the_checkpoints_bytes_plus_its_float32_routers(
 
 
 @pytest.mark.parametrize('family', FAMILIES)
-def test_a_bfloat16_import_exports_bit_for_bit(family, bf16_hub, tmp_path):
+def test_a_bfloat16_import_has_the_models_dtypes_and_exports_bit_for_bit(family, bf16_hub,
+                                                                         tmp_path):
   config, params = from_hf(bf16_hub[family])
+  assert config.param_dtype == 'bfloat16'
+  ids = jnp.zeros((1, 8), jnp.int32)  # every param in the dtype the model creates it in
+  assert jax.tree.map(lambda x: x.dtype, params) == jax.tree.map(
+      lambda s: np.dtype(s.dtype), _init_shapes(config, ids))
   to_hf(config, params, str(tmp_path), family)
   original, exported = Checkpoint(bf16_hub[family]), Checkpoint(str(tmp_path))
   assert exported.names() == original.names()
@@ -155,8 +160,9 @@ def test_the_checkpoints_expert_weights_decide_its_dtype(cast, expected, tmp_pat
   for path, x in _paths(params).items():
     assert x.dtype == (np.float32 if "['router']" in path else config.storage_dtype), path
   name = 'model.layers.0.post_attention_layernorm.weight'  # float32 or float16 there
+  expected = source.tensor(name).astype(dtype(name)).astype(config.storage_dtype)
   np.testing.assert_array_equal(params['decoder']['unit_0']['block_0']['pre_ffn_norm']['scale'],
-                                source.tensor(name).astype(dtype(name)).astype(config.storage_dtype))
+                                expected)
 
 
 # Largest |logit difference| over the fixtures' reference inputs (2 x 12 tokens, 260 logits of
