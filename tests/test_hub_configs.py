@@ -186,6 +186,16 @@ def test_an_imported_checkpoint_runs_on_text_with_its_own_tokenizer(tmp_path, tf
       f for f in os.listdir(source) if f.endswith(('.json', '.model')))
   status, out, err = run_cli(capsys, 'eval', '--workdir', workdir)
   assert status == 0 and np.isfinite(json.loads(out)['nll']), err
+  # eval, sample and analyze restore the params (and step, biases), never the optimizer state.
+  import jax
+  import orbax.checkpoint as ocp
+  from moejax.train.config import saved_config
+  from moejax.train.resume import load
+  _, state = load(saved_config(str(workdir)), str(workdir))
+  assert all(leaf is ocp.PLACEHOLDER for leaf in jax.tree.leaves(state.opt_state))
+  _, imported = from_hf(source)
+  assert (sum(x.nbytes for x in jax.tree.leaves(state.params))
+          == sum(x.nbytes for x in jax.tree.leaves(imported)))
   tokenizer = load_hub_tokenizer(str(workdir / 'tokenizer'))
   tokens = [np.load(workdir / 'tokens' / f) for f in os.listdir(workdir / 'tokens')
             if f.endswith('.npy')]

@@ -19,6 +19,7 @@ aside the same way.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -226,10 +227,14 @@ class Checkpoints:
     warnings.warn(f'checkpoint step {step} in {self.directory} is skipped: {reason}{where}',
                   CheckpointWarning, stacklevel=3)
 
-  def restore(self, template, step: int | None = None, quarantine: bool = False):
+  def restore(self, template, step: int | None = None, quarantine: bool = False,
+              only: tuple[str, ...] | None = None):
     """(state on the template's shardings, data iterator state) of `step`, or of the newest
     complete step (warning about, and with `quarantine` moving aside, each newer damaged one; with
     `quarantine` and `step`, the steps after it are moved aside too: training goes on from it).
+    `template`: a state, or its shapes, dtypes and shardings (`jax.ShapeDtypeStruct`s). `only`:
+    the state's fields to read (e.g. ('params', 'step')); the others are left as
+    `orbax.checkpoint.PLACEHOLDER` and never reach the devices.
 
     Only damage (a checksum that does not match, a missing, unreadable or half-written file) sets
     a step aside, and only once a step before it has restored. A complete step that does not
@@ -244,7 +249,7 @@ class Checkpoints:
       if problems[step]:
         raise CheckpointError(f'checkpoint step {step} in {self.directory} is damaged: '
                               f'{problems[step]}; complete steps: {_complete(problems)}')
-      restored = self._restore(step, template)
+      restored = self._restore(step, template, only)
       for later in [s for s in problems if s > step] if quarantine else []:
         self.set_aside(later, f'training resumes from step {step}', move=True)
       return restored
@@ -259,22 +264,32 @@ class Checkpoints:
                             f'{list(problems) or "none"})' + (
                                 f'; the damaged steps are in {self.set_aside_directory}'
                                 if quarantine and problems else ''))
-    restored = self._restore(complete[-1], template)
+    restored = self._restore(complete[-1], template, only)
     for damaged in [s for s in reversed(problems) if s > complete[-1]]:
       self.set_aside(damaged, problems[damaged], quarantine)
     return restored
 
-  def _restore(self, step: int, template):
-    """Step `step` (verified complete) restored into `template`'s shapes and shardings."""
+  def _restore(self, step: int, template, only: tuple[str, ...] | None = None):
+    """Step `step` (verified complete) restored into `template`'s shapes and shardings (the
+    fields in `only`, or all)."""
     if self.manager.all_steps() != list(self.step_dirs()):
       self.manager.reload()
     where = f'at step {step} in {self.directory}'
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     check_compatible(meta, self.fields, state_signature(template), where)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    if only is None:
+      args = ocp.args.StandardRestore(abstract)
+    else:
+      abstract = abstract.replace(**{f.name: jax.tree.map(lambda _: ocp.PLACEHOLDER,
+                                                          getattr(abstract, f.name))
+                                     for f in dataclasses.fields(abstract) if f.name not in only})
+      restore_args = jax.tree.map(
+          lambda x: x if x is ocp.PLACEHOLDER else ocp.ArrayRestoreArgs(sharding=x.sharding),
+          abstract)
+      args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))
+      restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
     except Exception as error:  # its files match their checksums: not damage, do not move it
       raise CheckpointError(f'the checkpoint {where} passed its checksums but could not be '
                             f'restored ({type(error).__name__}: {str(error)[:300]}); nothing '

@@ -106,10 +106,16 @@ def save_after_failure(run: Run, state, data_state: dict) -> str:
           f'{run.checkpoints.latest_step()} in {run.checkpoints.directory}')
 
 
+# What eval, sample, analyze and export read of a checkpoint: the optimizer state (and an
+# imported bfloat16 model's float32 master copy) never reaches the devices.
+EVAL_FIELDS = ('step', 'params', 'balancing_bias_state')
+
+
 def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
-  """(run, state) from the latest (or a given) checkpoint of `workdir`."""
+  """(run, state) from the latest (or a given) checkpoint of `workdir`: the state's step, params
+  and balancing biases (EVAL_FIELDS); its other fields are `orbax.checkpoint.PLACEHOLDER`."""
   run = open_run(config, workdir)
   if not run.checkpoints.step_dirs():
     raise InputError(f'no checkpoint in {run.checkpoints.directory}: train first')
-  state, _ = run.checkpoints.restore(run.fresh_state(), step)
+  state, _ = run.checkpoints.restore(run.abstract_state(), step, only=EVAL_FIELDS)
   return run, state

@@ -92,11 +92,26 @@ class Run:
                                   self.tokenizer, cfg.train.batch_size, cfg.seed,
                                   self.rows(cfg.train.batch_size), data_state)
 
+  def _init(self):
+    batch = self.example_batch(self.init_batch_size)
+    return lambda: init_state(self.model, self.tx, batch, self.config.seed)
+
   def fresh_state(self):
     """The initial state, placed on the mesh's shardings when there is a mesh."""
-    batch = self.example_batch(self.init_batch_size)
-    init = lambda: init_state(self.model, self.tx, batch, self.config.seed)
+    init = self._init()
     return jax.jit(init, out_shardings=self.shardings(jax.eval_shape(init)))()
+
+  def abstract_state(self):
+    """The initial state's shapes, dtypes and shardings (`jax.ShapeDtypeStruct`s): what a
+    checkpoint restores into, nothing allocated."""
+    shapes = jax.eval_shape(self._init())
+    shardings = self.shardings(shapes)
+    if shardings is None:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree.map(lambda _: device, shapes)
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                 sharding=sharding),
+                        shapes, shardings)
 
   def eval_step(self, params):
     return make_eval_step(self.model, self.mesh, self.shardings(params))
