@@ -40,13 +40,14 @@ def test_each_decoded_position_gives_the_logits_of_the_whole_window(variant):
   ids = jax.random.randint(jax.random.key(1), (2, L), 3, 50)
   encoder, mask = _model_inputs(config, ids)
   full, decoding = make_model(config), make_model(config, decode_length=L)
-  params = full.init(jax.random.key(0), *encoder, ids, mask, True)['params']
-  expected, state = full.apply({'params': params}, *encoder, ids, mask, True,
-                               mutable=['decisions'])
+  # Each compiled whole (one program) rather than run op by op, which costs more here.
+  params = jax.jit(lambda: full.init(jax.random.key(0), *encoder, ids, mask, True)['params'])()
+  expected, state = jax.jit(lambda params: full.apply({'params': params}, *encoder, ids, mask,
+                                                      True, mutable=['decisions']))(params)
   dropped = sum(int((d.chosen & ~d.dispatched).sum()) for d in collect_decisions(state).values())
   assert dropped > 10
-  cache = jax.tree.map(jnp.zeros_like, decoding.init(
-      jax.random.key(0), *encoder, ids[:, :1], mask[:, :1], True)['cache'])
+  cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(  # an empty cache
+      lambda: decoding.init(jax.random.key(0), *encoder, ids[:, :1], mask[:, :1], True)['cache']))
   step = jax.jit(lambda cache, *inputs: decoding.apply(
       {'params': params, 'cache': cache}, *inputs, True, mutable=['cache']))
   pieces = [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, L)]  # a prompt in two, then one by one
@@ -63,7 +64,7 @@ def test_the_cached_sampler_gives_the_uncached_tokens_while_the_context_fits(kin
   ids = jnp.ones((1, L), jnp.int32)
   encoder, mask = _model_inputs(config, ids)
   model = make_model(config)
-  params = model.init(jax.random.key(0), *encoder, ids, mask, True)['params']
+  params = jax.jit(lambda: model.init(jax.random.key(0), *encoder, ids, mask, True)['params'])()
   prompt = np.array([5, 6, 7, 8, 9], np.int32)
   fits = L - 1 - (0 if kind == 'encoder_decoder' else len(prompt))  # [PAD, context] <= L
   for temperature in (0.0, 1.0):
