@@ -105,8 +105,9 @@ def test_decoder_never_looks_at_later_tokens_even_when_experts_overflow():
                        num_selected_experts=2)
   model, params, batch = _init(config, batch=2, length=16)
   changed = dict(batch, targets=batch['targets'].at[:, 10:].set(7))
-  logits = [model.apply({'params': params}, *model_inputs(config, b), False,
-                        mutable=['intermediates'])[0] for b in (batch, changed)]
+  apply = jax.jit(lambda p, b: model.apply({'params': p}, *model_inputs(config, b), False,
+                                           mutable=['intermediates'])[0])
+  logits = [apply(params, b) for b in (batch, changed)]
   # Decoder inputs are the targets shifted right: positions <= 10 see targets < 10 only.
   np.testing.assert_array_equal(logits[0][:, :11], logits[1][:, :11])
   assert not np.allclose(logits[0][:, 12:], logits[1][:, 12:])
