@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO, SMOKE_CONFIG, smoke_config
+from helpers import REPO, SMOKE_CONFIG, run_cli, smoke_config, train_args
 from moejax.data import documents
 from moejax.train.checkpoint import Checkpoints
 from moejax.train.lock import workdir_lock
@@ -77,12 +77,22 @@ def data_dir(tmp_path):
   return tmp_path / 'tfds'
 
 
+def _train_here(capsys, workdir, data_dir, *args):
+  """`moejax train` (the smoke config on the 2 x 4 mesh) as 1 process x 8 devices: this one."""
+  status, _, err = run_cli(capsys, *train_args(workdir, data_dir, *MESH, *args), cwd=REPO)
+  assert status == 0, err[-3000:]
+
+
 @pytest.mark.slow
-def test_two_processes_train_resume_and_evaluate_like_one(tmp_path, data_dir):
+def test_two_processes_train_resume_and_evaluate_like_one(tmp_path, data_dir, capsys):
   one, two = tmp_path / 'one', tmp_path / 'two'
-  _wait(_launch('train', one, data_dir) + _launch('train', two, data_dir, processes=2))
-  _wait(_launch('train', one, data_dir, '--config.train.num_steps=7')
-        + _launch('train', two, data_dir, '--config.train.num_steps=7', processes=2))
+  # The reference, 1 process x 8 devices, runs in this process while the 2 processes run.
+  processes = _launch('train', two, data_dir, processes=2)
+  _train_here(capsys, one, data_dir)
+  _wait(processes)
+  processes = _launch('train', two, data_dir, '--config.train.num_steps=7', processes=2)
+  _train_here(capsys, one, data_dir, '--config.train.num_steps=7')
+  _wait(processes)
   (train_one, eval_one), (train_two, eval_two) = _metrics(one), _metrics(two)
   assert sorted(train_two) == list(range(1, 8)) and sorted(eval_two) == [5, 7]
   for step in train_one:
