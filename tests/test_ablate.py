@@ -22,7 +22,7 @@ from moejax.ablate import committed, page, stats
 from moejax.ablate.command import committed_keys
 from moejax.ablate.runner import abstract_params, nominal_vocab_size
 from moejax.ablate.verdict import SweepNumbers, decide, family_size, reach_step
-from moejax.ablate.records import RECORD, flatten
+from moejax.ablate.records import LAST_TRAIN_STEPS, RECORD, flatten, max_vio
 from moejax.ablate.report import add_relative, timed_rows, write_png
 from moejax.ablate.sweep import BASE_SCALE, Sweep, with_overrides
 from moejax.models import make_model
@@ -300,6 +300,24 @@ def test_a_runs_numbers_from_its_metrics_rows(tmp_path):
   assert record['max_router_logit'] == 7.0 and record['nonfinite_steps'] == 1
   assert record['step_time'] == 3.0  # the median of 9, 2, 3 seconds (step 3's last row)
   assert record['tokens_per_sec'] == pytest.approx(1000 / 3) and record['steps'] == 3
+
+
+def test_max_vio_is_the_largest_load_over_the_mean_minus_one_over_the_last_train_steps(tmp_path):
+  a, b = 'expert_usage/decoder/unit_0/block_1', 'expert_usage/decoder/unit_1/block_1'
+  # Layer a: max 0.5 / mean 0.25 - 1 = 1; layer b balanced: 0. Step mean 0.5.
+  step = {a: [0.5, 0.25, 0.25, 0.0], b: [0.25] * 4}
+  # Layer a: 0.4 / 0.25 - 1 = 0.6; layer b: 0.7 / 0.25 - 1 = 1.8. Step mean 1.2.
+  later = {a: [0.4, 0.2, 0.2, 0.2], b: [0.7, 0.1, 0.1, 0.1]}
+  # One expert takes all (E - 1 = 3): before the last 50 logged steps, so not counted.
+  collapsed = {a: [1.0, 0.0, 0.0, 0.0], b: [1.0, 0.0, 0.0, 0.0]}
+  usages = [collapsed] + [step, later] * (LAST_TRAIN_STEPS // 2)
+  rows = [{'step': s, 'split': 'train', 'nonfinite_total': 0, **usage}
+          for s, usage in enumerate(usages, start=1)]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
+  assert max_vio(collapsed) == pytest.approx(3.0)
+  record = run_record(read_rows(str(tmp_path)), tokens_per_step=1000)
+  assert record['max_vio'] == pytest.approx((0.5 + 1.2) / 2)
+  assert max_vio({'fraction_dropped': 0.1}) is None
 
 
 def test_relative_columns_pair_each_row_with_its_reference():

@@ -11,6 +11,10 @@ Validation numbers are the evaluations' (the eval capacity factor, the whole eva
   usage_cv               expert-usage spread: the coefficient of variation (std / mean) of the
                          last evaluation's expert usage, per MoE layer, averaged over layers
                          (0: perfectly balanced; sqrt(E - 1): every token to one expert)
+  max_vio                the papers' MaxVio (Wang et al., arXiv:2408.15664, eq. 9): a layer's
+                         largest expert load over its mean load, minus 1, in each of the last
+                         50 logged train steps (loads counted before capacity), averaged over
+                         MoE layers and those steps (0: balanced; E - 1: one expert takes all)
   max_router_logit       the largest |router logit| of any real token in any logged train step
   nonfinite_steps        updates skipped because the loss or gradient was not finite
   step_time              median seconds of a train step (the compiling first step is an outlier
@@ -31,11 +35,11 @@ import numpy as np
 
 from moejax.train.metrics import read_metrics
 
-LAST_TRAIN_STEPS = 50  # train fraction dropped: the mean over this many last logged steps
+LAST_TRAIN_STEPS = 50  # train fraction dropped, max_vio: the mean over this many last logged steps
 # The numbers of every run's record (`run_record`, plus what the runner adds).
 RECORD = ('final_nll', 'best_nll', 'early_nll', 'early_step', 'train_fraction_dropped',
-          'eval_fraction_dropped', 'usage_cv', 'max_router_logit', 'nonfinite_steps', 'step_time',
-          'tokens_per_sec', 'steps', 'params', 'mflops_per_token', 'diverged', 'wall_time')
+          'eval_fraction_dropped', 'usage_cv', 'max_vio', 'max_router_logit', 'nonfinite_steps',
+          'step_time', 'tokens_per_sec', 'steps', 'params', 'mflops_per_token', 'diverged', 'wall_time')
 
 
 def read_rows(workdir: str) -> list[dict]:
@@ -68,6 +72,15 @@ def usage_cv(metrics: dict) -> float | None:
   return float(np.mean([u.std() / max(u.mean(), 1e-12) for u in usages]))
 
 
+def max_vio(metrics: dict) -> float | None:
+  """Mean over MoE layers of max(load) / mean(load) - 1 of 'expert_usage/<layer>'; None without
+  MoE layers."""
+  usages = [np.asarray(v, np.float64) for k, v in metrics.items() if k.startswith('expert_usage/')]
+  if not usages:
+    return None
+  return float(np.mean([u.max() / max(u.mean(), 1e-12) - 1.0 for u in usages]))
+
+
 def _values(rows: list[dict], name: str) -> list[float]:
   return [row[name] for row in rows if row.get(name) is not None]
 
@@ -79,7 +92,9 @@ def run_record(rows: list[dict], tokens_per_step: int) -> dict:
   nll = [row['nll'] for row in evals]
   step_seconds = [tokens_per_step / r for r in _values(train, 'tokens_per_sec') if r > 0]
   step_time = float(np.median(step_seconds)) if step_seconds else None
-  dropped = _values(train[-LAST_TRAIN_STEPS:], 'fraction_dropped')
+  last_train = train[-LAST_TRAIN_STEPS:]
+  dropped = _values(last_train, 'fraction_dropped')
+  violations = [v for v in map(max_vio, last_train) if v is not None]
   logits = _values(train, 'router_max_logit')
   last = evals[-1] if evals else {}
   return {
@@ -90,6 +105,7 @@ def run_record(rows: list[dict], tokens_per_step: int) -> dict:
       'train_fraction_dropped': float(np.mean(dropped)) if dropped else None,
       'eval_fraction_dropped': last.get('fraction_dropped'),
       'usage_cv': usage_cv(last),
+      'max_vio': float(np.mean(violations)) if violations else None,
       'max_router_logit': max(logits) if logits else None,
       'nonfinite_steps': int(train[-1]['nonfinite_total']) if train else 0,
       'step_time': step_time,
