@@ -34,7 +34,16 @@ FAMILIES = {
         intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=48,
         num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
         rms_norm_eps=1e-6, rope_theta=1e4)),
+    # Three layers, the middle one dense (mlp_only_layers), a head width other than D / H, and
+    # biases on all four attention projections.
+    'qwen3_moe': (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        num_hidden_layers=3, head_dim=12, intermediate_size=40, moe_intermediate_size=16,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+        attention_bias=True, rms_norm_eps=1e-6, rope_theta=1e6)),
 }
+# Families whose norm scales and biases are drawn too (transformers initializes them to 1 and
+# 0, which would hide one read into the wrong place).
+DRAWN_NORMS_AND_BIASES = ('qwen3_moe',)
 # Switch: an encoder-decoder whose every other FFN is sparse, top-1 with a fixed capacity of 3
 # tokens per expert and sequence, so that some of the 12 tokens of a sequence are dropped.
 SWITCH = dict(vocab_size=VOCAB, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
@@ -55,12 +64,22 @@ def _reference(model, config, input_ids):
           'margin': np.float32(margin)}
 
 
+def _draw_norms_and_biases(model) -> None:
+  """Every 1-D parameter (norm scales: 1 + N(0, 0.2); biases: N(0, 0.2)), in place."""
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if param.ndim == 1:
+        param.copy_(torch.randn_like(param) * 0.2 + (0.0 if name.endswith('bias') else 1.0))
+
+
 def make(family: str, out: str) -> None:
   config_class, model_class, fields = FAMILIES[family]
   for seed in range(100):  # the first seed whose expert choices are clear
     torch.manual_seed(seed)
-    config = config_class(**COMMON, **fields)
+    config = config_class(**{**COMMON, **fields})
     model = model_class(config).eval()
+    if family in DRAWN_NORMS_AND_BIASES:
+      _draw_norms_and_biases(model)
     input_ids = torch.randint(3, VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
     reference = _reference(model, config, input_ids)
     if reference['margin'] >= MIN_MARGIN:

@@ -42,6 +42,7 @@ TEXTS = ('The quick brown fox, 42 times.', 'Thé café à Noël: déjà vu.', '�
 BATCH, LENGTH, MIN_MARGIN = 2, 12, 1e-4
 FAMILY_CLASSES = {'mixtral': transformers.MixtralConfig, 'olmoe': transformers.OlmoeConfig,
                   'qwen2_moe': transformers.Qwen2MoeConfig,
+                  'qwen3_moe': transformers.Qwen3MoeConfig,
                   'switch_transformers': transformers.SwitchTransformersConfig}
 
 # Each found checkpoint: its family and the sizes its fixture shrinks (every other field keeps
@@ -55,6 +56,8 @@ CHECKPOINTS = {
     'Qwen__Qwen2-57B-A14B': ('qwen2_moe', dict(DECODER, intermediate_size=48,
                                                moe_intermediate_size=16,
                                                shared_expert_intermediate_size=128)),
+    'Qwen__Qwen3-30B-A3B': ('qwen3_moe', dict(DECODER, head_dim=16, intermediate_size=48,
+                                              moe_intermediate_size=8)),
     'google__switch-base-32': ('switch_transformers', dict(
         d_model=16, d_kv=8, num_heads=2, d_ff=16, num_layers=4, num_decoder_layers=4,
         num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, expert_capacity=1)),
@@ -66,11 +69,12 @@ CHECKPOINTS = {
         num_sparse_encoder_layers=3, num_sparse_decoder_layers=3, num_experts=64,
         expert_capacity=1)),
 }
-# Not a published file: Qwen2-57B-A14B's with dense layers among the sparse ones, the layout
-# Qwen's mlp_only_layers and decoder_sparse_step describe (block 0 dense by the step, block 1 by
-# mlp_only_layers, block 3 sparse).
-VARIANTS = {'Qwen__Qwen2-57B-A14B__dense_layers': (
-    'Qwen__Qwen2-57B-A14B', dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[1]))}
+# Not published files: Qwen2-57B-A14B's and Qwen3-30B-A3B's with dense layers among the sparse
+# ones, the layout Qwen's mlp_only_layers and decoder_sparse_step describe (blocks 0 and 2 dense
+# by the step, block 1 by mlp_only_layers, block 3 sparse).
+QWEN_DENSE_LAYERS = dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[1])
+VARIANTS = {f'{name}__dense_layers': (name, QWEN_DENSE_LAYERS)
+            for name in ('Qwen__Qwen2-57B-A14B', 'Qwen__Qwen3-30B-A3B')}
 
 
 def _corpus(chars: int = 60_000) -> list[str]:
@@ -146,7 +150,7 @@ def _tokenizer(family: str, directory: str) -> transformers.PreTrainedTokenizerB
     _llama_tokenizer(directory)
   elif family == 'olmoe':
     _byte_level_tokenizer(directory, ['<|endoftext|>', '<|padding|>'], qwen=False)
-  elif family == 'qwen2_moe':
+  elif family in ('qwen2_moe', 'qwen3_moe'):
     _byte_level_tokenizer(directory, ['<|endoftext|>', '<|im_start|>', '<|im_end|>'], qwen=True)
   else:
     _t5_tokenizer(directory)
@@ -168,6 +172,8 @@ def _special_ids(family: str, hub: dict, tokenizer) -> dict:
     ids = dict(eos_token_id=lookup('<|endoftext|>'), pad_token_id=lookup('<|padding|>'))
   elif family == 'qwen2_moe':
     ids = dict(bos_token_id=lookup('<|endoftext|>'), eos_token_id=lookup('<|endoftext|>'))
+  elif family == 'qwen3_moe':  # Qwen3-30B-A3B's eos is <|im_end|>
+    ids = dict(bos_token_id=lookup('<|endoftext|>'), eos_token_id=lookup('<|im_end|>'))
   else:
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
   return {k: v for k, v in ids.items() if k in hub}

@@ -175,11 +175,14 @@ def _attention(path: tuple, hub: str, config: ModelConfig,
                       'linear'))
     if config.attention_bias:
       out.append(Tensor((*path, name, 'bias'), (f'{hub}.{hub_name}.bias',), (heads, a)))
-  if config.qk_norm:
-    out += [Tensor((*path, 'query_norm', 'scale'), (f'{hub}.q_norm.weight',), (h, a)),
-            Tensor((*path, 'key_norm', 'scale'), (f'{hub}.k_norm.weight',), (kv, a))]
+  if config.qk_norm or config.qk_head_norm:
+    shapes = ((a,), (a,)) if config.qk_head_norm else ((h, a), (kv, a))
+    out += [Tensor((*path, 'query_norm', 'scale'), (f'{hub}.q_norm.weight',), shapes[0]),
+            Tensor((*path, 'key_norm', 'scale'), (f'{hub}.k_norm.weight',), shapes[1])]
   out.append(Tensor((*path, 'out', 'kernel'), (f'{hub}.{names[3]}.weight',), (h, a, d),
                     'linear', in_axes=2))
+  if config.attention_out_bias:
+    out.append(Tensor((*path, 'out', 'bias'), (f'{hub}.{names[3]}.bias',), (d,)))
   return out
 
 
@@ -498,6 +501,12 @@ SWITCH = Family(
                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
                   layer_norm_epsilon=1e-6, tie_word_embeddings=True, decoder_start_token_id=0))
 FAMILIES = {family.model_type: family for family in (MIXTRAL, OLMOE, QWEN2_MOE, SWITCH)}
+
+
+def register(family: Family) -> None:
+  """Add a family defined in a module of its own (`moejax.convert.qwen3`, ...: they build on
+  this module's tables, so it cannot import them) to FAMILIES; `moejax.convert` registers each."""
+  FAMILIES[family.model_type] = family
 
 
 def hub_model_type(directory: str) -> str:

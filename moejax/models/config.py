@@ -71,7 +71,9 @@ class _ModelFields:
   head_dim: int | None = None         # None: model_dim // num_heads
   num_kv_heads: int | None = None     # key/value heads (grouped-query attention); None: num_heads
   attention_bias: bool = False        # biases on the query, key and value projections (Qwen)
+  attention_out_bias: bool = False    # a bias on the attention's output (Qwen3, gpt-oss)
   qk_norm: bool = False               # RMSNorm over all of q and of k before the heads (OLMoE)
+  qk_head_norm: bool = False          # RMSNorm over each head of q and k, one scale [A] (Qwen3)
   rope_theta: float = 10_000.0        # rotary positions' base (Mixtral: 1e6)
   norm_eps: float = 1e-6              # every RMSNorm's epsilon (Mixtral, OLMoE: 1e-5)
   scaled_attention: bool = True       # logits / sqrt(head_dim); T5 and Switch leave them unscaled
@@ -173,6 +175,8 @@ class _ModelConfigChecks:
     if self.num_kv_heads is not None and (self.num_kv_heads < 1
                                           or self.num_heads % self.num_kv_heads):
       raise bad('num_kv_heads', f'it must be >= 1 and divide num_heads={self.num_heads}, or None')
+    if self.qk_norm and self.qk_head_norm:
+      raise bad('qk_head_norm', 'it normalizes q and k per head: set it or qk_norm, not both')
     if self.rope_theta <= 0 or self.norm_eps <= 0:
       raise bad('rope_theta' if self.rope_theta <= 0 else 'norm_eps', 'it must be > 0')
     if self.activation not in ACTIVATIONS:  # the dense FFNs' too, not only the experts'

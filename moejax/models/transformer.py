@@ -108,8 +108,9 @@ class Attention(nn.Module):
         param_dtype=cfg.storage_dtype, name=name)
     q = dense(cfg.num_heads, 'query')(x)  # Shape: [B, L, H, A]
     k, v = dense(cfg.kv_heads, 'key')(kv), dense(cfg.kv_heads, 'value')(kv)  # [B, M, KV, A]
-    if cfg.qk_norm:
-      q, k = rms_norm(cfg, 'query_norm', (-2, -1))(q), rms_norm(cfg, 'key_norm', (-2, -1))(k)
+    if cfg.qk_norm or cfg.qk_head_norm:
+      axes = (-1,) if cfg.qk_head_norm else (-2, -1)  # each head's A features, or all H * A
+      q, k = rms_norm(cfg, 'query_norm', axes)(q), rms_norm(cfg, 'key_norm', axes)(k)
     if self.use_rotary:
       q, k = rotary(q, cfg.rope_theta, start), rotary(k, cfg.rope_theta, start)
     if self.decode_length is not None:
@@ -124,8 +125,9 @@ class Attention(nn.Module):
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)  # Shape: [B, H, L, M]
     probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
     out = jnp.einsum('bhlm,bmha->blha', probs, v)  # Shape: [B, L, H, A]
-    return nn.DenseGeneral(cfg.model_dim, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
-                           param_dtype=cfg.storage_dtype, name='out')(out)  # Shape: [B, L, D]
+    return nn.DenseGeneral(cfg.model_dim, axis=(-2, -1), use_bias=cfg.attention_out_bias,
+                           dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+                           name='out')(out)  # Shape: [B, L, D]
 
   def _cached(self, k: jax.Array, v: jax.Array, start: jax.Array | int):
     """Write k, v [B, L, KV, A] at `start` into the cache; (every cached key and value [B, M, KV,
