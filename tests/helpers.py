@@ -107,3 +107,21 @@ def init_layer(layer, x, **kwargs):
 def apply_layer(layer, variables, x, deterministic=True, **kwargs):
   """(output, state): the layer applied with its 'intermediates' collected."""
   return layer.apply(variables, x, deterministic, mutable=['intermediates'], **kwargs)
+
+
+def assert_decoding_matches_the_window(config, length: int = 12):
+  """A decoder LM of `config` decoding with its cache (a prompt of 5, then token by token) gives
+  the logits of the whole window to 1e-5."""
+  ids = jax.random.randint(jax.random.key(1), (2, length), 3, config.vocab_size)
+  mask = jnp.ones(ids.shape, jnp.bool_)
+  full, decoding = make_model(config), make_model(config, decode_length=length)
+  params = jax.jit(lambda: full.init(jax.random.key(0), ids, mask, True)['params'])()
+  expected = jax.jit(lambda params: full.apply({'params': params}, ids, mask, True))(params)
+  cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
+      lambda: decoding.init(jax.random.key(0), ids[:, :1], mask[:, :1], True)['cache']))
+  step = jax.jit(lambda cache, *inputs: decoding.apply(
+      {'params': params, 'cache': cache}, *inputs, True, mutable=['cache']))
+  for begin, end in [(0, 5)] + [(t, t + 1) for t in range(5, length)]:
+    logits, state = step(cache, ids[:, begin:end], mask[:, begin:end])
+    cache = state['cache']
+    np.testing.assert_allclose(logits, expected[:, begin:end], atol=1e-5, err_msg=str(begin))

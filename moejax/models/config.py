@@ -75,6 +75,17 @@ class _ModelFields:
   qk_norm: bool = False               # RMSNorm over all of q and of k before the heads (OLMoE)
   qk_head_norm: bool = False          # RMSNorm over each head of q and k, one scale [A] (Qwen3)
   rope_theta: float = 10_000.0        # rotary positions' base (Mixtral: 1e6)
+  # Rotary options (moejax.models.rotary): the share of each head's dims that turn (GLM-4.5: 0.5)
+  # and YaRN context extension by `yarn_factor` (None: off) from `yarn_original_length`.
+  rotary_fraction: float = 1.0
+  yarn_factor: float | None = None
+  yarn_original_length: int | None = None  # the context length trained before YaRN
+  yarn_beta_fast: float = 32.0
+  yarn_beta_slow: float = 1.0
+  yarn_mscale: float | None = None
+  yarn_mscale_all_dim: float | None = None
+  yarn_attention_factor: float | None = None  # None: from the mscales
+  yarn_truncate: bool = True          # floor and ceil the correction range (gpt-oss: False)
   norm_eps: float = 1e-6              # every RMSNorm's epsilon (Mixtral, OLMoE: 1e-5)
   scaled_attention: bool = True       # logits / sqrt(head_dim); T5 and Switch leave them unscaled
   tie_embeddings: bool = False        # logits from the embedding, inputs scaled by D^-0.5 (T5)
@@ -179,6 +190,7 @@ class _ModelConfigChecks:
       raise bad('qk_head_norm', 'it normalizes q and k per head: set it or qk_norm, not both')
     if self.rope_theta <= 0 or self.norm_eps <= 0:
       raise bad('rope_theta' if self.rope_theta <= 0 else 'norm_eps', 'it must be > 0')
+    self._check_rotary(bad)
     if self.activation not in ACTIVATIONS:  # the dense FFNs' too, not only the experts'
       raise bad('activation', f'it must be one of {tuple(ACTIVATIONS)}')
     if not 0 <= self.dropout_rate < 1:
@@ -209,6 +221,21 @@ class _ModelConfigChecks:
       if self.soft_moe:
         raise bad('soft_moe', 'every slot mixes all tokens of a group, later ones included: '
                   "only an encoder may use it (kind='encoder_decoder')")
+
+  def _check_rotary(self, bad):
+    rotated = int(self.attention_head_dim * self.rotary_fraction)
+    if self.position_kind == 'rotary' and (not 0 < self.rotary_fraction <= 1 or rotated < 2
+                                           or rotated % 2):
+      raise bad('rotary_fraction', 'it must be in (0, 1] and turn an even number of each '
+                f"head's {self.attention_head_dim} dims (here {rotated})")
+    if self.yarn_factor is None:
+      return
+    if self.yarn_factor < 1:
+      raise bad('yarn_factor', 'it must be >= 1, or None (no YaRN)')
+    if self.yarn_original_length is None or self.yarn_original_length < 1:
+      raise bad('yarn_original_length', 'YaRN (yarn_factor) needs the length trained before it')
+    if self.yarn_beta_fast < self.yarn_beta_slow:
+      raise bad('yarn_beta_fast', f'it must be >= yarn_beta_slow={self.yarn_beta_slow}')
 
   def _check_layers(self):
     """Build each stack's MoE layer, so the layers' own rules check the fields."""

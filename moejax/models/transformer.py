@@ -25,18 +25,7 @@ from moejax.experts import ACTIVATIONS
 from moejax.balancing import BIAS_COLLECTION
 from moejax.intermediates import DECISIONS
 from moejax.models.config import ModelConfig
-
-
-def rotary(x: jax.Array, theta: float = 10_000.0, start: jax.Array | int = 0) -> jax.Array:
-  """Rotary position embedding of x [B, L, H, A] (A even), x[:, i] at position start + i; the
-  frequencies theta^(-i / (A/2)) of the two halves of A (Hugging Face's rotate_half layout)."""
-  length, half = x.shape[1], x.shape[-1] // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # Shape: [A/2]
-  positions = start + jnp.arange(length, dtype=jnp.float32)  # Shape: [L]
-  angles = positions[:, None] * inv_freq  # Shape: [L, A/2]
-  sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]  # Shape: [L, 1, A/2]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+from moejax.models.rotary import rotary
 
 
 def relative_bucket(relative: jax.Array, bidirectional: bool, num_buckets: int,
@@ -112,7 +101,7 @@ class Attention(nn.Module):
       axes = (-1,) if cfg.qk_head_norm else (-2, -1)  # each head's A features, or all H * A
       q, k = rms_norm(cfg, 'query_norm', axes)(q), rms_norm(cfg, 'key_norm', axes)(k)
     if self.use_rotary:
-      q, k = rotary(q, cfg.rope_theta, start), rotary(k, cfg.rope_theta, start)
+      q, k = rotary(q, cfg, start), rotary(k, cfg, start)
     if self.decode_length is not None:
       k, v, mask = self._cached(k, v, start)  # Shapes: [B, decode_length, KV, A], [1, 1, L, M]
     group = cfg.num_heads // cfg.kv_heads
