@@ -14,7 +14,8 @@ from moejax.dispatch import DISPATCH_METHODS
 from moejax.errors import ConfigError
 from moejax.experts import ACTIVATIONS
 from moejax.routers import ROUTERS
-from moejax.routing import LOAD_BALANCING_SCALES, ROUTING_METHODS
+from moejax.routing import (GROUP_SCORES, LOAD_BALANCING_SCALES, ROUTING_METHODS,
+                            SCORE_FUNCTIONS, UNSELECTED_GROUP_FILLS)
 
 ROUTER_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -33,10 +34,14 @@ def check_moe_layer(layer: Any) -> None:
   _check_sizes(layer)
   for field, choices in (('routing', ROUTING_METHODS), ('dispatch', DISPATCH_METHODS),
                          ('activation', ACTIVATIONS), ('router', ROUTERS),
-                         ('load_balancing_loss_scale', LOAD_BALANCING_SCALES)):
+                         ('load_balancing_loss_scale', LOAD_BALANCING_SCALES),
+                         ('score_function', SCORE_FUNCTIONS), ('group_score', GROUP_SCORES),
+                         ('unselected_group_fill', UNSELECTED_GROUP_FILLS)):
     _check_choice(layer, field, choices)
   _check_routing(layer)
   _check_router(layer)
+  _check_scores(layer)
+  _check_experts(layer)
 
 
 def _check_sizes(layer: Any) -> None:
@@ -95,10 +100,13 @@ def _check_routing(layer: Any) -> None:
               "'tokens_choose'")
   if layer.top_p is not None and not (0 < layer.top_p <= 1 and layer.num_selected_experts >= 2
                                       and layer.routing == 'tokens_choose'
-                                      and not layer.random_routing and not layer.balancing_bias):
+                                      and not layer.random_routing and not layer.balancing_bias
+                                      and layer.score_function == 'softmax'
+                                      and not layer.softmax_after_top_k
+                                      and layer.num_selected_groups is None):
     raise bad('top_p', "it must be in (0, 1], with routing='tokens_choose', "
-              'num_selected_experts >= 2 (the cap), and neither random_routing nor '
-              'balancing_bias')
+              "num_selected_experts >= 2 (the cap), score_function='softmax', and none of "
+              'random_routing, balancing_bias, softmax_after_top_k, num_selected_groups')
 
 
 def _check_router(layer: Any) -> None:
@@ -115,6 +123,47 @@ def _check_router(layer: Any) -> None:
                                or layer.router in ('gumbel', 'hash')):
     raise bad('balancing_bias', "it biases top-K selection: it needs routing='tokens_choose' "
               "and a 'linear', 'cosine' or 'distance' router")
+
+
+def _check_scores(layer: Any) -> None:
+  """The score function, softmax after the top-k, group-limited top-k, routed scaling."""
+  bad = lambda field, allowed: _bad(layer, field, allowed)
+  top1_router = layer.router in ('gumbel', 'hash')
+  if layer.score_function != 'softmax' and top1_router:
+    raise bad('score_function', "the 'gumbel' and 'hash' routers weight by their own one-hot: "
+              "use score_function='softmax'")
+  if layer.softmax_after_top_k and (layer.routing != 'tokens_choose' or top1_router
+                                    or layer.score_function != 'softmax'):
+    raise bad('softmax_after_top_k', "it is a softmax over the chosen logits: it needs "
+              "routing='tokens_choose', score_function='softmax' and a 'linear', 'cosine' or "
+              "'distance' router")
+  groups = layer.num_expert_groups
+  if not isinstance(groups, int) or groups < 1 or layer.num_experts % groups:
+    raise bad('num_expert_groups', f'it must be >= 1 and divide num_experts={layer.num_experts}')
+  selected = layer.num_selected_groups
+  if selected is not None:
+    group_width = layer.num_experts // groups
+    if not 1 <= selected <= groups:
+      raise bad('num_selected_groups', f'it must be in [1, num_expert_groups={groups}], or None')
+    if layer.routing != 'tokens_choose' or top1_router:
+      raise bad('num_selected_groups', "it limits top-K choices: it needs routing="
+                "'tokens_choose' and a 'linear', 'cosine' or 'distance' router")
+    if layer.num_selected_experts > selected * group_width:
+      raise bad('num_selected_groups', f'its {selected} groups of {group_width} experts must '
+                f'hold num_selected_experts={layer.num_selected_experts}')
+    if layer.group_score == 'top2_sum' and group_width < 2:
+      raise bad('group_score', "'top2_sum' needs groups of at least 2 experts "
+                f'(num_experts / num_expert_groups = {group_width})')
+  if not layer.routed_scaling_factor > 0:
+    raise bad('routed_scaling_factor', 'it must be > 0')
+
+
+def _check_experts(layer: Any) -> None:
+  """The activation's clamp and GLU offset."""
+  if layer.activation_limit is not None and not layer.activation_limit > 0:
+    raise _bad(layer, 'activation_limit', 'it must be > 0, or None')
+  if layer.glu_linear_offset and not layer.glu:
+    raise _bad(layer, 'glu_linear_offset', 'it offsets the linear half of a GLU: set glu=True')
 
 
 def check_soft_moe_layer(layer: Any) -> None:

@@ -26,7 +26,8 @@ from moejax.balancing import BIAS_COLLECTION
 from moejax.checks import check_moe_layer
 from moejax.dispatch import (BufferDispatcher, GroupedDispatcher, RowDispatcher, auto_dispatch,
                              block_tile, default_block_size, make_dispatcher)
-from moejax.experts import ExpertWeights, block_expert_ffn, expert_ffn, grouped_expert_ffn
+from moejax.experts import (Activation, ExpertWeights, block_expert_ffn, expert_ffn,
+                             grouped_expert_ffn)
 from moejax.intermediates import DECISIONS
 
 
@@ -82,10 +83,42 @@ class MoeLayer(nn.Module):
     block_size: rows of the largest block for 'sorted' dispatch, a power of two; each expert's
       rows are padded to a tile of block_size / 16 rows, at least 16 (`dispatch.block_tile`).
       None picks one from the shapes (`dispatch.default_block_size`).
-    activation: 'relu', 'gelu' or 'silu'. glu: gated experts (adds `wi_gate`).
+    activation: 'relu', 'gelu', 'silu' or 'quick_gelu' (x sigmoid(1.702 x), gpt-oss's).
+      glu: gated experts (adds `wi_gate`): act(x wi) * (x wi_gate).
+    activation_limit: clamp the activation's input above at this limit and, with `glu`, the
+      linear half to [-limit, limit] (gpt-oss: 7.0); None clamps nothing.
+    glu_linear_offset: added to the linear half of the GLU: act(x wi) * (x wi_gate + offset).
+      gpt-oss's clamped SwiGLU is activation='quick_gelu', glu=True, activation_limit=7.0,
+      glu_linear_offset=1.0.
+    expert_bias: biases in every expert (gpt-oss): 'bi' [E, F] (and 'bi_gate'), 'bo' [E, D],
+      zeros at init, the shared experts' too. A dropped token gets nothing from its expert,
+      bias included.
     causal: the layer sits in a decoder. Routing then never looks at later tokens (see
       `routing.top_k_routing`), and experts-choose or batch-prioritized routing raise.
-    normalize_weights: renormalize each token's top-K weights to sum to 1.
+    normalize_weights: renormalize each token's top-K weights to sum to 1 (denominator + 1e-20,
+      DeepSeek-V3's).
+    score_function: what the router's logits become, the scores that choose and weight the
+      experts: 'softmax' over the experts (Switch) or each expert's 'sigmoid' (DeepSeek-V3,
+      GLM-4.5; weights then sum to 1 only with `normalize_weights`). With 'sigmoid' the
+      load-balancing loss, the router confidence and the sown router probabilities read the
+      sigmoid scores divided by their sum over the experts (DeepSeek-V3's balance loss does);
+      the z-loss and 'router_max_logit' read the logits, as with softmax.
+    softmax_after_top_k: tokens-choose weights are the softmax over the K chosen experts'
+      logits (gpt-oss, with `router_bias`) instead of their softmax probabilities: the same
+      numbers as softmax with `normalize_weights`, kept as the explicit option.
+    num_expert_groups, num_selected_groups: group-limited top-k (DeepSeek-V2, -V3, GLM-4.5):
+      the E experts form num_expert_groups groups of consecutive indices, and each token picks
+      its K experts among its num_selected_groups best groups (None: all, no limit).
+    group_score: how a group is ranked: 'max', its best expert's score (DeepSeek-V2's
+      group_limited_greedy), or 'top2_sum', the sum of its two best (DeepSeek-V3's and
+      GLM-4.5's noaux_tc). Both read the selection scores (bias-corrected with
+      `balancing_bias`).
+    unselected_group_fill: what the experts of groups not kept score in the top-k: 'zero'
+      (transformers 4.57.6, which imported checkpoints are checked against) or 'neg_inf'
+      (DeepSeek's released inference code). They differ only when kept experts' bias-corrected
+      scores are negative: 'zero' then lets experts of groups not kept win.
+    routed_scaling_factor: multiplies the combine weights, after `normalize_weights`
+      (DeepSeek-V2/V3's routed_scaling_factor).
     random_routing: GShard random routing of choices 2..K during training (rng stream `gating`).
     batch_prioritized: claim slots in order of router confidence (V-MoE; encoders only).
     jitter_noise: multiplicative router-input noise U(1-eps, 1+eps) in training (stream `jitter`).
@@ -113,7 +146,8 @@ class MoeLayer(nn.Module):
       capacity). None: always K.
     balancing_bias: DeepSeek-V3 auxiliary-loss-free balancing (`moejax.balancing`): a per-expert
       bias, variable 'bias' [E] in the 'balancing_bias_state' collection, is added to the router
-      probabilities to pick the experts (the combine weights use the unbiased probabilities).
+      scores (softmax or sigmoid) to pick the experts (the combine weights use the unbiased
+      scores; DeepSeek-V3's e_score_correction_bias).
       When that collection is mutable the layer stores the expert usage of the call in 'load'.
     num_shared_experts: experts every (real) token goes through besides its routed ones
       (DeepSeekMoE); their outputs are added, weight 1. Params 'shared_experts'.
@@ -145,8 +179,18 @@ class MoeLayer(nn.Module):
   block_size: int | None = None
   activation: str = 'relu'
   glu: bool = False
+  activation_limit: float | None = None
+  glu_linear_offset: float = 0.0
+  expert_bias: bool = False
   causal: bool = True
   normalize_weights: bool = False
+  score_function: str = 'softmax'
+  softmax_after_top_k: bool = False
+  num_expert_groups: int = 1
+  num_selected_groups: int | None = None
+  group_score: str = 'max'
+  unselected_group_fill: str = 'zero'
+  routed_scaling_factor: float = 1.0
   random_routing: bool = False
   batch_prioritized: bool = False
   jitter_noise: float = 0.0
@@ -170,6 +214,11 @@ class MoeLayer(nn.Module):
   def __post_init__(self):
     check_moe_layer(self)
     super().__post_init__()
+
+  @property
+  def expert_activation(self) -> Activation:
+    """The experts' (and shared experts') hidden units (`experts.Activation`)."""
+    return Activation(self.activation, self.activation_limit, self.glu_linear_offset)
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
     """Expert capacity C per group of `group_size` tokens."""
@@ -213,12 +262,13 @@ class MoeLayer(nn.Module):
       group_length = self.group_size or self.decode_length
     ids = self._group_ids(token_ids, x.shape[:2], valid.shape)  # Shape: [G, S] or None
     logits = self._router_logits(tokens, ids, deterministic)  # Shape: [G, S, E]
-    probs = jax.nn.softmax(logits, axis=-1).astype(jnp.float32)  # Shape: [G, S, E]
+    router_scores = routing.router_scores(logits, self.score_function)  # Shape: [G, S, E]
+    probs = routing.score_distribution(router_scores, self.score_function)  # Shape: [G, S, E]
     logits = logits.astype(jnp.float32)
-    scores = self._routing_scores(probs, logits, deterministic)
+    scores = self._routing_scores(router_scores, logits, deterministic)
     if self.decode_length is not None:  # Shape: [B, E]
       scores['slot_offset'] = self._decoded_slots(group_length, x.shape[0])
-    weights = ExpertWeights(self.num_experts, self.ffn_dim, glu=self.glu,
+    weights = ExpertWeights(self.num_experts, self.ffn_dim, glu=self.glu, bias=self.expert_bias,
                             init_scale=self.init_scale, param_dtype=self.param_dtype,
                             name='experts')(x.shape[-1])
     draws = None  # GShard random routing: drawn here, over all groups, whatever the mesh
@@ -275,16 +325,20 @@ class MoeLayer(nn.Module):
 
   def _routing_scores(self, probs: jax.Array, logits: jax.Array,
                       deterministic: bool) -> dict[str, jax.Array]:
-    """What routing reads: 'probs' [G, S, E] (the weights; Gumbel's straight-through one-hot) and,
-    with `balancing_bias`, 'selection' = probs + bias (what ranks the experts)."""
+    """What routing reads: 'probs' [G, S, E], the router scores (the weights; Gumbel's
+    straight-through one-hot), with `balancing_bias` 'selection' = probs + bias (what ranks the
+    experts), and with `softmax_after_top_k` the 'logits' the weights are the softmax of."""
     if self.router == 'gumbel':
       noise_rng = None if deterministic else self.make_rng('gating')
       return {'probs': routers.gumbel_straight_through(logits, self.gumbel_temperature,
                                                        noise_rng)}
-    if not self.balancing_bias:
-      return {'probs': probs}
-    bias = self.variable(BIAS_COLLECTION, 'bias', jnp.zeros, (self.num_experts,), jnp.float32)
-    return {'probs': probs, 'selection': probs + jax.lax.stop_gradient(bias.value)}
+    scores = {'probs': probs}
+    if self.softmax_after_top_k:
+      scores['logits'] = logits
+    if self.balancing_bias:
+      bias = self.variable(BIAS_COLLECTION, 'bias', jnp.zeros, (self.num_experts,), jnp.float32)
+      scores['selection'] = probs + jax.lax.stop_gradient(bias.value)
+    return scores
 
   def _decoded_slots(self, group_length: int, batch: int) -> jax.Array:
     """[B, E] slots of each expert that the tokens decoded before this call took in their group
@@ -310,15 +364,28 @@ class MoeLayer(nn.Module):
     probs = scores['probs']  # Shape: [G, S, E]
     capacity = self.capacity(group_length, deterministic)
     if self.routing == 'dense':
-      return routing.dense_routing(probs, valid)
-    if self.routing == 'experts_choose':
-      return routing.experts_choose_routing(probs, valid, capacity=capacity, causal=self.causal)
-    return routing.top_k_routing(
-        probs, valid, num_selected_experts=self.num_selected_experts, capacity=capacity,
-        causal=self.causal, normalize_weights=self.normalize_weights,
-        batch_prioritized=self.batch_prioritized, random_routing_draws=draws,
-        selection_scores=scores.get('selection'), top_p=self.top_p,
-        slot_offset=scores.get('slot_offset'))
+      decision = routing.dense_routing(probs, valid)
+    elif self.routing == 'experts_choose':
+      decision = routing.experts_choose_routing(probs, valid, capacity=capacity,
+                                                causal=self.causal)
+    else:
+      decision = routing.top_k_routing(
+          probs, valid, num_selected_experts=self.num_selected_experts, capacity=capacity,
+          causal=self.causal, normalize_weights=self.normalize_weights,
+          batch_prioritized=self.batch_prioritized, random_routing_draws=draws,
+          selection_scores=self._selection_scores(scores), top_p=self.top_p,
+          slot_offset=scores.get('slot_offset'), top_k_logits=scores.get('logits'))
+    return decision.replace(weight=decision.weight * self.routed_scaling_factor)
+
+  def _selection_scores(self, scores: dict[str, jax.Array]) -> jax.Array | None:
+    """What ranks the experts [G, S, E]: the (bias-corrected) scores, limited to each token's
+    best groups with `num_selected_groups`; None: the scores themselves."""
+    selection = scores.get('selection')
+    if self.num_selected_groups is None:
+      return selection
+    return routing.limit_to_groups(scores['probs'] if selection is None else selection,
+                                   self.num_expert_groups, self.num_selected_groups,
+                                   self.group_score, self.unselected_group_fill)
 
   def _route_and_run(self, tokens: jax.Array, scores: dict[str, jax.Array], valid: jax.Array,
                      weights: dict[str, jax.Array], draws: jax.Array | None,
@@ -333,6 +400,8 @@ class MoeLayer(nn.Module):
     that own their experts and back with two all-to-alls.
     """
     decision = self._route(scores, valid, draws, deterministic, group_length)
+    if sharded:  # each 'model' shard sums a slice of F: the output bias is added on one
+      weights = sharding.once_over_model(weights, 'bo')
     block_size = self.block_size or default_block_size(decision.expert_index.size,
                                                        self.num_experts)
     dispatcher = make_dispatcher(decision, self.dispatch_method(sharded, deterministic),
@@ -355,7 +424,7 @@ class MoeLayer(nn.Module):
       buffers = sharding.to_expert_devices(buffers)  # Shape: [E_local, n_expert * G, C, D]
       dropout_rng = sharding.device_rng(dropout_rng)
     expert_out = expert_ffn(einops.rearrange(buffers, 'e g c d -> e (g c) d'), weights,
-                            activation=self.activation, dtype=self.dtype,
+                            activation=self.expert_activation, dtype=self.dtype,
                             dropout_rate=self.expert_dropout, dropout_rng=dropout_rng)
     expert_out = einops.rearrange(expert_out, 'e (g c) d -> e g c d', c=buffers.shape[2])
     if sharded:
@@ -369,7 +438,7 @@ class MoeLayer(nn.Module):
     rows = dispatcher.dispatch_rows(tokens.astype(self.dtype))  # Shape: [R, D]
     rows = block_expert_ffn(rows, dispatcher.first_row, dispatcher.row_count, weights,
                             block_size=block_size, tile=dispatcher.tile,
-                            activation=self.activation, dtype=self.dtype,
+                            activation=self.expert_activation, dtype=self.dtype,
                             dropout_rate=self.expert_dropout, dropout_rng=dropout_rng)
     return dispatcher.combine_rows(rows)
 
@@ -388,7 +457,7 @@ class MoeLayer(nn.Module):
       group_sizes = plan.group_sizes  # Shape: [E_local]
       dropout_rng = sharding.device_rng(dropout_rng)
     expert_out = grouped_expert_ffn(expert_rows, group_sizes, weights,
-                                    activation=self.activation, dtype=self.dtype,
+                                    activation=self.expert_activation, dtype=self.dtype,
                                     dropout_rate=self.expert_dropout, dropout_rng=dropout_rng)
     if sharded:
       expert_out = exchange.from_expert_devices(expert_out, plan, rows.shape[0])  # Shape: [R, D]
@@ -399,12 +468,12 @@ class MoeLayer(nn.Module):
     """Sum of the shared experts on every token: x [B, L, D] -> [B, L, D], zeros on padding."""
     model_dim = x.shape[-1]
     weights = ExpertWeights(self.num_shared_experts, self.ffn_dim, glu=self.glu,
-                            init_scale=self.init_scale, param_dtype=self.param_dtype,
-                            name='shared_experts')(model_dim)
+                            bias=self.expert_bias, init_scale=self.init_scale,
+                            param_dtype=self.param_dtype, name='shared_experts')(model_dim)
     tokens = jnp.broadcast_to(x.reshape(1, -1, model_dim),
                               (self.num_shared_experts, x.size // model_dim, model_dim))
     # Shape: [E_shared, B * L, D]
-    out = expert_ffn(tokens, weights, activation=self.activation, dtype=self.dtype,
+    out = expert_ffn(tokens, weights, activation=self.expert_activation, dtype=self.dtype,
                      dropout_rate=self.expert_dropout, dropout_rng=dropout_rng).sum(axis=0)
     if self.shared_expert_gate:  # Shape: [B * L, 1]
       gate = nn.Dense(1, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -10,6 +10,9 @@ Everything here computes in float32. A decision is held in *token-side* form: fo
 and dense routing have K = E (choice k of a token is "expert k").
 
 - `group_tokens`: x [B, L, D] -> routing groups [G, S, D].
+- `router_scores`: logits -> what experts are chosen and weighted by: softmax (Switch) or sigmoid
+  (DeepSeek-V3, arXiv:2412.19437; GLM-4.5); `score_distribution`, what the aux losses read.
+- `limit_to_groups`: group-limited top-k (DeepSeek-V2, arXiv:2405.04434; DeepSeek-V3).
 - `top_k_routing`: tokens choose experts (Switch top-1, arXiv:2101.03961; GShard top-2,
   arXiv:2006.16668), with top-p ("dynamic") choices, batch-prioritized order (V-MoE,
   arXiv:2106.05974), random routing (GShard) and selection scores (DeepSeek-V3's balancing bias,
@@ -31,6 +34,12 @@ from moejax.errors import ConfigError
 
 ROUTING_METHODS = ('tokens_choose', 'experts_choose', 'dense')
 LOAD_BALANCING_SCALES = ('per_choice', 'per_token')
+SCORE_FUNCTIONS = ('softmax', 'sigmoid')
+GROUP_SCORES = ('max', 'top2_sum')
+# What the experts of an unselected group score before the top-k: transformers 4.57.6 (DeepSeek-V2,
+# -V3, GLM-4.5) masks them with 0, DeepSeek's released inference code (inference/model.py,
+# Gate.forward) with -inf; they differ when bias-corrected scores are negative.
+UNSELECTED_GROUP_FILLS = {'zero': 0.0, 'neg_inf': -jnp.inf}
 
 
 @struct.dataclass
@@ -94,6 +103,50 @@ def expert_capacity(tokens_per_group: int, num_experts: int, num_selected_expert
   return min(max(capacity, min_expert_capacity), tokens_per_group)
 
 
+def router_scores(logits: jax.Array, score_function: str) -> jax.Array:
+  """Router logits [G, S, E] -> scores [G, S, E] float32, computed in the logits' dtype: a
+  'softmax' over the experts (Switch), or each expert's own 'sigmoid' (DeepSeek-V3, GLM-4.5)."""
+  if score_function == 'sigmoid':
+    return jax.nn.sigmoid(logits).astype(jnp.float32)
+  return jax.nn.softmax(logits, axis=-1).astype(jnp.float32)
+
+
+def score_distribution(scores: jax.Array, score_function: str) -> jax.Array:
+  """Scores [G, S, E] -> a distribution over the experts [G, S, E], what the load-balancing loss,
+  the router confidence and the sown router probabilities read: softmax scores as they are,
+  sigmoid scores divided by their sum over the experts (as DeepSeek-V3's sequence-wise balance
+  loss normalizes them, arXiv:2412.19437 eq. 19), so the loss is 1 at uniform routing for both."""
+  if score_function == 'sigmoid':
+    return scores / jnp.sum(scores, axis=-1, keepdims=True)
+  return scores
+
+
+def limit_to_groups(scores: jax.Array, num_groups: int, num_selected_groups: int,
+                    group_score: str, fill: str) -> jax.Array:
+  """Group-limited top-k: scores [G, S, E] with the experts outside each token's
+  `num_selected_groups` best groups set to UNSELECTED_GROUP_FILLS[fill]; the top-k then ranks
+  these. The E experts form `num_groups` groups of consecutive indices; a group scores its
+  best expert's score ('max': DeepSeek-V2's group_limited_greedy) or the sum of its two best
+  ('top2_sum': DeepSeek-V3's and GLM-4.5's noaux_tc, on the bias-corrected scores).
+
+  Worked example, one token, E = 4 in 2 groups, one kept, 'top2_sum': scores [-0.1, -0.2,
+  -0.5, -0.6] give group scores [-0.3, -1.1], so group 0 is kept; 'zero' masks to [-0.1,
+  -0.2, 0, 0] and top-2 takes experts 2 and 3 of the masked group; 'neg_inf' takes 0 and 1.
+  """
+  num_tokens_groups, group_size, num_experts = scores.shape
+  grouped = scores.reshape(num_tokens_groups, group_size, num_groups, num_experts // num_groups)
+  # Shape: [G, S, n_groups, E / n_groups]
+  if group_score == 'max':
+    per_group = jnp.max(grouped, axis=-1)  # Shape: [G, S, n_groups]
+  else:
+    per_group = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # Shape: [G, S, n_groups]
+  _, kept_groups = jax.lax.top_k(per_group, num_selected_groups)  # Shape: [G, S, n_kept]
+  kept = jnp.any(jax.nn.one_hot(kept_groups, num_groups, dtype=jnp.bool_), axis=-2)
+  # Shape: [G, S, n_groups]
+  masked = jnp.where(kept[..., None], grouped, UNSELECTED_GROUP_FILLS[fill])
+  return masked.reshape(scores.shape)
+
+
 def top_p_mask(top_probs: jax.Array, top_p: float) -> jax.Array:
   """Top-p ("dynamic") routing: bool [G, S, K], the fewest of a token's K choices, most probable
   first (`top_probs` [G, S, K] sorted descending), whose probabilities sum to >= top_p.
@@ -121,10 +174,12 @@ def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: i
                   random_routing_draws: jax.Array | None = None,
                   selection_scores: jax.Array | None = None,
                   top_p: float | None = None,
-                  slot_offset: jax.Array | None = None) -> RoutingDecision:
+                  slot_offset: jax.Array | None = None,
+                  top_k_logits: jax.Array | None = None) -> RoutingDecision:
   """Tokens choose their top-k experts (k=1 Switch, k=2 GShard), then capacity drops overflow.
 
-  probs: [G, S, E] float32 router probabilities; valid: [G, S] bool, false on padding.
+  probs: [G, S, E] float32 router scores (softmax probabilities, or sigmoid scores); valid:
+  [G, S] bool, false on padding.
 
   Overflow order. With `causal=False` (GShard/Switch), all first choices of a group claim slots
   before any second choice, each in sequence order. That lets a token's k-th choice (k >= 2) be
@@ -134,7 +189,9 @@ def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: i
 
   batch_prioritized: tokens claim slots in order of their top-1 probability instead of sequence
     order (Riquelme et al.). It looks at later tokens: encoders only.
-  normalize_weights: rescale each token's k weights to sum to 1 (off in Switch).
+  normalize_weights: rescale each token's k weights to sum to 1 (off in Switch); the sum gets
+    DeepSeek-V3's + 1e-20 (for sigmoid scores all near 0; below half a float32 ulp of any sum of
+    top-k softmax probabilities, >= 1 / E, so exact there).
   random_routing_draws: [G, S, K] uniform [0, 1) draws for GShard random routing: the j-th
     choice (j >= 2) is kept when its draw is below K * w_j, w the top-k weights normalized to sum
     1 (probability min(1, 2 * w_2) for K=2; always kept at uniform probabilities). None keeps
@@ -147,6 +204,9 @@ def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: i
   slot_offset: [G, E] int32, the slots of each expert's buffer that earlier tokens of the group
     claimed already (decoding a group a few tokens at a time: `MoeLayer.decode_length`); causal
     routing only. None: the group starts here.
+  top_k_logits: [G, S, E] float32 router logits: the weights are the softmax of the chosen
+    experts' logits (gpt-oss's softmax after the top-k; equal to softmax probabilities with
+    `normalize_weights`). None: the weights come from `probs`.
   """
   num_groups, group_size, num_experts = probs.shape
   if batch_prioritized and causal:
@@ -163,8 +223,11 @@ def top_k_routing(probs: jax.Array, valid: jax.Array, *, num_selected_experts: i
     kept = top_p_mask(top_probs, top_p)  # Shape: [G, S, K], the first choice always kept
     chosen = chosen & kept
     kept_probs = jnp.where(kept, top_probs, 0.0)
-  normalized = kept_probs / jnp.sum(kept_probs, axis=-1, keepdims=True)
-  weight = normalized if normalize_weights else top_probs
+  if top_k_logits is None:
+    normalized = kept_probs / (jnp.sum(kept_probs, axis=-1, keepdims=True) + 1e-20)
+  else:  # Shape: [G, S, K]
+    normalized = jax.nn.softmax(jnp.take_along_axis(top_k_logits, expert_index, axis=-1), -1)
+  weight = normalized if normalize_weights or top_k_logits is not None else top_probs
   if random_routing_draws is not None and num_selected_experts > 1:
     keep_probability = jnp.minimum(1.0, num_selected_experts * normalized)
     keep_probability = keep_probability.at[..., 0].set(1.0)

@@ -44,9 +44,15 @@ PARAM_AXES = {
     ('experts', 'wi'): ('expert', 'embed', 'mlp'),
     ('experts', 'wi_gate'): ('expert', 'embed', 'mlp'),
     ('experts', 'wo'): ('expert', 'mlp', 'embed'),
+    ('experts', 'bi'): ('expert', 'mlp'),
+    ('experts', 'bi_gate'): ('expert', 'mlp'),
+    ('experts', 'bo'): ('expert', 'embed'),
     ('shared_experts', 'wi'): (None, 'embed', 'mlp'),
     ('shared_experts', 'wi_gate'): (None, 'embed', 'mlp'),
     ('shared_experts', 'wo'): (None, 'mlp', 'embed'),
+    ('shared_experts', 'bi'): (None, 'mlp'),
+    ('shared_experts', 'bi_gate'): (None, 'mlp'),
+    ('shared_experts', 'bo'): (None, 'embed'),
     ('router', 'dense', 'kernel'): ('embed', None),
     ('router', 'projection', 'kernel'): ('embed', None),
     ('router', 'centroids'): (None, 'embed'),
@@ -168,6 +174,15 @@ def from_expert_devices(outputs: jax.Array) -> jax.Array:
   C, D], after summing the partial results of the F slices over 'model'."""
   outputs = jax.lax.psum(outputs, 'model')  # a no-op copy when the model axis has size 1
   return jax.lax.all_to_all(outputs, 'expert', split_axis=1, concat_axis=0, tiled=True)
+
+
+def once_over_model(weights: dict[str, jax.Array], name: str) -> dict[str, jax.Array]:
+  """Inside shard_map: `weights` with weights[name] (if any) zero on every 'model' shard but the
+  first, so a term added after the F slices' partial sums is counted once by their psum."""
+  if name not in weights:
+    return weights
+  first = (jax.lax.axis_index('model') == 0).astype(weights[name].dtype)
+  return {**weights, name: weights[name] * first}
 
 
 def device_rng(rng: jax.Array | None) -> jax.Array | None:
