@@ -26,6 +26,7 @@ from moejax.soft_moe import SoftMoeLayer
 
 KINDS = ('decoder', 'encoder_decoder')
 POSITIONS = ('rotary', 'relative')
+ATTENTIONS = ('mha', 'mla')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # MoeLayer fields a model sets itself: layer field -> the model field it comes from (None: the
 # model decides, `causal` per stack).
@@ -86,6 +87,15 @@ class _ModelFields:
   yarn_mscale_all_dim: float | None = None
   yarn_attention_factor: float | None = None  # None: from the mscales
   yarn_truncate: bool = True          # floor and ceil the correction range (gpt-oss: False)
+  # 'mha': multi-head attention (grouped-query with num_kv_heads); 'mla': multi-head latent
+  # attention (moejax.models.mla: DeepSeek-V2/V3), a decoder's, its heads of the widths below.
+  attention: str = 'mha'
+  q_lora_rank: int | None = None      # MLA's query latent (None: queries straight from x)
+  kv_lora_rank: int = 64              # MLA's key/value latent, what its decoding cache holds
+  qk_nope_head_dim: int = 32
+  qk_rope_head_dim: int = 16          # the rotated part of each query and key head
+  v_head_dim: int = 32
+  mla_softmax_mscale: bool = True     # the softmax scale times YaRN's mscale(mscale_all_dim)^2
   norm_eps: float = 1e-6              # every RMSNorm's epsilon (Mixtral, OLMoE: 1e-5)
   scaled_attention: bool = True       # logits / sqrt(head_dim); T5 and Switch leave them unscaled
   tie_embeddings: bool = False        # logits from the embedding, inputs scaled by D^-0.5 (T5)
@@ -191,6 +201,7 @@ class _ModelConfigChecks:
     if self.rope_theta <= 0 or self.norm_eps <= 0:
       raise bad('rope_theta' if self.rope_theta <= 0 else 'norm_eps', 'it must be > 0')
     self._check_rotary(bad)
+    self._check_latent_attention(bad)
     if self.activation not in ACTIVATIONS:  # the dense FFNs' too, not only the experts'
       raise bad('activation', f'it must be one of {tuple(ACTIVATIONS)}')
     if not 0 <= self.dropout_rate < 1:
@@ -223,11 +234,11 @@ class _ModelConfigChecks:
                   "only an encoder may use it (kind='encoder_decoder')")
 
   def _check_rotary(self, bad):
-    rotated = int(self.attention_head_dim * self.rotary_fraction)
+    rotated = int(self.rotary_head_dim * self.rotary_fraction)
     if self.position_kind == 'rotary' and (not 0 < self.rotary_fraction <= 1 or rotated < 2
                                            or rotated % 2):
       raise bad('rotary_fraction', 'it must be in (0, 1] and turn an even number of each '
-                f"head's {self.attention_head_dim} dims (here {rotated})")
+                f"head's {self.rotary_head_dim} rotary dims (here {rotated})")
     if self.yarn_factor is None:
       return
     if self.yarn_factor < 1:
@@ -236,6 +247,28 @@ class _ModelConfigChecks:
       raise bad('yarn_original_length', 'YaRN (yarn_factor) needs the length trained before it')
     if self.yarn_beta_fast < self.yarn_beta_slow:
       raise bad('yarn_beta_fast', f'it must be >= yarn_beta_slow={self.yarn_beta_slow}')
+
+  def _check_latent_attention(self, bad):
+    if self.attention not in ATTENTIONS:
+      raise bad('attention', f'it must be one of {ATTENTIONS}')
+    if self.attention != 'mla':
+      return
+    for field in ('kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim'):
+      if getattr(self, field) < 1:
+        raise bad(field, 'it must be >= 1')
+    if self.q_lora_rank is not None and self.q_lora_rank < 1:
+      raise bad('q_lora_rank', 'it must be >= 1, or None (no query latent)')
+    unsupported = dict(kind=self.kind != 'decoder', positions=self.position_kind != 'rotary',
+                       rotary_fraction=self.rotary_fraction != 1,
+                       num_kv_heads=self.kv_heads != self.num_heads,
+                       attention_bias=self.attention_bias,
+                       attention_out_bias=self.attention_out_bias, qk_norm=self.qk_norm,
+                       qk_head_norm=self.qk_head_norm)
+    for field, refused in unsupported.items():
+      if refused:
+        raise bad(field, "multi-head latent attention (attention='mla') is a decoder's, with "
+                  'rotary positions on all qk_rope_head_dim dims, a latent per token for all '
+                  'heads and no biases or q/k norms')
 
   def _check_layers(self):
     """Build each stack's MoE layer, so the layers' own rules check the fields."""
@@ -295,6 +328,11 @@ class _ModelConfigChecks:
   def storage_dtype(self):
     """The params' dtype (`param_dtype`); the routers' params are float32 whatever it is."""
     return DTYPES[self.param_dtype]
+
+  @property
+  def rotary_head_dim(self) -> int:
+    """The width of the heads rotary positions turn (part of): A, or MLA's qk_rope_head_dim."""
+    return self.qk_rope_head_dim if self.attention == 'mla' else self.attention_head_dim
 
   @property
   def attention_head_dim(self) -> int:

@@ -25,6 +25,7 @@ from moejax.experts import ACTIVATIONS
 from moejax.balancing import BIAS_COLLECTION
 from moejax.intermediates import DECISIONS
 from moejax.models.config import ModelConfig
+from moejax.models.mla import LatentAttention
 from moejax.models.rotary import rotary
 
 
@@ -187,7 +188,8 @@ class Block(nn.Module):
       mask = (causal_mask(padding_mask) if self.causal
               else full_mask(padding_mask, padding_mask))  # Shape: [B, 1, L, L]
     h = norm('pre_attention_norm')(x)
-    x = x + drop(Attention(cfg, use_rotary, self.decode_length, name='attention')(
+    attention = LatentAttention if cfg.attention == 'mla' else Attention
+    x = x + drop(attention(cfg, use_rotary, self.decode_length, name='attention')(
         h, h, mask, self_bias, start))
     if self.cross_attention:
       h = norm('pre_cross_attention_norm')(x)
