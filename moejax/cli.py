@@ -6,6 +6,8 @@
   moejax sample --workdir runs/x [--prompt "ROMEO:" --num_tokens 300 --temperature 0.8]
   moejax analyze --workdir runs/x [--text FILE [--text FILE2 ...]] [--out DIR] [--at_init]
   moejax ablate SWEEP [--report] [--scale small|base] [--runs_dir DIR] [--results_dir DIR]
+  moejax lower  --config experiments/configs/switch_tiny.py --platform tpu \
+                [--config.mesh.expert=8 ...]
   moejax import-hf HUB_DIR --workdir runs/mixtral [--config FILE] [--config.data.source=...]
   moejax export-hf --workdir runs/mixtral --out DIR [--step N] [--max-shard-size 5GB]
                    [--model-type mixtral]
@@ -39,6 +41,8 @@ COMMANDS = {'train': 'train (or resume) a run from an experiment config',
             'export-hf': "a run's checkpoint as a Hugging Face hub directory (safetensors "
                          "shards and their index, config.json, the run's tokenizer) that "
                          'transformers loads'}
+LOWER_HELP = ("lower a config's train step for a platform and its mesh, on this host, without "
+              'running it: its collectives with their bytes per step, its largest arrays')
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,11 +110,26 @@ def _parser() -> argparse.ArgumentParser:
       sub.add_argument('--num_tokens', type=int, help='tokens to generate')
       sub.add_argument('--temperature', type=float, help='0 is greedy')
       sub.add_argument('--seed', type=int, default=0, help='rng seed')
+  lower = commands.add_parser('lower', help=LOWER_HELP, description=LOWER_HELP,
+                              epilog=parser.epilog)
+  lower.add_argument('--config', metavar='FILE', required=True,
+                     help='experiment file whose get_config() returns the config')
+  lower.add_argument('--platform', default='tpu',
+                     help='the platform to lower for: tpu (default), cuda, rocm or cpu')
+  lower.add_argument('--debug', action='store_true',
+                     help='show tracebacks of config and lowering errors (also: MOEJAX_DEBUG=1)')
   return parser
 
 
 def _config(args: argparse.Namespace, overrides: list[tuple[str, str]]):
   """The run's config: the experiment file's (or the saved run's), overrides applied, checked."""
+  from moejax.train import config as config_lib
+  config = _unchecked_config(args, overrides)
+  config_lib.check_config(config)
+  return config
+
+
+def _unchecked_config(args: argparse.Namespace, overrides: list[tuple[str, str]]):
   from moejax.errors import InputError
   from moejax.train import config as config_lib  # imports JAX: after the arguments are checked
   if args.config:
@@ -126,7 +145,6 @@ def _config(args: argparse.Namespace, overrides: list[tuple[str, str]]):
     for field in ('prompt', 'num_tokens', 'temperature'):
       if getattr(args, field) is not None:
         config.sample[field] = getattr(args, field)
-  config_lib.check_config(config)
   return config
 
 
@@ -225,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     print('moejax train: --workdir is required (unless --print_config)', file=sys.stderr)
     return 2
   debug = debug_requested(args)
+  if args.command == 'lower':  # one process, simulated devices: no job to join
+    return reporting_errors('lower', lambda: _lower(args, overrides, debug), debug)
   from moejax import distributed  # before anything touches the devices
   try:
     distributed.initialize_from(args.coordinator, args.num_processes, args.process_id)
@@ -258,6 +278,31 @@ def _command(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
                                args.model_type), indent=1))
     return 0
   return _run(args, config)
+
+
+def _lower(args: argparse.Namespace, overrides: list[tuple[str, str]], debug: bool) -> int:
+  """Lower the config's train step for --platform on its mesh of simulated CPU devices (asked
+  for before JAX touches a device); print its collectives and largest arrays. A program that
+  does not lower exits 1 with its cause in one line."""
+  from moejax.platforms import PLATFORMS
+  from moejax.train import config as config_lib
+  from moejax.train import lowering
+  if args.platform not in PLATFORMS:
+    print(f'moejax lower: --platform {args.platform} is not one of {PLATFORMS}', file=sys.stderr)
+    return 2
+  config = _unchecked_config(args, overrides)
+  lowering.simulate_devices(lowering.mesh_size(config))
+  lowering.check_devices(lowering.mesh_size(config))
+  config_lib.check_config(config)
+  try:
+    lowered, run, state = lowering.lower_train_step(config, args.platform)
+  except lowering.LoweringError as error:
+    if debug:
+      raise
+    print(f'moejax lower: {error}', file=sys.stderr)
+    return 1
+  print(lowering.report(lowered, run, state, args.platform))
+  return 0
 
 
 if __name__ == '__main__':

@@ -14,7 +14,9 @@ Inside `jax.shard_map`, each device holds its dispatched rows sorted by expert
   3. a local permutation sorts the received rows by expert, for the grouped matmuls;
   4. the results go back the same way reversed: the exchange with sizes transposed.
 XLA:CPU has no ragged all-to-all: there each slice is padded to the most rows one device can send
-another, and an equal-size `jax.lax.all_to_all` moves them (same numbers, more bytes).
+another, and an equal-size `jax.lax.all_to_all` moves them (same numbers, more bytes). Which of the
+two runs is chosen by the platform the program is lowered for (`jax.lax.platform_dependent`), so a
+program lowered for a GPU or TPU on a CPU host holds the ragged exchange (`moejax.platforms`).
 """
 from __future__ import annotations
 
@@ -139,9 +141,9 @@ def exchange(rows: jax.Array, forward: Offsets, backward: Offsets, num_rows: int
 def _exchange(num_rows, num_in_rows, max_send, rows, forward, backward):
   # Like `rows`, varying over the devices: ragged_all_to_all's result has the type of `output`.
   output = jnp.zeros_like(rows, shape=(num_rows, *rows.shape[1:]))
-  if native_ragged_all_to_all():
-    return jax.lax.ragged_all_to_all(rows, output, *forward, axis_name='expert')
-  return _padded_all_to_all(rows, output, forward, max_send)
+  return jax.lax.platform_dependent(
+      rows, output, forward, cpu=functools.partial(_padded_all_to_all, max_send=max_send),
+      default=_ragged_all_to_all)
 
 
 def _exchange_fwd(num_rows, num_in_rows, max_send, rows, forward, backward):
@@ -156,9 +158,8 @@ def _exchange_bwd(num_rows, num_in_rows, max_send, residuals, grad):
 _exchange.defvjp(_exchange_fwd, _exchange_bwd)
 
 
-def native_ragged_all_to_all() -> bool:
-  """Whether this backend runs `jax.lax.ragged_all_to_all` (XLA:CPU does not)."""
-  return jax.default_backend() != 'cpu'
+def _ragged_all_to_all(rows: jax.Array, output: jax.Array, offsets: Offsets) -> jax.Array:
+  return jax.lax.ragged_all_to_all(rows, output, *offsets, axis_name='expert')
 
 
 def _padded_all_to_all(rows: jax.Array, output: jax.Array, offsets: Offsets,

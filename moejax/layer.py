@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax import exchange, routers, routing, sharding
+from moejax import exchange, platforms, routers, routing, sharding
 from moejax.balancing import BIAS_COLLECTION
 from moejax.checks import check_moe_layer
 from moejax.dispatch import (BufferDispatcher, GroupedDispatcher, RowDispatcher, auto_dispatch,
@@ -77,9 +77,9 @@ class MoeLayer(nn.Module):
         (`jax.lax.ragged_dot`, MaxText's path on GPU); under an expert-parallel mesh the rows
         travel in a ragged exchange (`moejax.exchange`): only the tokens dispatched, no
         capacity buffers. On CPU the grouped matmuls cost E times the FLOPs.
-      'auto': the fastest path measured on this backend (`moejax.dispatch.auto_dispatch`: sorted
-        on CPU, einsum on TPU and GPU, indices there when C = S; never grouped, not yet
-        measured on a GPU or TPU; benchmarks/RESULTS.md).
+      'auto': the fastest path measured on the platform traced for (`moejax.platforms`;
+        `moejax.dispatch.auto_dispatch`: sorted on CPU, einsum on TPU and GPU, indices there
+        when C = S; never grouped, not yet measured on a GPU or TPU; benchmarks/RESULTS.md).
     block_size: rows of the largest block for 'sorted' dispatch, a power of two; each expert's
       rows are padded to a tile of block_size / 16 rows, at least 16 (`dispatch.block_tile`).
       None picks one from the shapes (`dispatch.default_block_size`).
@@ -242,7 +242,7 @@ class MoeLayer(nn.Module):
       # Dense routing, like dropless, gives every expert C = S slots per group.
       dropless = self.routing == 'dense' or (factor is None and self.expert_capacity is None
                                              and self.routing == 'tokens_choose')
-      method = auto_dispatch(jax.default_backend(), dropless)
+      method = auto_dispatch(platforms.target_platform(), dropless)
     return 'indices' if sharded and method == 'sorted' else method
 
   @nn.compact

@@ -11,7 +11,7 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads: no C++ info logs
 
 from moejax.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, make_tokenizer,
-                                    train_sentencepiece)
+                                    model_vocab_size, tokenizer_for, train_sentencepiece)
 
 # name -> the submodule that defines it; all but span_corruption import TensorFlow (datasets).
 _WITH_TENSORFLOW = {
@@ -21,8 +21,7 @@ _WITH_TENSORFLOW = {
     'corrupted': 'span_corruption', 'span_corrupt': 'span_corruption',
     'span_corruption_lengths': 'span_corruption',
     'chars_per_token': 'pipeline', 'check_corpus': 'pipeline', 'eval_batches': 'pipeline',
-    'model_vocab_size': 'pipeline', 'tokenizer_for': 'pipeline', 'train_batches': 'pipeline',
-    'train_stream': 'pipeline',
+    'train_batches': 'pipeline', 'train_stream': 'pipeline',
 }
 
 
@@ -38,5 +37,5 @@ def __getattr__(name):
   return getattr(module, name)
 
 
-__all__ = ['ByteTokenizer', 'SentencePieceTokenizer', 'make_tokenizer', 'train_sentencepiece',
-           *_WITH_TENSORFLOW]
+__all__ = ['ByteTokenizer', 'SentencePieceTokenizer', 'make_tokenizer', 'model_vocab_size',
+           'tokenizer_for', 'train_sentencepiece', *_WITH_TENSORFLOW]

@@ -23,34 +23,12 @@ from typing import Any
 import grain
 import numpy as np
 
-from moejax.distributed import on_lead
 from moejax.errors import ConfigError
-from moejax.data.sources import documents
 from moejax.data.span_corruption import corrupted
-from moejax.data.tokenizers import make_tokenizer
 from moejax.data.tokens import SplitTokens, num_examples, packed
 
 # Threads that read (and span-corrupt) a batch's rows ahead of the step, and batches kept ready.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
-
-
-def tokenizer_for(data: Any, workdir: str | None):
-  """The run's tokenizer. A SentencePiece vocabulary is trained once, by process 0, and written
-  atomically to <workdir>/spm.model, which every process then reads."""
-  cache = os.path.join(workdir, 'spm.model') if workdir else None
-
-  def train_texts():
-    import tensorflow_datasets as tfds
-    for text in tfds.as_numpy(documents(data, data.train_split)):
-      yield text.decode('utf-8')
-
-  def make():
-    return make_tokenizer(data.tokenizer, data.spm_model, data.spm_vocab_size, train_texts, cache,
-                          data.get('tokenizer_path'))
-
-  if cache and data.tokenizer == 'sentencepiece':
-    on_lead(lambda: make() and None, 'train the SentencePiece vocabulary')
-  return make()
 
 
 def check_corpus(data: Any, splits: dict[str, SplitTokens]) -> None:
@@ -61,13 +39,6 @@ def check_corpus(data: Any, splits: dict[str, SplitTokens]) -> None:
       raise ConfigError('length', data.length, f'the {split} split of {data.source} has '
                         f'{len(tokens.tokens)} tokens, fewer than one example; use a shorter '
                         'data.length or more text', 'data')
-
-
-def model_vocab_size(tokenizer, data: Any, task: str) -> int:
-  """V: the tokenizer's vocabulary, plus the sentinels span corruption adds (none when the
-  tokenizer has its own `<extra_id_i>`)."""
-  added = tokenizer.added_vocab(data.num_sentinels) if task == 'span_corruption' else 0
-  return tokenizer.vocab_size + added
 
 
 def _examples(tokens: np.ndarray, data: Any, task: str, tokenizer) -> grain.MapDataset:

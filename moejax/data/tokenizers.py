@@ -25,6 +25,7 @@ import io
 import json
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -334,3 +335,33 @@ def make_tokenizer(kind: str, spm_model: str | None, vocab_size: int, train_text
       f.write(tokenizer.model_proto)
     os.replace(cache_path + '.tmp', cache_path)  # a crash leaves no half-written vocabulary
   return tokenizer
+
+
+def tokenizer_for(data: Any, workdir: str | None):
+  """The run's tokenizer. A SentencePiece vocabulary is trained once, by process 0, and written
+  atomically to <workdir>/spm.model, which every process then reads; only training one reads
+  the corpus (and imports TensorFlow)."""
+  cache = os.path.join(workdir, 'spm.model') if workdir else None
+
+  def train_texts():
+    import tensorflow_datasets as tfds
+
+    from moejax.data.sources import documents
+    for text in tfds.as_numpy(documents(data, data.train_split)):
+      yield text.decode('utf-8')
+
+  def make():
+    return make_tokenizer(data.tokenizer, data.spm_model, data.spm_vocab_size, train_texts, cache,
+                          data.get('tokenizer_path'))
+
+  if cache and data.tokenizer == 'sentencepiece':
+    from moejax.distributed import on_lead
+    on_lead(lambda: make() and None, 'train the SentencePiece vocabulary')
+  return make()
+
+
+def model_vocab_size(tokenizer, data: Any, task: str) -> int:
+  """V: the tokenizer's vocabulary, plus the sentinels span corruption adds (none when the
+  tokenizer has its own `<extra_id_i>`)."""
+  added = tokenizer.added_vocab(data.num_sentinels) if task == 'span_corruption' else 0
+  return tokenizer.vocab_size + added

@@ -35,13 +35,13 @@ STATE_TRAIN_FIELDS = ('optimizer', 'weight_decay')
 class Run:
   """Everything a command needs: config, tokenizer, model, optimizer, mesh, checkpoints."""
   config: ml_collections.ConfigDict
-  workdir: str
+  workdir: str | None
   tokenizer: object
   model_config: object
   model: object
   tx: object
   mesh: object
-  checkpoints: Checkpoints
+  checkpoints: Checkpoints | None
   _tokens: dict = dataclasses.field(default_factory=dict, repr=False)  # split -> SplitTokens
 
   def example_batch(self, batch_size):
@@ -138,11 +138,10 @@ def state_fields(config: ml_collections.ConfigDict, model) -> dict:
   return fields
 
 
-def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """The run of `config` in `workdir`: the config checked (ConfigError naming the field), the
-  corpus checked against data.length, the tokenizer, model, optimizer, mesh and checkpoints."""
-  check_config(config)
-  os.makedirs(workdir, exist_ok=True)
+def plan_run(config: ml_collections.ConfigDict, workdir: str | None = None) -> Run:
+  """The run of a checked `config`: its tokenizer (a SentencePiece vocabulary trained once into
+  `workdir`), model, optimizer and mesh; no checkpoints (None), no corpus read. What lowering
+  its steps needs (`moejax.train.lowering`)."""
   tokenizer = data_lib.tokenizer_for(config.data, workdir)
   vocab_size = data_lib.model_vocab_size(tokenizer, config.data, config.task)
   model_cfg = model_config(config, vocab_size, tokenizer.start_id(config.model.kind))
@@ -150,10 +149,19 @@ def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   mesh = None
   if np.prod(mesh_shape) > 1:
     mesh = moe_sharding.make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
-  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint.every_steps,
-                            config.checkpoint.keep, state_fields(config, model_cfg))
-  run = Run(config, workdir, tokenizer, model_cfg, make_model(model_cfg),
-            make_optimizer(config.train, model_cfg.param_dtype), mesh, checkpoints)
+  return Run(config, workdir, tokenizer, model_cfg, make_model(model_cfg),
+             make_optimizer(config.train, model_cfg.param_dtype), mesh, checkpoints=None)
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """The run of `config` in `workdir`: the config checked (ConfigError naming the field), the
+  corpus checked against data.length, the tokenizer, model, optimizer, mesh and checkpoints."""
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  run = plan_run(config, workdir)
+  run.checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                config.checkpoint.every_steps, config.checkpoint.keep,
+                                state_fields(config, run.model_config))
   if data_lib.is_local(config.data.source):  # a short local corpus is refused before training
     data_lib.check_corpus(config.data, {split: run.tokens(split) for split in
                                         (config.data.train_split, config.data.eval_split)})

@@ -159,16 +159,22 @@ def _on_mesh(fn, mesh: Mesh | None):
   return wrapped
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, alpha: float,
-                    beta: float, mesh: Mesh | None = None, shardings: Any = None):
-  """jit(train_step); with a mesh, the state keeps `shardings` (see
-  `moejax.train.sharding.state_shardings`) and batches are split over ('data', 'expert'). The
-  input state is donated."""
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, alpha: float,
+                   beta: float, mesh: Mesh | None = None, shardings: Any = None):
+  """jit(train_step), to call (or trace) under `jax.set_mesh(mesh)`; with a mesh, the state
+  keeps `shardings` (see `moejax.train.sharding.state_shardings`) and batches are split over
+  ('data', 'expert'). The input state is donated."""
   step = functools.partial(train_step, model=model, tx=tx, alpha=alpha, beta=beta)
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
-  return _on_mesh(jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                          out_shardings=(shardings, None), donate_argnums=0), mesh)
+  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, None), donate_argnums=0)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, alpha: float,
+                    beta: float, mesh: Mesh | None = None, shardings: Any = None):
+  """`jit_train_step`, run under the mesh."""
+  return _on_mesh(jit_train_step(model, tx, alpha, beta, mesh, shardings), mesh)
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh | None = None, param_shardings: Any = None):
