@@ -75,6 +75,11 @@ class _ModelFields:
   attention_out_bias: bool = False    # a bias on the attention's output (Qwen3, gpt-oss)
   qk_norm: bool = False               # RMSNorm over all of q and of k before the heads (OLMoE)
   qk_head_norm: bool = False          # RMSNorm over each head of q and k, one scale [A] (Qwen3)
+  attention_sinks: bool = False       # a learned logit per head in the softmax's denominator
+  # A decoder's causal query sees the keys of its last `sliding_window` positions, itself
+  # included (None: all), in every block but `full_attention_layers` (gpt-oss's layer_types).
+  sliding_window: int | None = None
+  full_attention_layers: tuple[int, ...] = ()
   rope_theta: float = 10_000.0        # rotary positions' base (Mixtral: 1e6)
   # Rotary options (moejax.models.rotary): the share of each head's dims that turn (GLM-4.5: 0.5)
   # and YaRN context extension by `yarn_factor` (None: off) from `yarn_original_length`.
@@ -198,6 +203,7 @@ class _ModelConfigChecks:
       raise bad('num_kv_heads', f'it must be >= 1 and divide num_heads={self.num_heads}, or None')
     if self.qk_norm and self.qk_head_norm:
       raise bad('qk_head_norm', 'it normalizes q and k per head: set it or qk_norm, not both')
+    self._check_window(bad)
     if self.rope_theta <= 0 or self.norm_eps <= 0:
       raise bad('rope_theta' if self.rope_theta <= 0 else 'norm_eps', 'it must be > 0')
     self._check_rotary(bad)
@@ -248,6 +254,23 @@ class _ModelConfigChecks:
     if self.yarn_beta_fast < self.yarn_beta_slow:
       raise bad('yarn_beta_fast', f'it must be >= yarn_beta_slow={self.yarn_beta_slow}')
 
+  def _check_window(self, bad):
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise bad('sliding_window', 'it must be >= 1, or None (no window)')
+    if self.sliding_window is not None and self.kind != 'decoder':
+      raise bad('sliding_window', "only a decoder-only model (kind='decoder') has one")
+    if self.full_attention_layers and self.sliding_window is None:
+      raise bad('full_attention_layers', 'it names blocks without the window: set sliding_window')
+    if any(not 0 <= i < self.num_layers for i in self.full_attention_layers):
+      raise bad('full_attention_layers', f'each must be a block index in [0, {self.num_layers})')
+    if self.scan_layers and self.full_attention_layers:
+      raise bad('full_attention_layers', 'scan_layers repeats one unit of blocks: use '
+                'scan_layers=False')
+
+  def attention_window(self, layer: int) -> int | None:
+    """The sliding window of block `layer`'s self-attention (a decoder's), None: all keys."""
+    return None if layer in self.full_attention_layers else self.sliding_window
+
   def _check_latent_attention(self, bad):
     if self.attention not in ATTENTIONS:
       raise bad('attention', f'it must be one of {ATTENTIONS}')
@@ -263,12 +286,13 @@ class _ModelConfigChecks:
                        num_kv_heads=self.kv_heads != self.num_heads,
                        attention_bias=self.attention_bias,
                        attention_out_bias=self.attention_out_bias, qk_norm=self.qk_norm,
-                       qk_head_norm=self.qk_head_norm)
+                       qk_head_norm=self.qk_head_norm, attention_sinks=self.attention_sinks,
+                       sliding_window=self.sliding_window is not None)
     for field, refused in unsupported.items():
       if refused:
         raise bad(field, "multi-head latent attention (attention='mla') is a decoder's, with "
                   'rotary positions on all qk_rope_head_dim dims, a latent per token for all '
-                  'heads and no biases or q/k norms')
+                  'heads and no biases, q/k norms, sinks or window')
 
   def _check_layers(self):
     """Build each stack's MoE layer, so the layers' own rules check the fields."""

@@ -81,11 +81,15 @@ class Attention(nn.Module):
   With `decode_length`, causal self-attention over a cache: x holds the tokens at positions
   start ... start + L - 1 of sequences of decode_length; their keys and values are written into
   the 'cache' collection ('cached_key', 'cached_value' [B, decode_length, kv_heads, A]) and
-  each query attends to the cached keys up to its own position (`mask` is not used).
+  each query attends to the cached keys up to its own position (`mask` is not used). With a
+  sliding `window` the cache is a ring of min(window, decode_length) slots (`_ring_cached`).
+  `config.attention_sinks` adds a learned logit per head ('sinks' [H]) to each softmax's
+  denominator, a key that every query sees and that gives nothing (gpt-oss).
   """
   config: ModelConfig
   use_rotary: bool = False
   decode_length: int | None = None
+  window: int | None = None  # a causal query's last `window` positions (the mask says so)
 
   @nn.compact
   def __call__(self, x: jax.Array, kv: jax.Array, mask: jax.Array | None,
@@ -103,7 +107,9 @@ class Attention(nn.Module):
       q, k = rms_norm(cfg, 'query_norm', axes)(q), rms_norm(cfg, 'key_norm', axes)(k)
     if self.use_rotary:
       q, k = rotary(q, cfg, start), rotary(k, cfg, start)
-    if self.decode_length is not None:
+    if self.decode_length is not None and self.window is not None:
+      k, v, mask = self._ring_cached(k, v, start)  # Shapes: [B, M, KV, A], [1, 1, L, M]
+    elif self.decode_length is not None:
       k, v, mask = self._cached(k, v, start)  # Shapes: [B, decode_length, KV, A], [1, 1, L, M]
     group = cfg.num_heads // cfg.kv_heads
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)  # Shapes: [B, M, H, A]
@@ -113,7 +119,11 @@ class Attention(nn.Module):
     if bias is not None:
       logits = logits + bias
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)  # Shape: [B, H, L, M]
-    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
+    if cfg.attention_sinks:
+      sinks = self.param('sinks', nn.initializers.zeros, (cfg.num_heads,), cfg.storage_dtype)
+      probs = softmax_with_sinks(logits, sinks.astype(jnp.float32)).astype(cfg.compute_dtype)
+    else:
+      probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
     out = jnp.einsum('bhlm,bmha->blha', probs, v)  # Shape: [B, L, H, A]
     return nn.DenseGeneral(cfg.model_dim, axis=(-2, -1), use_bias=cfg.attention_out_bias,
                            dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
@@ -130,6 +140,35 @@ class Attention(nn.Module):
     queries = start + jnp.arange(k.shape[1])  # Shape: [L]
     mask = jnp.arange(self.decode_length)[None, :] <= queries[:, None]  # Shape: [L, M]
     return keys.value, values.value, mask[None, None]
+
+  def _ring_cached(self, k: jax.Array, v: jax.Array, start: jax.Array | int):
+    """Sliding-window decoding: (the R ring slots' keys and values, then k, v [B, L, KV, A]'s
+    own, [B, R + L, KV, A]; the mask [1, 1, L, R + L] of those within each query's window),
+    then k, v's last R written into their slots (position p in slot p % R). R =
+    min(window, decode_length) slots hold every key a window can see."""
+    length, slots = k.shape[1], min(self.window, self.decode_length)
+    shape = (k.shape[0], slots, *k.shape[2:])
+    keys = self.variable('cache', 'cached_key', jnp.zeros, shape, k.dtype)
+    values = self.variable('cache', 'cached_value', jnp.zeros, shape, v.dtype)
+    # Each slot's last position before start (negative: not written yet). With R = 4 at start 6:
+    # slots 0, 1, 2, 3 hold positions 4, 5, 2, 3.
+    held = start - 1 - (start - 1 - jnp.arange(slots)) % slots  # Shape: [R]
+    positions = start + jnp.arange(length)  # Shape: [L]
+    offsets = positions[:, None] - jnp.concatenate([held, positions])[None, :]  # [L, R + L]
+    mask = (offsets >= 0) & (offsets < self.window) & (jnp.concatenate([held, positions]) >= 0)
+    all_keys = jnp.concatenate([keys.value, k], axis=1)  # Shape: [B, R + L, KV, A]
+    all_values = jnp.concatenate([values.value, v], axis=1)
+    written = positions[-slots:] % slots  # the slots of the last R positions
+    keys.value = keys.value.at[:, written].set(k[:, -slots:])
+    values.value = values.value.at[:, written].set(v[:, -slots:])
+    return all_keys, all_values, mask[None, None]
+
+
+def softmax_with_sinks(logits: jax.Array, sinks: jax.Array) -> jax.Array:
+  """Softmax of logits [B, H, L, M] over M with one more logit per head, sinks [H], in each
+  denominator (its probability dropped: the rows sum to less than one)."""
+  sink = jnp.broadcast_to(sinks[None, :, None, None], (*logits.shape[:3], 1))  # [B, H, L, 1]
+  return jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
 
 
 class Mlp(nn.Module):
@@ -148,10 +187,12 @@ class Mlp(nn.Module):
     return dense(cfg.model_dim, 'wo')(hidden)
 
 
-def causal_mask(mask: jax.Array) -> jax.Array:
-  """Self-attention mask [B, 1, L, L] from the padding mask [B, L]: real keys not in the future."""
-  length = mask.shape[1]
-  return mask[:, None, None, :] & jnp.tril(jnp.ones((length, length), jnp.bool_))
+def causal_mask(mask: jax.Array, window: int | None = None) -> jax.Array:
+  """Self-attention mask [B, 1, L, L] from the padding mask [B, L]: real keys not in the future
+  (and, with a `window`, fewer than `window` positions back)."""
+  offsets = jnp.arange(mask.shape[1])[:, None] - jnp.arange(mask.shape[1])[None, :]  # [L, L]
+  allowed = (offsets >= 0) & (offsets < (window or mask.shape[1]))
+  return mask[:, None, None, :] & allowed
 
 
 def full_mask(query_mask: jax.Array, key_mask: jax.Array) -> jax.Array:
@@ -164,7 +205,8 @@ class Block(nn.Module):
 
   `sparse` puts a MoeLayer (or, in the dense baseline, an FFN of width (K + shared) * F) in the
   FFN slot; its routing is causal when the stack is (decoders), and it gets the padding mask.
-  `decode_length`: a causal stack decoding with a cache (`Stack`).
+  `decode_length`: a causal stack decoding with a cache (`Stack`); `window`: the self-attention's
+  sliding window (`ModelConfig.attention_window`).
   """
   config: ModelConfig
   sparse: bool
@@ -172,6 +214,7 @@ class Block(nn.Module):
   cross_attention: bool
   deterministic: bool
   decode_length: int | None = None
+  window: int | None = None
 
   @nn.compact
   def __call__(self, x, padding_mask, self_bias, encoded=None, encoded_mask=None, token_ids=None,
@@ -185,11 +228,11 @@ class Block(nn.Module):
     use_rotary = cfg.position_kind == 'rotary'
     mask = None  # decoding: the attention's cache masks the keys
     if self.decode_length is None:
-      mask = (causal_mask(padding_mask) if self.causal
+      mask = (causal_mask(padding_mask, self.window) if self.causal
               else full_mask(padding_mask, padding_mask))  # Shape: [B, 1, L, L]
     h = norm('pre_attention_norm')(x)
     attention = LatentAttention if cfg.attention == 'mla' else Attention
-    x = x + drop(attention(cfg, use_rotary, self.decode_length, name='attention')(
+    x = x + drop(attention(cfg, use_rotary, self.decode_length, self.window, name='attention')(
         h, h, mask, self_bias, start))
     if self.cross_attention:
       h = norm('pre_cross_attention_norm')(x)
@@ -220,7 +263,8 @@ class Unit(nn.Module):
     cfg, cross = self.config, self.cross_attention
     for i in range(cfg.stack_period(cross)):
       x = Block(cfg, cfg.is_sparse(self.first + i, cross), self.causal, cross,
-                self.deterministic, self.decode_length, name=f'block_{i}')(
+                self.deterministic, self.decode_length, cfg.attention_window(self.first + i),
+                name=f'block_{i}')(
                     x, padding_mask, self_bias, encoded, encoded_mask, token_ids, start)
     return x
 
@@ -280,7 +324,7 @@ class Stack(nn.Module):
       # Blocks past the last full unit (num_layers not a multiple of period) are dense.
       for i in range(num_units * period, num_layers):
         x = Block(cfg, False, self.causal, self.cross_attention, deterministic,
-                  self.decode_length, name=f'block_{i}')(x, *args)
+                  self.decode_length, cfg.attention_window(i), name=f'block_{i}')(x, *args)
     return rms_norm(cfg, 'final_norm')(x)
 
 
