@@ -115,9 +115,10 @@ def score_distribution(scores: jax.Array, score_function: str) -> jax.Array:
   """Scores [G, S, E] -> a distribution over the experts [G, S, E], what the load-balancing loss,
   the router confidence and the sown router probabilities read: softmax scores as they are,
   sigmoid scores divided by their sum over the experts (as DeepSeek-V3's sequence-wise balance
-  loss normalizes them, arXiv:2412.19437 eq. 19), so the loss is 1 at uniform routing for both."""
+  loss normalizes them, arXiv:2412.19437 eq. 19), so the loss is 1 at uniform routing for both.
+  The sum gets + 1e-20, as the weights' (scores that all round to 0 give 0, not NaN)."""
   if score_function == 'sigmoid':
-    return scores / jnp.sum(scores, axis=-1, keepdims=True)
+    return scores / (jnp.sum(scores, axis=-1, keepdims=True) + 1e-20)
   return scores
 
 

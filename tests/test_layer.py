@@ -94,6 +94,59 @@ def test_dispatch_methods_agree(k, num_experts, capacity_factor):
     assert collect_routing_metrics(state)['fraction_dropped'] > 0.3
 
 
+# Today's routing rules in one layer each: DeepSeek-V3 / GLM-4.5's (sigmoid scores, a correction
+# bias that picks, group-limited top-k by top-2 sums, routed scaling) with gpt-oss's experts
+# (biases, clamped SwiGLU); gpt-oss's router (softmax after the top-k) with DeepSeek's -inf mask.
+ROUTING_OPTIONS = {
+    'sigmoid_groups_biased_experts': dict(
+        score_function='sigmoid', num_expert_groups=4, num_selected_groups=2,
+        group_score='top2_sum', normalize_weights=True, routed_scaling_factor=2.5,
+        balancing_bias=True, expert_bias=True, glu=True, activation='quick_gelu',
+        activation_limit=0.5, glu_linear_offset=1.0),
+    'softmax_after_top_k': dict(softmax_after_top_k=True, router_bias=True, expert_bias=True,
+                                num_expert_groups=2, num_selected_groups=1,
+                                unselected_group_fill='neg_inf'),
+}
+
+
+def _perturbed(variables, seed=0, scale=0.2):
+  """`variables` with normal noise added to every leaf: biases and balancing biases that are not
+  zero, some negative."""
+  leaves, tree = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return tree.unflatten([leaf + scale * jax.random.normal(key, leaf.shape)
+                         for leaf, key in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize('options', [
+    pytest.param(name, marks=() if name == 'sigmoid_groups_biased_experts' else pytest.mark.slow)
+    for name in ROUTING_OPTIONS])
+def test_routing_options_dispatch_methods_agree(options):
+  """The new routing and expert options, with overflow and padding: einsum, indices, sorted and
+  grouped dispatch give the same outputs and gradients (params and input) to 1e-5."""
+  x = _inputs(batch=2, length=16, seed=3)
+  padding_mask = jnp.ones((2, 16), bool).at[1, -3:].set(False)
+  results = []
+  for dispatch, block_size in (('einsum', None), ('indices', None), ('sorted', 4),
+                               ('grouped', None)):
+    layer = MoeLayer(num_experts=8, ffn_dim=F, num_selected_experts=2,
+                     eval_capacity_factor=0.5, min_expert_capacity=1, dispatch=dispatch,
+                     block_size=block_size, **ROUTING_OPTIONS[options])
+    variables = _perturbed(init_layer(layer, x))
+    state = {k: v for k, v in variables.items() if k != 'params'}
+
+    def loss_fn(params, x, layer=layer, state=state):
+      out, aux = layer.apply({'params': params, **state}, x, True, padding_mask=padding_mask,
+                             mutable=['intermediates'])
+      aux = collect_aux_losses(aux)
+      return jnp.sum(out * jnp.cos(out)) + aux['load_balancing_loss'] + aux['router_z_loss']
+    results.append(jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(variables['params'], x))
+  assert jax.tree.leaves(results[0][1][0]['experts']['bo'])[0].std() > 0  # the biases count
+  for result in results[1:]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+                 results[0], result)
+
+
 @pytest.mark.parametrize('dispatch', DISPATCHES)
 def test_dropless_never_drops_even_when_every_token_picks_one_expert(dispatch):
   layer = MoeLayer(num_experts=4, ffn_dim=F, router_bias=True, dispatch=dispatch,
@@ -126,6 +179,23 @@ def test_glu_gelu_expert_equals_formula():
   p = variables['params']['experts']
   expected = (nn.gelu(x @ p['wi'][0]) * (x @ p['wi_gate'][0])) @ p['wo'][0]
   np.testing.assert_allclose(out, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_clamped_swiglu_expert_with_biases_equals_formula():
+  """gpt-oss's expert: (clip(up, -limit, limit) + 1) * g * sigmoid(1.702 g), g = min(gate,
+  limit), gate = x wi + bi, up = x wi_gate + bi_gate; then wo and bo. limit 0.3 clamps here."""
+  layer = MoeLayer(num_experts=1, ffn_dim=F, glu=True, activation='quick_gelu',
+                   activation_limit=0.3, glu_linear_offset=1.0, expert_bias=True)
+  x = _inputs()
+  variables = _perturbed(init_layer(layer, x), scale=0.5)
+  out, _ = apply_layer(layer, variables, x)
+  p = {name: np.asarray(w[0], np.float64) for name, w in variables['params']['experts'].items()}
+  x = np.asarray(x, np.float64)
+  gate = np.minimum(x @ p['wi'] + p['bi'], 0.3)
+  up = np.clip(x @ p['wi_gate'] + p['bi_gate'], -0.3, 0.3)
+  assert (x @ p['wi'] + p['bi'] > 0.3).any() and (np.abs(x @ p['wi_gate'] + p['bi_gate']) > 0.3).any()
+  hidden = (up + 1) * gate / (1 + np.exp(-1.702 * gate))
+  np.testing.assert_allclose(out, hidden @ p['wo'] + p['bo'], atol=1e-5, rtol=1e-5)
 
 
 def test_dense_routing_mixes_all_experts():

@@ -273,3 +273,72 @@ def test_load_balancing_loss_scales_per_choice_and_per_token_by_hand():
       pytest.approx(per_token))
   with pytest.raises(ValueError, match='load_balancing_loss_scale'):
     routing.load_balancing_loss(probs, decision, valid, 'per_group')
+
+
+def _top2_experts(selection):
+  """The two experts that top-2 routing of one token picks by `selection` [E], as a set."""
+  selection = jnp.asarray(selection, jnp.float32)[None, None]  # Shape: [1, 1, E]
+  decision = routing.top_k_routing(jnp.zeros_like(selection), jnp.ones((1, 1), bool),
+                                   num_selected_experts=2, capacity=1, causal=True,
+                                   selection_scores=selection)
+  return set(np.asarray(decision.expert_index).ravel().tolist())
+
+
+def test_group_limited_top_k_hand_cases():
+  # E = 4 in 2 groups ({0, 1}, {2, 3}), one kept, top-2.
+  limit = lambda scores, group_score, fill: routing.limit_to_groups(  # noqa: E731
+      jnp.asarray(scores, jnp.float32)[None, None], 2, 1, group_score, fill)[0, 0]
+  # Group scores: max [0.4, 0.3] keeps group 0 (DeepSeek-V2); top-2 sums [0.45, 0.55] keep 1.
+  scores = [0.05, 0.4, 0.3, 0.25]
+  np.testing.assert_array_equal(limit(scores, 'max', 'zero'),
+                                np.float32([0.05, 0.4, 0, 0]))
+  assert _top2_experts(limit(scores, 'max', 'zero')) == {0, 1}
+  assert _top2_experts(limit(scores, 'top2_sum', 'zero')) == {2, 3}
+  # Bias-corrected scores below 0: top-2 sums [-0.3, -1.1] keep group 0. transformers 4.57.6's 0
+  # then outranks the kept experts, so the top-2 is the masked group's; DeepSeek's -inf is not.
+  scores = [-0.1, -0.2, -0.5, -0.6]
+  np.testing.assert_array_equal(limit(scores, 'top2_sum', 'zero'),
+                                np.float32([-0.1, -0.2, 0, 0]))
+  np.testing.assert_array_equal(limit(scores, 'top2_sum', 'neg_inf'),
+                                np.float32([-0.1, -0.2, -np.inf, -np.inf]))
+  assert _top2_experts(limit(scores, 'top2_sum', 'zero')) == {2, 3}
+  assert _top2_experts(limit(scores, 'top2_sum', 'neg_inf')) == {0, 1}
+
+
+def test_sigmoid_scores_bias_picks_and_unbiased_scores_weigh():
+  # DeepSeek-V3: sigmoid scores s, the correction bias only picks, weights s / (sum + 1e-20).
+  logits = jnp.array([[[0.0, 1.0, 2.0, -1.0], [-200.0, -200.0, -200.0, -200.0]]])
+  scores = routing.router_scores(logits, 'sigmoid')
+  s = 1 / (1 + np.exp(-np.array([0.0, 1.0, 2.0, -1.0])))
+  np.testing.assert_allclose(scores[0, 0], s, rtol=1e-6)
+  selection = scores + jnp.array([2.0, 0.0, 0.0, 0.0])
+  decision = routing.top_k_routing(scores, jnp.ones((1, 2), bool), num_selected_experts=2,
+                                   capacity=2, causal=True, normalize_weights=True,
+                                   selection_scores=selection)
+  np.testing.assert_array_equal(decision.expert_index[0, 0], [0, 2])  # 0 by its bias
+  np.testing.assert_allclose(decision.weight[0, 0], [s[0], s[2]] / (s[0] + s[2]), rtol=1e-6)
+  np.testing.assert_array_equal(decision.weight[0, 1], [0.0, 0.0])  # scores 0: 0, not NaN
+  # What the aux losses read: the scores over their sum (+ 1e-20: zeros stay zeros, not NaN).
+  distribution = routing.score_distribution(scores, 'sigmoid')
+  np.testing.assert_allclose(distribution[0, 0], s / s.sum(), rtol=1e-6)
+  np.testing.assert_array_equal(distribution[0, 1], [0.0] * 4)
+
+
+def test_softmax_after_top_k_hand_case_and_equals_normalized_softmax():
+  # gpt-oss: top-2 of the logits [1, 3, 2, 0] is experts (1, 2), weighted softmax([3, 2]).
+  logits = jnp.array([[[1.0, 3.0, 2.0, 0.0]]])
+  valid = jnp.ones((1, 1), bool)
+  decision = routing.top_k_routing(jax.nn.softmax(logits), valid, num_selected_experts=2,
+                                   capacity=1, causal=True, top_k_logits=logits)
+  np.testing.assert_array_equal(decision.expert_index[0, 0], [1, 2])
+  np.testing.assert_allclose(decision.weight[0, 0], [np.e / (1 + np.e), 1 / (1 + np.e)],
+                             rtol=1e-6)
+  logits = 3.0 * jax.random.normal(jax.random.key(0), (2, 16, 8))
+  valid = jnp.ones((2, 16), bool)
+  after = routing.top_k_routing(jax.nn.softmax(logits), valid, num_selected_experts=3,
+                                capacity=4, causal=True, top_k_logits=logits)
+  before = routing.top_k_routing(jax.nn.softmax(logits), valid, num_selected_experts=3,
+                                 capacity=4, causal=True, normalize_weights=True)
+  np.testing.assert_array_equal(after.expert_index, before.expert_index)
+  np.testing.assert_array_equal(after.dispatched, before.dispatched)
+  np.testing.assert_allclose(after.weight, before.weight, atol=1e-6)
