@@ -16,7 +16,6 @@ checkpoint; restoring it is O(1), not a replay of the consumed batches.
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
