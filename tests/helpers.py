@@ -109,6 +109,30 @@ def apply_layer(layer, variables, x, deterministic=True, **kwargs):
   return layer.apply(variables, x, deterministic, mutable=['intermediates'], **kwargs)
 
 
+# Today's routing rules in one layer each: DeepSeek-V3 / GLM-4.5's (sigmoid scores, a correction
+# bias that picks, group-limited top-k by top-2 sums, routed scaling) with gpt-oss's experts
+# (biases, clamped SwiGLU); gpt-oss's router (softmax after the top-k) with DeepSeek's -inf mask.
+ROUTING_OPTIONS = {
+    'sigmoid_groups_biased_experts': dict(
+        score_function='sigmoid', num_expert_groups=4, num_selected_groups=2,
+        group_score='top2_sum', normalize_weights=True, routed_scaling_factor=2.5,
+        balancing_bias=True, expert_bias=True, glu=True, activation='quick_gelu',
+        activation_limit=0.5, glu_linear_offset=1.0),
+    'softmax_after_top_k': dict(softmax_after_top_k=True, router_bias=True, expert_bias=True,
+                                num_expert_groups=2, num_selected_groups=1,
+                                unselected_group_fill='neg_inf'),
+}
+
+
+def perturbed(variables, seed=0, scale=0.2):
+  """`variables` with normal noise added to every leaf: biases and balancing biases that are not
+  zero, some negative."""
+  leaves, tree = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return tree.unflatten([leaf + scale * jax.random.normal(key, leaf.shape)
+                         for leaf, key in zip(leaves, keys)])
+
+
 def assert_decoding_matches_the_window(config, length: int = 12):
   """A decoder LM of `config` decoding with its cache (a prompt of 5, then token by token) gives
   the logits of the whole window to 1e-5."""

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import apply_layer, init_layer
+from helpers import ROUTING_OPTIONS, apply_layer, init_layer, perturbed
 from moejax import MoeLayer, collect_aux_losses, collect_routing_metrics
 from moejax.dispatch import auto_dispatch, block_tile, default_block_size
 
@@ -94,30 +94,6 @@ def test_dispatch_methods_agree(k, num_experts, capacity_factor):
     assert collect_routing_metrics(state)['fraction_dropped'] > 0.3
 
 
-# Today's routing rules in one layer each: DeepSeek-V3 / GLM-4.5's (sigmoid scores, a correction
-# bias that picks, group-limited top-k by top-2 sums, routed scaling) with gpt-oss's experts
-# (biases, clamped SwiGLU); gpt-oss's router (softmax after the top-k) with DeepSeek's -inf mask.
-ROUTING_OPTIONS = {
-    'sigmoid_groups_biased_experts': dict(
-        score_function='sigmoid', num_expert_groups=4, num_selected_groups=2,
-        group_score='top2_sum', normalize_weights=True, routed_scaling_factor=2.5,
-        balancing_bias=True, expert_bias=True, glu=True, activation='quick_gelu',
-        activation_limit=0.5, glu_linear_offset=1.0),
-    'softmax_after_top_k': dict(softmax_after_top_k=True, router_bias=True, expert_bias=True,
-                                num_expert_groups=2, num_selected_groups=1,
-                                unselected_group_fill='neg_inf'),
-}
-
-
-def _perturbed(variables, seed=0, scale=0.2):
-  """`variables` with normal noise added to every leaf: biases and balancing biases that are not
-  zero, some negative."""
-  leaves, tree = jax.tree.flatten(variables)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return tree.unflatten([leaf + scale * jax.random.normal(key, leaf.shape)
-                         for leaf, key in zip(leaves, keys)])
-
-
 @pytest.mark.parametrize('options', [
     pytest.param(name, marks=() if name == 'sigmoid_groups_biased_experts' else pytest.mark.slow)
     for name in ROUTING_OPTIONS])
@@ -132,7 +108,7 @@ def test_routing_options_dispatch_methods_agree(options):
     layer = MoeLayer(num_experts=8, ffn_dim=F, num_selected_experts=2,
                      eval_capacity_factor=0.5, min_expert_capacity=1, dispatch=dispatch,
                      block_size=block_size, **ROUTING_OPTIONS[options])
-    variables = _perturbed(init_layer(layer, x))
+    variables = perturbed(init_layer(layer, x))
     state = {k: v for k, v in variables.items() if k != 'params'}
 
     def loss_fn(params, x, layer=layer, state=state):
@@ -187,7 +163,7 @@ def test_clamped_swiglu_expert_with_biases_equals_formula():
   layer = MoeLayer(num_experts=1, ffn_dim=F, glu=True, activation='quick_gelu',
                    activation_limit=0.3, glu_linear_offset=1.0, expert_bias=True)
   x = _inputs()
-  variables = _perturbed(init_layer(layer, x), scale=0.5)
+  variables = perturbed(init_layer(layer, x), scale=0.5)
   out, _ = apply_layer(layer, variables, x)
   p = {name: np.asarray(w[0], np.float64) for name, w in variables['params']['experts'].items()}
   x = np.asarray(x, np.float64)

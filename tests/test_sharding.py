@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import ROUTING_OPTIONS, perturbed
 from moejax import MoeLayer, collect_aux_losses, collect_routing_metrics, sharding
 
 D, F = 8, 16
@@ -150,6 +151,25 @@ def test_sharded_grouped_ragged_exchange_equals_single_device(data, expert, mode
   with jax.set_mesh(mesh):
     _assert_close(input_grad(params, x, padding_mask), expected)
   assert (float(metrics['fraction_dropped']) > 0.2) == (capacity_factor is not None)
+
+
+@pytest.mark.parametrize('options,dispatch,mesh_shape', [
+    pytest.param('sigmoid_groups_biased_experts', 'grouped', (2, 2, 2)),
+    pytest.param('sigmoid_groups_biased_experts', 'indices', (2, 2, 2), marks=pytest.mark.slow),
+    pytest.param('softmax_after_top_k', 'einsum', (1, 8, 1), marks=pytest.mark.slow),
+    pytest.param('softmax_after_top_k', 'grouped', (4, 2, 1), marks=pytest.mark.slow)])
+def test_sharded_routing_options_equal_single_device(options, dispatch, mesh_shape):
+  """The new routing and expert options (with expert biases not zero, and F split over 'model':
+  the output bias counted once) under a mesh: the one-device loss, outputs, metrics, gradients."""
+  layer = _layer(8, 2, True, dispatch=dispatch, **ROUTING_OPTIONS[options])
+  variables = perturbed(_variables(layer))
+  x, padding_mask = _data()
+  (loss, (out, metrics)), grads = _grad_fn(layer)(variables, x, padding_mask)
+  _, ((loss_s, (out_s, metrics_s)), grads_s) = _sharded(layer, variables,
+                                                       sharding.make_mesh(*mesh_shape))
+  np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
+  _assert_close((out_s, metrics_s, grads_s), (out, metrics, grads))
+  assert float(metrics['fraction_dropped']) > 0.2
 
 
 @pytest.mark.parametrize('glu', [False, True])
