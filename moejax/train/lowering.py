@@ -95,13 +95,18 @@ def report(lowered: jax.stages.Lowered, run: Run, state: Any, platform: str,
            'compiles:',
            f'  {"op":<18} {"over":<16} {"operand per device":<22} {"runs":>5} '
            f'{"bytes/step":>14}']
+  alone = [c for c in found if c.group_size == 1]
   for c in found:
-    lines.append(f'  {c.kind:<18} {_axes(c, run.mesh):<16} {c.operand:<22} {c.calls:>5} '
-                 f'{c.bytes_per_step:>14,}')
+    if c.group_size > 1:
+      lines.append(f'  {c.kind:<18} {_axes(c, run.mesh):<16} {c.operand:<22} {c.calls:>5} '
+                   f'{c.bytes_per_step:>14,}')
+  if alone:
+    lines.append(f'  and {sum(c.calls for c in alone)} over one device each (an axis of size 1: '
+                 'nothing moves)')
   ragged = any(c.kind == 'ragged_all_to_all' for c in found)
   lines += [f'  exchange (all-to-all) off its devices: {exchange_bytes(found):,} bytes/step '
             f'({exchange_bytes(found) / 2**20:.2f} MiB)' + (', at most' if ragged else ''),
-            '', f'largest arrays of the train state (of {_count(state)}), per device:']
+            '', f'largest arrays of the train state (of {len(jax.tree.leaves(state))}), per device:']
   for name, array in _largest(state, num_arrays):
     lines.append(f'  {name:<48} {array.dtype.name}{list(array.shape)!s:<16} '
                  f'{_spec(array):<22} {_device_bytes(array):>12,}')
@@ -111,10 +116,8 @@ def report(lowered: jax.stages.Lowered, run: Run, state: Any, platform: str,
 
 
 def _axes(collective: hlo.Collective, mesh) -> str:
-  """The mesh axes whose devices form the collective's replica groups ('expert'); '-' for
-  groups of one device (nothing moves)."""
-  if collective.group_size == 1 or mesh is None:
-    return '-'
+  """The mesh axes whose devices form the collective's replica groups ('expert', 'data x
+  expert')."""
   positions = np.arange(mesh.size).reshape(mesh.devices.shape)  # logical device ids
   wanted = {frozenset(group) for group in collective.replica_groups}
   names = [name for name in mesh.axis_names if mesh.shape[name] > 1]
@@ -132,10 +135,6 @@ def _largest(state: Any, count: int) -> list[tuple[str, jax.ShapeDtypeStruct]]:
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   named = [(jax.tree_util.keystr(path, simple=True, separator='/'), leaf) for path, leaf in leaves]
   return sorted(named, key=lambda item: -_device_bytes(item[1]))[:count]
-
-
-def _count(state: Any) -> int:
-  return len(jax.tree.leaves(state))
 
 
 def _device_bytes(array: jax.ShapeDtypeStruct) -> int:
