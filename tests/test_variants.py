@@ -10,8 +10,8 @@ import pytest
 
 from helpers import apply_layer, init_layer, smoke_config
 from moejax import (ModelConfig, MoeLayer, SoftMoeLayer, balancing_bias_update, collect_decisions,
-                    collect_routing_metrics, fine_grained, make_model, per_token_flops, routers,
-                    routing, sharding, update_balancing_biases)
+                    collect_router_probs, collect_routing_metrics, fine_grained, make_model,
+                    per_token_flops, routers, routing, sharding, update_balancing_biases)
 from moejax import layer as layer_lib
 from moejax.train import loop
 from moejax.train.evaluation import evaluate
@@ -33,6 +33,12 @@ VARIANTS = {
     'balancing_bias': dict(balancing_bias=True, num_selected_experts=2),
     'shared': dict(num_shared_experts=1),
     'fine_grained': fine_grained(E // 2, F, 1, 2),
+    'deepseek_v3': dict(score_function='sigmoid', balancing_bias=True, num_expert_groups=2,
+                        num_selected_groups=1, group_score='top2_sum', normalize_weights=True,
+                        routed_scaling_factor=2.5, num_selected_experts=2),
+    'gpt_oss': dict(softmax_after_top_k=True, router_bias=True, expert_bias=True, glu=True,
+                    activation='quick_gelu', activation_limit=7.0, glu_linear_offset=1.0,
+                    num_selected_experts=2),
 }
 
 
@@ -220,6 +226,49 @@ def test_balancing_bias_selects_but_does_not_weight():
   np.testing.assert_allclose(updated['bias'], [0.1, 0.1, 0.1, 4.9], rtol=1e-6)
 
 
+@pytest.mark.parametrize('fill', ['zero', 'neg_inf'])
+def test_sigmoid_group_limited_routing_with_scaling_by_hand(fill):
+  """DeepSeek-V3's routing in the layer, read from the sown decision: sigmoid scores s, a
+  correction bias of -1 (every corrected score negative), 2 groups of 2 experts, one kept by its
+  top-2 sum, top-2, weights 2.5 * s / (s_a + s_b). With 'zero' (transformers 4.57.6) the masked
+  group's experts (0 > s - 1) are the ones chosen; with 'neg_inf' (DeepSeek's code) the kept
+  group's."""
+  layer = _layer(score_function='sigmoid', balancing_bias=True, num_expert_groups=2,
+                 num_selected_groups=1, group_score='top2_sum', unselected_group_fill=fill,
+                 normalize_weights=True, routed_scaling_factor=2.5, num_selected_experts=2,
+                 eval_capacity_factor=None)
+  x = jnp.eye(D)[None, :2]  # two tokens, e_0 and e_1: their logits are the kernel's rows
+  logits = np.array([[2.0, 1.0, 0.0, -1.0], [-1.0, 0.0, 1.0, 2.0]], np.float32)  # keep g0, g1
+  variables = init_layer(layer, x)
+  kernel = jnp.zeros((D, E)).at[:2].set(logits)
+  variables = {'params': {**variables['params'], 'router': {'dense': {'kernel': kernel}}},
+               'balancing_bias_state': {'bias': -jnp.ones(E), 'load': jnp.zeros(E)}}
+  _, state, decision = _apply_with_decision(layer, variables, x)
+  kept = [[0, 1], [2, 3]]  # each token's kept group
+  expected = kept if fill == 'neg_inf' else kept[::-1]
+  np.testing.assert_array_equal(np.sort(decision.expert_index[0], axis=-1), expected)
+  s = 1 / (1 + np.exp(-logits))
+  chosen = np.take_along_axis(s, np.asarray(decision.expert_index[0]), axis=-1)
+  np.testing.assert_allclose(decision.weight[0], 2.5 * chosen / chosen.sum(-1, keepdims=True),
+                             rtol=1e-6)
+  (probs,) = collect_router_probs(state).values()  # what the aux losses read: s / sum s
+  np.testing.assert_allclose(probs[0], s / s.sum(-1, keepdims=True), rtol=1e-6)
+
+
+def test_softmax_after_top_k_layer_equals_normalized_softmax_layer():
+  """gpt-oss's softmax over the chosen logits is softmax probabilities renormalized: the same
+  layer output (router with a bias)."""
+  x = _inputs()
+  after = _layer(softmax_after_top_k=True, router_bias=True, num_selected_experts=2)
+  before = _layer(normalize_weights=True, router_bias=True, num_selected_experts=2)
+  variables = init_layer(after, x)
+  variables = {'params': {**variables['params'], 'router': {'dense': {
+      'kernel': variables['params']['router']['dense']['kernel'],
+      'bias': jnp.array([0.5, -0.5, 1.0, 0.0])}}}}
+  np.testing.assert_allclose(after.apply(variables, x, True), before.apply(variables, x, True),
+                             atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_train_step_updates_the_balancing_bias(scan_layers):
@@ -368,6 +417,21 @@ CONFIG_ERRORS = [
     (dict(balancing_bias=True, router='hash'), 'balancing_bias'),
     (dict(balancing_bias=True, routing='dense'), 'balancing_bias'),
     (dict(num_shared_experts=-1), 'num_shared_experts'),
+    (dict(score_function='tanh'), 'score_function'),
+    (dict(score_function='sigmoid', router='hash'), 'score_function'),
+    (dict(top_p=0.5, num_selected_experts=2, score_function='sigmoid'), 'top_p'),
+    (dict(softmax_after_top_k=True, routing='dense'), 'softmax_after_top_k'),
+    (dict(softmax_after_top_k=True, score_function='sigmoid'), 'softmax_after_top_k'),
+    (dict(num_expert_groups=3), 'num_expert_groups'),
+    (dict(num_expert_groups=2, num_selected_groups=3), 'num_selected_groups'),
+    (dict(num_expert_groups=4, num_selected_groups=1, num_selected_experts=2),
+     'num_selected_groups'),
+    (dict(num_expert_groups=4, num_selected_groups=2, group_score='top2_sum'), 'group_score'),
+    (dict(group_score='mean'), 'group_score'),
+    (dict(unselected_group_fill='-inf'), 'unselected_group_fill'),
+    (dict(routed_scaling_factor=0.0), 'routed_scaling_factor'),
+    (dict(activation_limit=-1.0), 'activation_limit'),
+    (dict(glu_linear_offset=1.0), 'glu_linear_offset'),
 ]
 
 
