@@ -221,3 +221,26 @@ def test_the_shared_expert_gate_scales_the_shared_experts_by_a_sigmoid():
   np.testing.assert_allclose(half, (routed + ungated) / 2, atol=1e-6)
   with pytest.raises(ValueError, match='shared_expert_gate'):
     MoeLayer(**fields, shared_expert_gate=True)
+
+
+@pytest.mark.slow
+def test_todays_routing_rules_and_expert_options_reach_the_model():
+  """DeepSeek-V3's routing (sigmoid, 2 groups of 2 experts, one kept, routed scaling 2.5) and
+  gpt-oss's experts (biases, clamped SwiGLU) set on a ModelConfig: each token's two experts share
+  a group, its weights sum to 2.5, the experts have biases; a bad value names model.<field>."""
+  config = _config(score_function='sigmoid', num_expert_groups=2, num_selected_groups=1,
+                   group_score='top2_sum', normalize_weights=True, routed_scaling_factor=2.5,
+                   num_selected_experts=2, eval_capacity_factor=None, expert_bias=True,
+                   glu=True, activation='quick_gelu', activation_limit=7.0, glu_linear_offset=1.0)
+  _, params, decisions, _ = _run(config)
+  (decision,) = decisions.values()
+  index = np.asarray(decision.expert_index)
+  np.testing.assert_array_equal(index[..., 0] // 2, index[..., 1] // 2)
+  np.testing.assert_allclose(decision.weight.sum(-1), 2.5, rtol=1e-6)
+  experts = jax.tree_util.tree_leaves_with_path(params)
+  assert {str(path[-1].key) for path, _ in experts if 'experts' in str(path)} >= {
+      'bi', 'bi_gate', 'bo'}
+  with pytest.raises(ConfigError, match=r"^model\.unselected_group_fill='-inf' is invalid"):
+    _config(unselected_group_fill='-inf')
+  with pytest.raises(ConfigError, match=r"^model\.glu_linear_offset=1\.0 is invalid"):
+    _config(glu_linear_offset=1.0)
