@@ -22,10 +22,10 @@ COLLECTIVES = ('all_to_all', 'ragged_all_to_all', 'all_gather', 'all_reduce', 'r
 # Bytes leaving its devices, per byte of one device's operand, over a group of n devices: an
 # all-to-all keeps 1/n of its operand; an all-gather sends it to the n - 1 others; an all-reduce
 # (ring: reduce-scatter, then all-gather) sends 2 (n - 1) / n of it. A ragged all-to-all sends
-# its rows' slices: at most its operand, as counted here.
+# the rows routed elsewhere: at most its whole operand (its buffer of rows), as counted here.
 _SENT_FRACTION = {
     'all_to_all': lambda n: (n - 1) / n,
-    'ragged_all_to_all': lambda n: (n - 1) / n,
+    'ragged_all_to_all': lambda n: 1.0,
     'all_gather': lambda n: n - 1,
     'all_reduce': lambda n: 2 * (n - 1) / n,
     'reduce_scatter': lambda n: (n - 1) / n,
