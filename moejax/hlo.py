@@ -69,7 +69,7 @@ def module(lowered) -> ir.Module:
 def collectives(hlo: ir.Module) -> list[Collective]:
   """Every collective that runs in a step of the program, in program order."""
   return [_collective(op, calls) for op, calls in _ops(hlo)
-          if _kind(op) in COLLECTIVES]
+          if op.name.startswith('stablehlo.') and _kind(op) in COLLECTIVES]
 
 
 def op_counts(hlo: ir.Module) -> collections.Counter:
@@ -139,6 +139,7 @@ def _constant(value: ir.Value) -> int | None:
 
 
 def _kind(op: ir.Operation) -> str:
+  """'all_to_all' of 'stablehlo.all_to_all'; a custom call's target ('ragged_all_to_all')."""
   name = op.name.split('.', 1)[-1]
   return _call_target(op) if name == 'custom_call' else name
 
