@@ -25,6 +25,31 @@ EXPERT_GROUPS = {(0, 2), (1, 3), (4, 6), (5, 7)}
 MODEL_GROUPS = {(0, 1), (2, 3), (4, 5), (6, 7)}
 
 
+def test_collectives_counted_per_call_and_loop_step_and_host_callbacks_found():
+  """A psum over 8 devices in a 3-step loop, in a function called twice, runs 6 times a step;
+  each run sends 2 x 7/8 of each device's 16-byte operand (ring all-reduce); a debug print is
+  a host callback."""
+  mesh = jax.make_mesh((8,), ('expert',), axis_types=(jax.sharding.AxisType.Auto,))
+  x = jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(mesh, P('expert')))
+
+  @jax.jit
+  def reduce(x):  # [8, 4], one row a device
+    summed = lambda x: jax.lax.fori_loop(0, 3, lambda i, x: jax.lax.psum(x, 'expert'), x)
+    return jax.shard_map(summed, mesh=mesh, in_specs=P('expert'), out_specs=P('expert'),
+                         check_vma=False)(x)
+
+  def twice(x):
+    jax.debug.print('{}', x.sum())
+    return reduce(reduce(x))
+  program = _lower(twice, x, platform='cpu', mesh=mesh)
+  found = hlo.collectives(program)  # the psum of each call
+  assert {(c.kind, c.group_size, c.operand) for c in found} == {('all_reduce', 8, 'f32[1, 4]')}
+  assert sum(c.calls for c in found) == 6
+  assert sum(c.bytes_per_step for c in found) == round(2 * 7 / 8 * 16 * 8 * 6)
+  assert hlo.op_counts(program)['stablehlo.all_reduce'] == 6
+  assert hlo.host_callbacks(program) and 'callback' in hlo.host_callbacks(program)[0]
+
+
 def _loss(layer: MoeLayer):
   """Forward and backward of `layer` in one program: the gradient of a loss of its output with
   respect to its params and its input."""
