@@ -25,6 +25,20 @@ EXPERT_GROUPS = {(0, 2), (1, 3), (4, 6), (5, 7)}
 MODEL_GROUPS = {(0, 1), (2, 3), (4, 5), (6, 7)}
 
 
+def _loss(layer: MoeLayer):
+  """Forward and backward of `layer` in one program: the gradient of a loss of its output with
+  respect to its params and its input."""
+  def loss(params, x):
+    return jnp.sum(layer.apply(params, x, True) ** 2)
+  return jax.grad(loss, argnums=(0, 1))
+
+
+def _lower(fn, *args, platform: str, mesh=None):
+  """The StableHLO module of `jax.jit(fn)` lowered on `args` for `platform` (under `mesh`)."""
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    return hlo.module(platforms.lower(jax.jit(fn), *args, platform=platform))
+
+
 def test_collectives_counted_per_call_and_loop_step_and_host_callbacks_found():
   """A psum over 8 devices in a 3-step loop, in a function called twice, runs 6 times a step;
   each run sends 2 x 7/8 of each device's 16-byte operand (ring all-reduce); a debug print is
@@ -50,21 +64,8 @@ def test_collectives_counted_per_call_and_loop_step_and_host_callbacks_found():
   assert hlo.host_callbacks(program) and 'callback' in hlo.host_callbacks(program)[0]
 
 
-def _loss(layer: MoeLayer):
-  """Forward and backward of `layer` in one program: the gradient of a loss of its output with
-  respect to its params and its input."""
-  def loss(params, x):
-    return jnp.sum(layer.apply(params, x, True) ** 2)
-  return jax.grad(loss, argnums=(0, 1))
-
-
-def _lower(fn, *args, platform: str, mesh=None):
-  """The StableHLO module of `jax.jit(fn)` lowered on `args` for `platform` (under `mesh`)."""
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    return hlo.module(platforms.lower(jax.jit(fn), *args, platform=platform))
-
-
 def _layer_program(dispatch: str, capacity: str, platform: str, mesh=None):
+  """A small layer's forward and backward (top-2 of 4 experts) lowered for `platform`."""
   layer = MoeLayer(num_experts=4, ffn_dim=8, num_selected_experts=2, dispatch=dispatch,
                    eval_capacity_factor=CAPACITY[capacity])
   x = jax.ShapeDtypeStruct((8, 4, 4), jnp.float32)  # [B, L, D]
