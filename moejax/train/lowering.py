@@ -83,36 +83,47 @@ def report(lowered: jax.stages.Lowered, run: Run, state: Any, platform: str,
            num_arrays: int = 8) -> str:
   """The collectives with their bytes per step, and the largest arrays of the train state."""
   cfg = run.config
+  header = (f'train step lowered for {platform} on a mesh data={cfg.mesh.data} x '
+            f'expert={cfg.mesh.expert} x model={cfg.mesh.model} ({mesh_size(cfg)} devices), '
+            f'{cfg.model.dtype}, batch {cfg.train.batch_size} x {cfg.data.length}')
   found = hlo.collectives(hlo.module(lowered))
-  devices = mesh_size(cfg)
-  lines = [f'train step lowered for {platform} on a mesh data={cfg.mesh.data} x '
-           f'expert={cfg.mesh.expert} x model={cfg.mesh.model} ({devices} devices), '
-           f'{cfg.model.dtype}, batch {cfg.train.batch_size} x {cfg.data.length}',
-           '',
-           'collectives per step, as the program states them (the MoE layers\' shard_map); '
-           'the partitioner adds',
+  return '\n'.join([header, '', *_collective_lines(found, run.mesh), '',
+                    *_array_lines(state, num_arrays)])
+
+
+def _collective_lines(found: list[hlo.Collective], mesh) -> list[str]:
+  lines = ["collectives per step, as the program states them (the MoE layers' shard_map); the "
+           'partitioner adds',
            'those of arrays sharded outside it (the gradient reduction over data) when it '
            'compiles:',
            f'  {"op":<18} {"over":<16} {"operand per device":<22} {"runs":>5} '
            f'{"bytes/step":>14}']
-  alone = [c for c in found if c.group_size == 1]
   for c in found:
     if c.group_size > 1:
-      lines.append(f'  {c.kind:<18} {_axes(c, run.mesh):<16} {c.operand:<22} {c.calls:>5} '
+      lines.append(f'  {c.kind:<18} {_axes(c, mesh):<16} {c.operand:<22} {c.calls:>5} '
                    f'{c.bytes_per_step:>14,}')
+  alone = sum(c.calls for c in found if c.group_size == 1)
   if alone:
-    lines.append(f'  and {sum(c.calls for c in alone)} over one device each (an axis of size 1: '
-                 'nothing moves)')
-  ragged = any(c.kind == 'ragged_all_to_all' for c in found)
-  lines += [f'  exchange (all-to-all) off its devices: {exchange_bytes(found):,} bytes/step '
-            f'({exchange_bytes(found) / 2**20:.2f} MiB)' + (', at most' if ragged else ''),
-            '', f'largest arrays of the train state (of {len(jax.tree.leaves(state))}), per device:']
-  for name, array in _largest(state, num_arrays):
+    lines.append(f'  and {alone} over one device each (an axis of size 1: nothing moves)')
+  total = exchange_bytes(found)
+  at_most = ', at most' if any(c.kind == 'ragged_all_to_all' for c in found) else ''
+  lines.append(f'  exchange (all-to-all) off its devices: {total:,} bytes/step '
+               f'({total / 2**20:.2f} MiB){at_most}')
+  return lines
+
+
+def _array_lines(state: Any, count: int) -> list[str]:
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  named = [(jax.tree_util.keystr(path, simple=True, separator='/'), leaf)
+           for path, leaf in leaves]
+  largest = sorted(named, key=lambda item: -_device_bytes(item[1]))[:count]
+  lines = [f'largest arrays of the train state (of {len(named)}), per device:']
+  for name, array in largest:
     lines.append(f'  {name:<48} {array.dtype.name}{list(array.shape)!s:<16} '
                  f'{_spec(array):<22} {_device_bytes(array):>12,}')
-  total = sum(_device_bytes(a) for a in jax.tree.leaves(state))
+  total = sum(_device_bytes(leaf) for _, leaf in named)
   lines.append(f'  train state per device: {total:,} bytes ({total / 2**20:.2f} MiB)')
-  return '\n'.join(lines)
+  return lines
 
 
 def _axes(collective: hlo.Collective, mesh) -> str:
@@ -129,12 +140,6 @@ def _axes(collective: hlo.Collective, mesh) -> str:
       if {frozenset(row.tolist()) for row in groups} == wanted:
         return ' x '.join(axes)
   return f'{len(collective.replica_groups)} groups of {collective.group_size}'
-
-
-def _largest(state: Any, count: int) -> list[tuple[str, jax.ShapeDtypeStruct]]:
-  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  named = [(jax.tree_util.keystr(path, simple=True, separator='/'), leaf) for path, leaf in leaves]
-  return sorted(named, key=lambda item: -_device_bytes(item[1]))[:count]
 
 
 def _device_bytes(array: jax.ShapeDtypeStruct) -> int:
