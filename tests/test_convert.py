@@ -16,7 +16,7 @@ from moejax.convert.safetensors import Checkpoint, SafetensorsFile, write_safete
 from moejax.errors import InputError
 
 FIXTURES = os.path.join(REPO, 'tests', 'fixtures', 'hf')
-FAMILIES = ['mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'switch_transformers']
+FAMILIES = ['mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe', 'gpt_oss', 'switch_transformers']
 
 
 def _reference(family):

@@ -127,8 +127,12 @@ def _other_values(value, field):
     return [value * 2 if value else 1]
   if isinstance(value, float):
     return [value + 0.5]
+  if isinstance(value, list) and value and isinstance(value[0], str):  # layer kinds
+    return [value[::-1]]
   if isinstance(value, list):
     return [[0]]
+  if isinstance(value, dict):  # rope_scaling
+    return [{**value, 'factor': 2 * value['factor']}]
   if value is None:
     return [16]
   return [{'float32': 'bfloat16'}[value]]
@@ -146,6 +150,8 @@ def _read_or_none(family, config):
 PRECEDED_BY = {'eos_token_id': ('bos_token_id',),
                'num_sparse_encoder_layers': ('encoder_sparse_step', 'decoder_sparse_step'),
                'num_sparse_decoder_layers': ('encoder_sparse_step', 'decoder_sparse_step')}
+# A field whose change needs another's default (gpt-oss's layer_types names each layer).
+TIED_TO = {'num_hidden_layers': ('layer_types',)}
 
 
 @pytest.mark.parametrize('name', CHECKPOINTS)
@@ -154,7 +160,8 @@ def test_each_implemented_field_changes_the_model_and_each_refused_one_is_named(
   family = FAMILIES[hub['model_type']]
   base = {**family.defaults, **hub}
   for field in family.implemented:
-    config = {**base, **{k: None for k in PRECEDED_BY.get(field, ())}}
+    config = {**base, **{k: None for k in (*PRECEDED_BY.get(field, ()),
+                                           *TIED_TO.get(field, ()))}}
     before = family.read(config)
     others = [_read_or_none(family, {**config, field: value})
               for value in _other_values(config.get(field), field) if value != config.get(field)]

@@ -40,10 +40,17 @@ FAMILIES = {
         num_hidden_layers=3, head_dim=12, intermediate_size=40, moe_intermediate_size=16,
         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
         attention_bias=True, rms_norm_eps=1e-6, rope_theta=1e6)),
+    # Sliding (window 4 of the 12 positions) and full layers, YaRN positions, a head width
+    # other than D / H; unquantized (tools/make_published_fixtures.py quantizes its experts).
+    'gpt_oss': (transformers.GptOssConfig, transformers.GptOssForCausalLM, dict(
+        head_dim=12, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+        sliding_window=4, rope_theta=150000.0, rms_norm_eps=1e-5,
+        rope_scaling=dict(rope_type='yarn', factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                          original_max_position_embeddings=16, truncate=False))),
 }
-# Families whose norm scales and biases are drawn too (transformers initializes them to 1 and
-# 0, which would hide one read into the wrong place).
-DRAWN_NORMS_AND_BIASES = ('qwen3_moe',)
+# Families whose norm scales, biases and attention sinks are drawn too (transformers initializes
+# them to 1 and 0, which would hide one read into the wrong place).
+DRAWN_NORMS_AND_BIASES = ('qwen3_moe', 'gpt_oss')
 # Switch: an encoder-decoder whose every other FFN is sparse, top-1 with a fixed capacity of 3
 # tokens per expert and sequence, so that some of the 12 tokens of a sequence are dropped.
 SWITCH = dict(vocab_size=VOCAB, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
@@ -52,11 +59,27 @@ SWITCH = dict(vocab_size=VOCAB, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_la
               tie_word_embeddings=True)
 
 
+def router_logits(model, input_ids) -> tuple:
+  """(the model's output, each MoE layer's router logits [B * L, E]); gpt-oss's output has the
+  top-K weights in their place, so its routers' logits are recomputed from their inputs."""
+  if not isinstance(model, transformers.GptOssForCausalLM):
+    out = model(input_ids=input_ids, output_router_logits=True)
+    return out, out.router_logits
+  inputs = []
+  hooks = [m.register_forward_hook(lambda m, args, out: inputs.append((m, args[0])))
+           for name, m in model.named_modules() if name.endswith('mlp.router')]
+  out = model(input_ids=input_ids)
+  for hook in hooks:
+    hook.remove()
+  return out, [torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), m.weight, m.bias)
+               for m, x in inputs]
+
+
 def _reference(model, config, input_ids):
   with torch.no_grad():
-    out = model(input_ids=input_ids, output_router_logits=True)
+    out, logits = router_logits(model, input_ids)
   k = config.num_experts_per_tok
-  probs = torch.stack([torch.softmax(r.float(), -1) for r in out.router_logits])
+  probs = torch.stack([torch.softmax(r.float(), -1) for r in logits])
   top = torch.sort(probs, -1, descending=True).values
   margin = float((top[..., k - 1] - top[..., k]).min())
   return {'input_ids': input_ids.numpy().astype(np.int32), 'logits': out.logits.float().numpy(),
@@ -65,10 +88,11 @@ def _reference(model, config, input_ids):
 
 
 def _draw_norms_and_biases(model) -> None:
-  """Every 1-D parameter (norm scales: 1 + N(0, 0.2); biases: N(0, 0.2)), in place."""
+  """Every bias (N(0, 0.2)) and other 1-D parameter (norm scales, sinks: 1 + N(0, 0.2)), in
+  place."""
   with torch.no_grad():
     for name, param in model.named_parameters():
-      if param.ndim == 1:
+      if name.endswith('bias') or param.ndim == 1:
         param.copy_(torch.randn_like(param) * 0.2 + (0.0 if name.endswith('bias') else 1.0))
 
 

@@ -33,7 +33,11 @@ import numpy as np
 import tokenizers
 import torch
 import transformers
+from safetensors.torch import save_file
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors
+
+from make_hf_fixtures import router_logits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED = os.path.join(REPO, 'tools', 'published')
@@ -43,6 +47,7 @@ BATCH, LENGTH, MIN_MARGIN = 2, 12, 1e-4
 FAMILY_CLASSES = {'mixtral': transformers.MixtralConfig, 'olmoe': transformers.OlmoeConfig,
                   'qwen2_moe': transformers.Qwen2MoeConfig,
                   'qwen3_moe': transformers.Qwen3MoeConfig,
+                  'gpt_oss': transformers.GptOssConfig,
                   'switch_transformers': transformers.SwitchTransformersConfig}
 
 # Each found checkpoint: its family and the sizes its fixture shrinks (every other field keeps
@@ -58,6 +63,10 @@ CHECKPOINTS = {
                                                shared_expert_intermediate_size=128)),
     'Qwen__Qwen3-30B-A3B': ('qwen3_moe', dict(DECODER, head_dim=16, intermediate_size=48,
                                               moe_intermediate_size=8)),
+    # Widths of 32: MXFP4 blocks are 32 inputs; a window of 4 of the 12 positions.
+    'openai__gpt-oss-20b': ('gpt_oss', dict(
+        DECODER, head_dim=16, intermediate_size=32, sliding_window=4,
+        layer_types=['sliding_attention', 'full_attention'])),
     'google__switch-base-32': ('switch_transformers', dict(
         d_model=16, d_kv=8, num_heads=2, d_ff=16, num_layers=4, num_decoder_layers=4,
         num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, expert_capacity=1)),
@@ -102,7 +111,8 @@ def _llama_tokenizer(directory: str) -> None:
 
 
 def _byte_level_tokenizer(directory: str, specials: list[str], qwen: bool) -> None:
-  """Byte-level BPE: GPT-NeoX's (OLMoE) or Qwen's (its pre-tokenizer pattern, NFC)."""
+  """Byte-level BPE: GPT-NeoX's (OLMoE; gpt-oss's o200k is byte-level BPE too, its specials
+  given) or Qwen's (its pre-tokenizer pattern, NFC)."""
   tok = tokenizers.Tokenizer(models.BPE())
   if qwen:
     pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
@@ -121,6 +131,10 @@ def _byte_level_tokenizer(directory: str, specials: list[str], qwen: bool) -> No
     fast = transformers.Qwen2TokenizerFast(tokenizer_object=tok, eos_token='<|endoftext|>',
                                            pad_token='<|endoftext|>', unk_token=None,
                                            bos_token=None)
+  elif '<|return|>' in specials:  # gpt-oss's special_tokens_map
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<|startoftext|>',
+                                                eos_token='<|return|>',
+                                                pad_token='<|endoftext|>')
   else:
     fast = transformers.GPTNeoXTokenizerFast(tokenizer_object=tok, eos_token='<|endoftext|>',
                                              pad_token='<|padding|>', bos_token='<|endoftext|>',
@@ -152,6 +166,9 @@ def _tokenizer(family: str, directory: str) -> transformers.PreTrainedTokenizerB
     _byte_level_tokenizer(directory, ['<|endoftext|>', '<|padding|>'], qwen=False)
   elif family in ('qwen2_moe', 'qwen3_moe'):
     _byte_level_tokenizer(directory, ['<|endoftext|>', '<|im_start|>', '<|im_end|>'], qwen=True)
+  elif family == 'gpt_oss':
+    _byte_level_tokenizer(directory, ['<|startoftext|>', '<|endoftext|>', '<|return|>'],
+                          qwen=False)
   else:
     _t5_tokenizer(directory)
   return transformers.AutoTokenizer.from_pretrained(directory)
@@ -174,6 +191,8 @@ def _special_ids(family: str, hub: dict, tokenizer) -> dict:
     ids = dict(bos_token_id=lookup('<|endoftext|>'), eos_token_id=lookup('<|endoftext|>'))
   elif family == 'qwen3_moe':  # Qwen3-30B-A3B's eos is <|im_end|>
     ids = dict(bos_token_id=lookup('<|endoftext|>'), eos_token_id=lookup('<|im_end|>'))
+  elif family == 'gpt_oss':
+    ids = dict(eos_token_id=lookup('<|return|>'), pad_token_id=lookup('<|endoftext|>'))
   else:
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
   return {k: v for k, v in ids.items() if k in hub}
@@ -184,9 +203,12 @@ def _vocab_size(tokenizer) -> int:
   return -(-len(tokenizer) // 64) * 64
 
 
-def _reference(family: str, directory: str, hub: dict) -> dict:
-  """transformers' outputs after loading `directory` (its config.json as written)."""
-  if family == 'switch_transformers':
+def _reference(family: str, directory: str, hub: dict, model=None) -> dict:
+  """transformers' outputs after loading `directory` (its config.json as written), or of
+  `model` (MXFP4 experts: loading them needs `accelerate`, which the scratch venv has not)."""
+  if model is not None:
+    model = model.eval()
+  elif family == 'switch_transformers':
     model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(
         directory, dtype=torch.float32).eval()
   else:
@@ -211,8 +233,8 @@ def _reference(family: str, directory: str, hub: dict) -> dict:
       out.update(decoder_input_ids=decoder_inputs.numpy().astype(np.int32),
                  dropped=dropped.numpy(), k=np.int32(1))
     else:
-      result = model(input_ids=inputs, output_router_logits=True)
-      probs = torch.stack([torch.softmax(r.float(), -1) for r in result.router_logits])
+      result, logits = router_logits(model, inputs)
+      probs = torch.stack([torch.softmax(r.float(), -1) for r in logits])
       out['k'] = np.int32(hub['num_experts_per_tok'])
   k = int(out['k'])
   top = torch.sort(probs, -1, descending=True).values
@@ -220,6 +242,38 @@ def _reference(family: str, directory: str, hub: dict) -> dict:
              experts=torch.topk(probs, k, -1).indices.numpy(),
              margin=np.float32((top[..., k - 1] - top[..., k]).min()))
   return out
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+  """MXFP4 blocks [E, OUT, IN / 32, 16] and scales [E, OUT, IN / 32] (uint8) of a weight
+  [E, IN, OUT], as gpt-oss stores its experts: per 32 inputs a power of two 2^(scale - 127), the
+  smallest that brings the block within the codes' +-6, and each input's nearest code (two a
+  byte, the first in the low nibble)."""
+  blocks = weight.transpose(1, 2).reshape(*weight.shape[::2], -1, 32)  # [E, OUT, G, 32]
+  peak = blocks.abs().amax(-1).clamp(min=2.0 ** -100)
+  exponent = torch.ceil(torch.log2(peak / 6.0))  # Shape: [E, OUT, G]
+  codes = (blocks / torch.exp2(exponent)[..., None]).unsqueeze(-1)
+  codes = (codes - torch.tensor(FP4_VALUES)).abs().argmin(-1).to(torch.uint8)  # [E, OUT, G, 32]
+  return codes[..., 0::2] | (codes[..., 1::2] << 4), (exponent + 127).to(torch.uint8)
+
+
+def _quantize_experts(model, directory: str) -> dict:
+  """Store the experts' gate_up_proj and down_proj as MXFP4 in `directory` and put their
+  dequantization by transformers' own `convert_moe_packed_tensors` into `model`; returns those
+  dequantized weights (float32, `dequantized/<name>`) for reference.npz."""
+  path = os.path.join(directory, 'model.safetensors')
+  tensors = {name: p.detach().contiguous() for name, p in model.state_dict().items()}
+  dequantized = {}
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if name.endswith(('experts.gate_up_proj', 'experts.down_proj')):
+        blocks, scales = quantize_mxfp4(param.data)
+        del tensors[name]
+        tensors[f'{name}_blocks'], tensors[f'{name}_scales'] = blocks, scales
+        param.copy_(convert_moe_packed_tensors(blocks, scales).float())
+        dequantized[f'dequantized/{name}'] = param.numpy().copy()
+  save_file(tensors, path, metadata={'format': 'pt'})
+  return dequantized
 
 
 def make(name: str, family: str, hub: dict, out: str) -> None:
@@ -242,9 +296,11 @@ def make(name: str, family: str, hub: dict, out: str) -> None:
     model = (model_class(config) if family == 'switch_transformers'
              else model_class.from_config(config, attn_implementation='eager'))
     model.save_pretrained(directory, safe_serialization=True)
+    dequantized = _quantize_experts(model, directory) if 'quantization_config' in hub else {}
     with open(os.path.join(directory, 'config.json'), 'w') as f:
       json.dump(hub, f, indent=2)  # the published fields, as published (sizes shrunk)
-    reference = _reference(family, directory, hub)
+    reference = {**_reference(family, directory, hub, model if dequantized else None),
+                 **dequantized}
     drops = family != 'switch_transformers' or 0 < reference['dropped'].sum()
     if reference['margin'] >= MIN_MARGIN and drops:
       break

@@ -1,8 +1,9 @@
 """Published MoE checkpoints in and out of moejax (`moejax.convert.hf`). The families defined in
 modules of their own are registered here, so whoever imports any of this package sees them all."""
-from moejax.convert import qwen3
+from moejax.convert import gpt_oss, qwen3
 from moejax.convert.hf import FAMILIES, from_hf, register, to_hf
 
 register(qwen3.QWEN3_MOE)
+register(gpt_oss.GPT_OSS)
 
 __all__ = ['FAMILIES', 'from_hf', 'to_hf']

@@ -83,6 +83,18 @@ class Tensor:
       return iter([np.ascontiguousarray(array.transpose(1, 0, 2).reshape(self.shape[1], -1).T)])
     return iter([array.reshape(self.hub_shapes()[0])])
 
+  def params(self, arrays: list[np.ndarray]) -> dict[tuple[str, ...], np.ndarray]:
+    """{param path: moejax array} made of the hub tensors `arrays`: this one param (a family
+    module's kinds of entry may make several of one hub tensor)."""
+    return {self.path: self.to_moejax(arrays)}
+
+  def param_shapes(self) -> dict[tuple[str, ...], tuple[int, ...]]:
+    return {self.path: self.shape}
+
+  def hub_arrays(self, param: Callable[[tuple[str, ...]], np.ndarray]) -> Iterator[np.ndarray]:
+    """The hub tensors, made of the params `param(path)` returns."""
+    return self.to_hub(param(self.path))
+
 
 # Fields of any hub config.json without effect on moejax's numbers: hub metadata (the tensors,
 # not `torch_dtype`, decide the dtype), the generation cache, initialization, the training losses'
@@ -110,6 +122,9 @@ class Family:
   accepted: tuple[str, ...]
   refused: dict[str, Any]
   defaults: dict[str, Any]
+  # A hub directory's tensors by name (`name in it`, `it.tensor(name)`): a family whose
+  # checkpoints store some tensors quantized reads them dequantized.
+  open: Callable[[str], Any] = Checkpoint
 
   def read(self, hf: dict) -> ModelConfig:
     """The ModelConfig of a config.json: refused settings raise InputError naming the field."""
@@ -534,7 +549,7 @@ def from_hf(directory: str) -> tuple[ModelConfig, dict]:
   hf = _hub_config(directory)
   family = FAMILIES[hf['model_type']]
   config = family.read(hf)
-  checkpoint = Checkpoint(directory)
+  checkpoint = family.open(directory)
   layout = family.tensors(config)
   for tensor in layout:
     missing = [name for name in tensor.names if name not in checkpoint]
@@ -544,8 +559,8 @@ def from_hf(directory: str) -> tuple[ModelConfig, dict]:
   config = dataclasses.replace(config, param_dtype=checkpoint_dtype(checkpoint, layout))
   params: dict = {}
   for tensor in layout:
-    array = tensor.to_moejax([checkpoint.tensor(name) for name in tensor.names])
-    _set(params, tensor.path, array.astype(_param_dtype(config, tensor.path), copy=False))
+    for path, array in tensor.params([checkpoint.tensor(name) for name in tensor.names]).items():
+      _set(params, path, array.astype(_param_dtype(config, path), copy=False))
   return config, params
 
 
@@ -657,13 +672,13 @@ def _check_params(layout: list[Tensor], params: dict, model_type: str) -> None:
   """InputError naming the first param missing from `params`, left over, or of another shape
   than the family's layout of the config gives it."""
   found = dict(_leaves(params))
-  for tensor in layout:
-    name = '/'.join(tensor.path)
-    if tensor.path not in found:
+  for path, shape in (item for tensor in layout for item in tensor.param_shapes().items()):
+    name = '/'.join(path)
+    if path not in found:
       raise InputError(f'{model_type} export: the params have no {name}, which '
                        f'{model_type} checkpoints of this config hold')
-    if tuple(found.pop(tensor.path).shape) != tensor.shape:
-      raise InputError(f'{model_type} export: param {name} is not {list(tensor.shape)}, its '
+    if tuple(found.pop(path).shape) != shape:
+      raise InputError(f'{model_type} export: param {name} is not {list(shape)}, its '
                        f'shape in {model_type} checkpoints of this config')
   if found:
     raise InputError(f'{model_type} export: param {"/".join(next(iter(found)))} has no place in '
@@ -682,8 +697,9 @@ def _check_no_checkpoint(directory: str) -> None:
 
 def _hub_tensors(layout: list[Tensor], params: dict,
                  dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
+  param = lambda path: np.asarray(_get(params, path), dtype)
   for tensor in layout:
-    yield from zip(tensor.names, tensor.to_hub(np.asarray(_get(params, tensor.path), dtype)))
+    yield from zip(tensor.names, tensor.hub_arrays(param))
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
