@@ -66,33 +66,33 @@ def module(lowered) -> ir.Module:
   return lowered.compiler_ir('stablehlo')
 
 
-def collectives(hlo: ir.Module) -> list[Collective]:
+def collectives(program: ir.Module) -> list[Collective]:
   """Every collective that runs in a step of the program, in program order."""
-  return [_collective(op, calls) for op, calls in _ops(hlo)
+  return [_collective(op, calls) for op, calls in _ops(program)
           if op.name.startswith('stablehlo.') and _kind(op) in COLLECTIVES]
 
 
-def op_counts(hlo: ir.Module) -> collections.Counter:
+def op_counts(program: ir.Module) -> collections.Counter:
   """How often each op runs per step: 'stablehlo.dot_general', 'chlo.ragged_dot' ..., and each
   custom call by its target ('custom_call @ragged_all_to_all')."""
   counts = collections.Counter()
-  for op, calls in _ops(hlo):
+  for op, calls in _ops(program):
     counts[op.name if op.name != 'stablehlo.custom_call'
            else f'custom_call @{_call_target(op)}'] += calls
   return counts
 
 
-def host_callbacks(hlo: ir.Module) -> list[str]:
+def host_callbacks(program: ir.Module) -> list[str]:
   """The custom calls that run Python on the host (`jax.pure_callback`, `jax.debug.print` ...)."""
-  return sorted({_call_target(op) for op, _ in _ops(hlo) if op.name == 'stablehlo.custom_call'
+  return sorted({_call_target(op) for op, _ in _ops(program) if op.name == 'stablehlo.custom_call'
                  and 'callback' in _call_target(op)})
 
 
-def _ops(hlo: ir.Module):
+def _ops(program: ir.Module):
   """(op, runs per step) of every op reached from @main: a called function's ops once per call,
   a loop's ops once per step of the loop."""
   functions = {ir.StringAttr(op.attributes['sym_name']).value: op.operation
-               for op in hlo.body.operations if op.operation.name == 'func.func'}
+               for op in program.body.operations if op.operation.name == 'func.func'}
   yield from _walk(functions['main'], 1, functions)
 
 
