@@ -506,7 +506,10 @@ class MoeLayer(nn.Module):
     return metrics['expert_usage']
 
   def _record_load(self, usage: jax.Array):
-    """With `balancing_bias`, keep this call's expert usage [E] for the bias update."""
+    """With `balancing_bias`, keep this call's expert usage [E] for the bias update, when the
+    collection is mutable (applied with the biases alone, an imported model, it records none)."""
+    if not self.is_mutable_collection(BIAS_COLLECTION):
+      return
     load = self.variable(BIAS_COLLECTION, 'load', jnp.zeros, (self.num_experts,), jnp.float32)
-    if self.is_mutable_collection(BIAS_COLLECTION) and not self.is_initializing():
+    if not self.is_initializing():
       load.value = usage

@@ -74,16 +74,17 @@ def smoke_config(data_dir, **train):
   return config
 
 
-def apply_imported(config, params, reference):
+def apply_imported(config, params, reference, state=None):
   """An imported model on a fixture's reference.npz inputs: (logits [B, L, V], then per MoE
   layer in the reference's order (the encoder's, then the decoder's; each stack's in depth
-  order): router probs [B * L, E], chosen experts [B * L, K], dropped choices [B * L, K])."""
+  order): router probs [B * L, E], chosen experts [B * L, K], dropped choices [B * L, K]).
+  `state`: the collections besides the params an import fills (`from_hf_variables`)."""
   ids = jnp.asarray(reference['input_ids'])
   args = (ids, jnp.ones(ids.shape, bool))
   if config.kind == 'encoder_decoder':
     decoder_ids = jnp.asarray(reference['decoder_input_ids'])
     args += (decoder_ids, jnp.ones(decoder_ids.shape, bool))
-  logits, state = make_model(config).apply({'params': params}, *args, True,
+  logits, state = make_model(config).apply({'params': params, **(state or {})}, *args, True,
                                            mutable=['decisions'])
   flat = lambda x: np.asarray(x).reshape(-1, x.shape[-1])
   probs, decisions = collect_router_probs(state), collect_decisions(state)

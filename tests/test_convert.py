@@ -106,7 +106,7 @@ def test_a_checkpoint_moejax_cannot_import_is_refused_naming_why(tmp_path):
   with pytest.raises(InputError, match='not a Hugging Face hub directory'):
     from_hf(str(tmp_path))
   source = os.path.join(FIXTURES, 'mixtral')
-  for change, message in (({'model_type': 'deepseek_v3'}, "model_type 'deepseek_v3' is not one"),
+  for change, message in (({'model_type': 'dbrx'}, "model_type 'dbrx' is not one"),
                           ({'tie_word_embeddings': True}, 'tie_word_embeddings=True is not'),
                           ({'rope_scaling': {'type': 'yarn'}}, 'rope_scaling=.* is not')):
     directory = tmp_path / next(iter(change))

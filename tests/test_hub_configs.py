@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, apply_imported, run_cli
-from moejax.convert import from_hf
+from moejax.convert import from_hf, from_hf_variables
 from moejax.convert.hf import FAMILIES, HUB_ACCEPTED
 from moejax.data.tokenizers import load_hub_tokenizer
 from moejax.errors import InputError
@@ -46,9 +46,10 @@ TIERED = [name if name in FAST else pytest.param(name, marks=pytest.mark.slow)
 def test_imported_published_config_gives_the_reference_outputs(name):
   """Logits to 1e-4, router probabilities to 1e-5, the same experts in the same order, and for
   Switch the same choices dropped over capacity."""
-  config, params = from_hf(os.path.join(PUBLISHED, name))
+  config, variables = from_hf_variables(os.path.join(PUBLISHED, name))
   reference = _reference(name)
-  logits, probs, chosen, dropped = apply_imported(config, params, reference)
+  params = variables.pop('params')
+  logits, probs, chosen, dropped = apply_imported(config, params, reference, variables)
   np.testing.assert_allclose(logits, reference['logits'], atol=1e-4, rtol=0)
   assert len(probs) == len(reference['router_probs'])
   for layer, expected in enumerate(reference['router_probs']):
@@ -135,7 +136,7 @@ def _other_values(value, field):
     return [{**value, 'factor': 2 * value['factor']}]
   if value is None:
     return [16]
-  return [{'float32': 'bfloat16'}[value]]
+  return [{'float32': 'bfloat16', 'greedy': 'group_limited_greedy'}[value]]
 
 
 def _read_or_none(family, config):
@@ -150,8 +151,12 @@ def _read_or_none(family, config):
 PRECEDED_BY = {'eos_token_id': ('bos_token_id',),
                'num_sparse_encoder_layers': ('encoder_sparse_step', 'decoder_sparse_step'),
                'num_sparse_decoder_layers': ('encoder_sparse_step', 'decoder_sparse_step')}
-# A field whose change needs another's default (gpt-oss's layer_types names each layer).
-TIED_TO = {'num_hidden_layers': ('layer_types',)}
+# A field whose change needs another's default (gpt-oss's layer_types names each layer;
+# DeepSeek's MLA has as many key heads as query heads).
+TIED_TO = {'num_hidden_layers': ('layer_types',), 'num_attention_heads': ('num_key_value_heads',)}
+# A field read only with others' values (DeepSeek-V2 reads its groups with group_limited_greedy).
+READ_WITH = {'n_group': {'topk_method': 'group_limited_greedy'},
+             'topk_group': {'topk_method': 'group_limited_greedy', 'n_group': 8}}
 
 
 @pytest.mark.parametrize('name', CHECKPOINTS)
@@ -161,7 +166,8 @@ def test_each_implemented_field_changes_the_model_and_each_refused_one_is_named(
   base = {**family.defaults, **hub}
   for field in family.implemented:
     config = {**base, **{k: None for k in (*PRECEDED_BY.get(field, ()),
-                                           *TIED_TO.get(field, ()))}}
+                                           *TIED_TO.get(field, ()))},
+              **READ_WITH.get(field, {})}
     before = family.read(config)
     others = [_read_or_none(family, {**config, field: value})
               for value in _other_values(config.get(field), field) if value != config.get(field)]

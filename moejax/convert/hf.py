@@ -29,6 +29,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from moejax.balancing import BIAS_COLLECTION
 from moejax.convert.safetensors import INDEX, SINGLE, Checkpoint, write_checkpoint
 from moejax.data.tokenizers import HUB_TOKENIZER_CONFIGS, HUB_TOKENIZER_FILES
 from moejax.errors import ConfigError, InputError
@@ -95,6 +96,10 @@ class Tensor:
     """The hub tensors, made of the params `param(path)` returns."""
     return self.to_hub(param(self.path))
 
+
+# Non-trainable collections a checkpoint may fill besides the params (DeepSeek-V3's
+# e_score_correction_bias: moejax's balancing bias).
+STATE_COLLECTIONS = (BIAS_COLLECTION,)
 
 # Fields of any hub config.json without effect on moejax's numbers: hub metadata (the tensors,
 # not `torch_dtype`, decide the dtype), the generation cache, initialization, the training losses'
@@ -219,9 +224,12 @@ def _experts(config: ModelConfig, prefix: str, block: tuple, names: tuple[str, .
 
 
 def decoder_tensors(config: ModelConfig, moe: Callable[[str, tuple], list[Tensor]],
+                    attention: Callable[[tuple, str, ModelConfig], list[Tensor]] | None = None,
                     ) -> list[Tensor]:
   """The params of a Llama-style decoder; `moe(hub prefix of the layer, block path)` gives
-  each sparse FFN's."""
+  each sparse FFN's, `attention(path, hub prefix, config)` each self-attention's (default: q, k,
+  v and o projections)."""
+  attention = attention or _attention
   d = config.model_dim
   out = [Tensor(('embed', 'embedding'), ('model.embed_tokens.weight',), (config.vocab_size, d),
                 'same')]
@@ -229,7 +237,7 @@ def decoder_tensors(config: ModelConfig, moe: Callable[[str, tuple], list[Tensor
     block, prefix = _block(config, layer), f'model.layers.{layer}'
     out.append(Tensor((*block, 'pre_attention_norm', 'scale'),
                       (f'{prefix}.input_layernorm.weight',), (d,)))
-    out += _attention((*block, 'attention'), f'{prefix}.self_attn', config)
+    out += attention((*block, 'attention'), f'{prefix}.self_attn', config)
     out.append(Tensor((*block, 'pre_ffn_norm', 'scale'),
                       (f'{prefix}.post_attention_layernorm.weight',), (d,)))
     if config.is_sparse(layer):
@@ -545,7 +553,16 @@ def _hub_config(directory: str) -> dict:
 def from_hf(directory: str) -> tuple[ModelConfig, dict]:
   """(ModelConfig, params) of the hub checkpoint in `directory`, as NumPy arrays in the dtypes
   the model creates: `param_dtype` is the checkpoint's (`checkpoint_dtype`), the routers'
-  params float32."""
+  params float32. A checkpoint with state besides its params (DeepSeek-V3's correction
+  biases): `from_hf_variables`."""
+  config, variables = from_hf_variables(directory)
+  return config, variables['params']
+
+
+def from_hf_variables(directory: str) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, variables) of the hub checkpoint in `directory`: {'params': ...} as
+  `from_hf` gives them, and the STATE_COLLECTIONS it fills (float32), which the layout names
+  first in a path."""
   hf = _hub_config(directory)
   family = FAMILIES[hf['model_type']]
   config = family.read(hf)
@@ -557,11 +574,12 @@ def from_hf(directory: str) -> tuple[ModelConfig, dict]:
       raise InputError(f'{directory}: no tensor {missing[0]} (a {family.model_type} checkpoint '
                        f'of {config.num_layers} layers needs it)')
   config = dataclasses.replace(config, param_dtype=checkpoint_dtype(checkpoint, layout))
-  params: dict = {}
+  variables: dict = {'params': {}}
   for tensor in layout:
     for path, array in tensor.params([checkpoint.tensor(name) for name in tensor.names]).items():
-      _set(params, path, array.astype(_param_dtype(config, path), copy=False))
-  return config, params
+      _set(variables, path if path[0] in STATE_COLLECTIONS else ('params', *path),
+           array.astype(_param_dtype(config, path), copy=False))
+  return config, variables
 
 
 def checkpoint_dtype(checkpoint: Checkpoint, layout: list[Tensor]) -> str:
@@ -577,12 +595,14 @@ def checkpoint_dtype(checkpoint: Checkpoint, layout: list[Tensor]) -> str:
 
 def _param_dtype(config: ModelConfig, path: tuple[str, ...]) -> np.dtype:
   """The dtype the model creates the param at `path` in: float32 for the routers'
-  (`moejax.routers`), `config.param_dtype` for every other."""
-  return np.dtype(np.float32 if 'router' in path else config.storage_dtype)
+  (`moejax.routers`) and the state collections', `config.param_dtype` for every other."""
+  float32 = 'router' in path or path[0] in STATE_COLLECTIONS
+  return np.dtype(np.float32 if float32 else config.storage_dtype)
 
 
 def to_hf(config: ModelConfig, params: dict, directory: str, model_type: str,
-          max_shard_bytes: int | None = None, tokenizer_dir: str | None = None) -> list[str]:
+          max_shard_bytes: int | None = None, tokenizer_dir: str | None = None,
+          state: dict | None = None) -> list[str]:
   """Write `params` of `config` into `directory` as a hub checkpoint of the family `model_type`
   ('mixtral', 'olmoe', ...); the files written. The tensors go in the family's order into
   model.safetensors, or with `max_shard_bytes` into shards of at most that many bytes (a larger
@@ -593,7 +613,9 @@ def to_hf(config: ModelConfig, params: dict, directory: str, model_type: str,
   the routers', which are float32: a bfloat16 model's router is rounded to bfloat16, as hub
   checkpoints store it); config.json's `torch_dtype` says which. InputError when `params` do
   not fit the family's layout or `directory` already holds a checkpoint; ConfigError naming a
-  model field the family cannot hold (`_check_config`)."""
+  model field the family cannot hold (`_check_config`). `state`: the STATE_COLLECTIONS the
+  family's checkpoints hold (DeepSeek-V3's 'balancing_bias_state'), by collection name."""
+  params = {**params, **(state or {})}  # the layout names a state collection first in a path
   if model_type not in FAMILIES:
     raise InputError(f'model_type {model_type!r} is not one moejax exports '
                      f'({", ".join(FAMILIES)})')
