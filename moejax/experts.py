@@ -50,6 +50,11 @@ class Activation:
     return hidden * (gate_pre + self.glu_offset)
 
 
+def bias_name(weight: str) -> str:
+  """The expert bias added after a weight: 'wi' -> 'bi', 'wi_gate' -> 'bi_gate', 'wo' -> 'bo'."""
+  return 'b' + weight[1:]
+
+
 def as_activation(activation: str | Activation) -> Activation:
   """An Activation, from itself or from an ACTIVATIONS name (no clamp, no offset)."""
   return activation if isinstance(activation, Activation) else Activation(activation)
@@ -74,7 +79,7 @@ def expert_ffn(x: jax.Array, weights: dict[str, jax.Array], *, activation: str |
   x = x.astype(dtype)
   def project(h, name, spec):
     out = jnp.einsum(spec, h, weights[name].astype(dtype))
-    bias = weights.get('b' + name[1:])  # 'wi' -> 'bi', 'wi_gate' -> 'bi_gate', 'wo' -> 'bo'
+    bias = weights.get(bias_name(name))  # Shape: [E, F] or [E, D], or None
     return out if bias is None else out + bias.astype(dtype)[:, None, :]
 
   gate_pre = project(x, 'wi_gate', 'end,edf->enf') if 'wi_gate' in weights else None
@@ -87,8 +92,8 @@ def expert_ffn(x: jax.Array, weights: dict[str, jax.Array], *, activation: str |
 
 
 class ExpertWeights(nn.Module):
-  """Declares the stacked expert weights; returns {'wi', 'wo'[, 'wi_gate']} (and with `bias`
-{'bi', 'bo'[, 'bi_gate']}) for `expert_ffn`.
+  """Declares the stacked expert weights; returns {'wi', 'wo'[, 'wi_gate']} (with `bias` also
+  {'bi', 'bo'[, 'bi_gate']}) for `expert_ffn`.
 
   The layer runs `expert_ffn` itself, on one device or per device inside `jax.shard_map`, so the
   weights are made here and passed in as arrays.
@@ -118,9 +123,10 @@ class ExpertWeights(nn.Module):
     init = expert_init(self.init_scale)
     weights = {name: self.param(name, init, shape, self.param_dtype)
                for name, shape in shapes.items()}
-    if self.bias:  # 'wi' -> 'bi' [E, F], 'wi_gate' -> 'bi_gate' [E, F], 'wo' -> 'bo' [E, D]
-      weights.update({'b' + name[1:]: self.param('b' + name[1:], nn.initializers.zeros,
-                                                 (self.num_experts, shape[-1]), self.param_dtype)
+    if self.bias:  # Shapes: 'bi' [E, F], 'bi_gate' [E, F], 'bo' [E, D]
+      weights.update({bias_name(name): self.param(bias_name(name), nn.initializers.zeros,
+                                                  (self.num_experts, shape[-1]),
+                                                  self.param_dtype)
                       for name, shape in shapes.items()})
     return weights
 
@@ -184,7 +190,7 @@ def grouped_expert_ffn(rows: jax.Array, group_sizes: jax.Array, weights: dict[st
                                 side='right')  # Shape: [R], E past the last group
   def grouped(x, name):
     out = jax.lax.ragged_dot(x, weights[name].astype(dtype), group_sizes)
-    bias = weights.get('b' + name[1:])  # Shape: [E, width] or None
+    bias = weights.get(bias_name(name))  # Shape: [E, F] or [E, D], or None
     return _plus(out, None if bias is None else jnp.take(
         bias.astype(dtype), row_expert, axis=0, mode='fill', fill_value=0))
 

@@ -12,38 +12,55 @@ import pytest
 
 from moejax import routing
 from moejax.dispatch import GroupedDispatcher, RowDispatcher, make_dispatcher
-from moejax.experts import ExpertWeights, grouped_expert_ffn
+from moejax.experts import Activation, ExpertWeights, bias_name, grouped_expert_ffn
 
 D, F = 4, 6
 
 
-def _weights(num_experts, glu):
-  weights = ExpertWeights(num_experts, F, glu=glu).init(jax.random.key(0), D)['params']
-  return dict(weights)
+# gpt-oss's clamped SwiGLU, with a limit (0.5) that clamps here.
+CLAMPED_SWIGLU = Activation('quick_gelu', limit=0.5, glu_offset=1.0)
+
+
+def _weights(num_experts, glu, bias=False):
+  """The experts' params (biases drawn at random: they start at zero)."""
+  weights = dict(ExpertWeights(num_experts, F, glu=glu, bias=bias).init(jax.random.key(0),
+                                                                        D)['params'])
+  return {name: w + (jax.random.normal(jax.random.key(2), w.shape) if name[0] == 'b' else 0)
+          for name, w in weights.items()}
 
 
 def _per_expert_ffn(rows, group_sizes, weights, activation):
   """The reference: each expert's slice of rows through its own FFN, zeros past the groups."""
-  act = {'relu': nn.relu, 'gelu': nn.gelu}[activation]
+  def project(x, name, e):
+    return x @ weights[name][e] + (weights[bias_name(name)][e] if 'bi' in weights else 0)
+
   out, start = [], 0
   for e, size in enumerate(group_sizes):
     x = rows[start:start + size]
-    hidden = act(x @ weights['wi'][e])
-    if 'wi_gate' in weights:
-      hidden = hidden * (x @ weights['wi_gate'][e])
-    out.append(hidden @ weights['wo'][e])
+    if activation == CLAMPED_SWIGLU:  # written out: (clip(up) + 1) * g * sigmoid(1.702 g)
+      gate = jnp.minimum(project(x, 'wi', e), 0.5)
+      hidden = (gate * jax.nn.sigmoid(1.702 * gate)
+                * (jnp.clip(project(x, 'wi_gate', e), -0.5, 0.5) + 1))
+    else:
+      hidden = {'relu': nn.relu, 'gelu': nn.gelu}[activation](project(x, 'wi', e))
+      if 'wi_gate' in weights:
+        hidden = hidden * project(x, 'wi_gate', e)
+    out.append(project(hidden, 'wo', e))
     start += size
   out.append(jnp.zeros((rows.shape[0] - start, D)))
   return jnp.concatenate(out)
 
 
-@pytest.mark.parametrize('glu,activation', [(False, 'relu'), (True, 'gelu')])
-def test_grouped_expert_ffn_equals_each_expert_on_its_rows(glu, activation):
+@pytest.mark.parametrize('glu,activation,bias', [(False, 'relu', False), (True, 'gelu', False),
+                                                (True, CLAMPED_SWIGLU, True)],
+                         ids=['relu', 'glu-gelu', 'clamped-swiglu-biases'])
+def test_grouped_expert_ffn_equals_each_expert_on_its_rows(glu, activation, bias):
   """Three experts own rows 0-1, none and 2-4 (group sizes [2, 0, 3]); rows 5-6 are no one's
-  and get zeros (and no gradient) whatever they hold. Expert 1 is empty: zero gradients."""
+  and get zeros (and no gradient) whatever they hold, expert biases included. Expert 1 is
+  empty: zero gradients."""
   group_sizes = [2, 0, 3]
   rows = jax.random.normal(jax.random.key(1), (7, D))
-  weights = _weights(3, glu)
+  weights = _weights(3, glu, bias)
 
   def loss(ffn, rows, weights):
     out = ffn(rows, weights)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from moejax import routing
-from moejax.experts import block_expert_ffn
+from moejax.experts import Activation, bias_name, block_expert_ffn
 from moejax.dispatch import EinsumDispatcher, IndicesDispatcher, SortedDispatcher
 
 # Top-1, 4 tokens, 2 experts, capacity 2: tokens 0, 1, 2 pick expert 0, so token 2 overflows.
@@ -101,32 +101,47 @@ def test_sorted_dispatch_hand_case():
                              [[0.6, 0.0], [0.0, 0.9], [0.9, 0.9]], rtol=1e-6)
 
 
-@pytest.mark.parametrize('glu', [False, True])
-def test_block_expert_ffn_equals_each_rows_own_expert(glu):
+def _clamped_swiglu(pre, gate_pre):
+  """gpt-oss's expert activation, written out: limit 0.5 (so it clamps), offset 1."""
+  gate = jnp.minimum(pre, 0.5)
+  return gate * jax.nn.sigmoid(1.702 * gate) * (jnp.clip(gate_pre, -0.5, 0.5) + 1)
+
+
+@pytest.mark.parametrize('glu,bias', [(False, False), (True, False), (True, True)])
+def test_block_expert_ffn_equals_each_rows_own_expert(glu, bias):
   """Blocks of 4 rows, then one of the rest (expert 0: 5 rows = 4 + 1, expert 1: none, expert 2:
   7 = 4 + 3): every row gets its own expert's FFN, rows of no expert get zeros; gradients equal
-  plain autodiff's."""
+  plain autodiff's. With `bias`: expert biases and gpt-oss's clamped SwiGLU."""
   num_experts, model_dim, ffn_dim, num_rows = 3, 4, 6, 16
-  keys = jax.random.split(jax.random.key(0), 4)
+  keys = jax.random.split(jax.random.key(0), 7)
   rows = jax.random.normal(keys[0], (num_rows, model_dim))
   names = ('wi', 'wo', 'wi_gate') if glu else ('wi', 'wo')
+  names += ('bi', 'bo', 'bi_gate') if bias else ()
   shapes = {'wi': (num_experts, model_dim, ffn_dim), 'wo': (num_experts, ffn_dim, model_dim),
-            'wi_gate': (num_experts, model_dim, ffn_dim)}
+            'wi_gate': (num_experts, model_dim, ffn_dim), 'bi': (num_experts, ffn_dim),
+            'bo': (num_experts, model_dim), 'bi_gate': (num_experts, ffn_dim)}
   weights = {name: jax.random.normal(key, shapes[name]) for name, key in zip(names, keys[1:])}
   first_row, row_count = jnp.array([0, 5, 5]), jnp.array([5, 0, 7])
   row_expert = jnp.array([0] * 5 + [2] * 7 + [0] * 4)
   owned = (jnp.arange(num_rows) < 12)[:, None]
+  activation = Activation('quick_gelu', limit=0.5, glu_offset=1.0) if bias else 'gelu'
 
   def blocks(weights, rows):
     return block_expert_ffn(rows, first_row, row_count, weights, block_size=4, tile=1,
-                            activation='gelu', dtype=jnp.float32)
+                            activation=activation, dtype=jnp.float32)
 
   def reference(weights, rows):
     w = {name: value[row_expert] for name, value in weights.items()}  # per row: [R, ...]
-    hidden = jax.nn.gelu(jnp.einsum('rd,rdf->rf', rows, w['wi']))
-    if glu:
-      hidden = hidden * jnp.einsum('rd,rdf->rf', rows, w['wi_gate'])
-    return jnp.where(owned, jnp.einsum('rf,rfd->rd', hidden, w['wo']), 0.0)
+    project = lambda x, name, spec: (  # noqa: E731
+        jnp.einsum(spec, x, w[name]) + w.get(bias_name(name), 0.0))
+    pre = project(rows, 'wi', 'rd,rdf->rf')
+    if bias:
+      hidden = _clamped_swiglu(pre, project(rows, 'wi_gate', 'rd,rdf->rf'))
+    else:
+      hidden = jax.nn.gelu(pre)
+      if glu:
+        hidden = hidden * project(rows, 'wi_gate', 'rd,rdf->rf')
+    return jnp.where(owned, project(hidden, 'wo', 'rf,rfd->rd'), 0.0)
 
   np.testing.assert_allclose(blocks(weights, rows), reference(weights, rows), atol=1e-5,
                              rtol=1e-5)
