@@ -117,3 +117,27 @@ def test_the_multi_token_prediction_layer_is_left_out_in_one_warning():
   assert messages == ['deepseek_v3 checkpoint: its 1 multi-token-prediction layer(s) are left '
                       'out']
   assert config.num_layers == 4 and 'model.layers.4.eh_proj.weight' in Checkpoint(source)
+
+
+@pytest.mark.slow
+def test_an_imported_run_keeps_the_correction_biases_and_exports_them(tmp_path, tfds_dir):
+  """import-hf puts V3's correction biases in the run's balancing-bias state (its loads at zero);
+  export-hf writes them back as they were."""
+  from moejax.convert.workdir import export_hf, import_hf
+  from moejax.train.config import saved_config
+  from moejax.train.resume import load
+  source, workdir = os.path.join(FIXTURES, 'deepseek_v3'), str(tmp_path / 'run')
+  import_hf(source, workdir, None, [
+      ('data.source', os.path.join(REPO, 'data', 'timemachine.txt')),
+      ('data.data_dir', str(tfds_dir)), ('data.length', '32')])
+  _, variables = from_hf_variables(source)
+  _, state = load(saved_config(workdir), workdir)
+  saved = dict(_leaves(jax.device_get(state.balancing_bias_state)))
+  for path, bias in _leaves(variables[BIAS_COLLECTION]):
+    np.testing.assert_array_equal(saved[path], bias)
+    np.testing.assert_array_equal(saved[(*path[:-1], 'load')], 0)
+  export_hf(workdir, str(tmp_path / 'out'), saved_config(workdir), None, None, None)
+  original, exported = Checkpoint(source), Checkpoint(str(tmp_path / 'out'))
+  assert exported.names() == original.names()
+  for name in original.names():
+    np.testing.assert_array_equal(exported.tensor(name), original.tensor(name), err_msg=name)

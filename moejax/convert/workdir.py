@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 
-from moejax.convert.hf import FAMILIES, copy_tokenizer, from_hf, hub_model_type, to_hf
+from moejax.balancing import BIAS_COLLECTION
+from moejax.convert.hf import FAMILIES, copy_tokenizer, from_hf_variables, hub_model_type, to_hf
 from moejax.errors import InputError
 
 IMPORTED = 'imported_from.json'  # {'source': hub directory, 'model_type': its family}
@@ -37,7 +39,8 @@ def import_hf(source: str, workdir: str, config_file: str | None,
   """Import `source` into `workdir`; what was imported (family, parameters, the checkpoint)."""
   from moejax.train import config as config_lib
   from moejax.train.run import open_run
-  model, params = from_hf(source)
+  model, variables = from_hf_variables(source)
+  params = variables.pop('params')
   model_type = hub_model_type(source)
   config = (config_lib.config_from_file(config_file) if config_file
             else config_lib.default_config())
@@ -55,6 +58,10 @@ def import_hf(source: str, workdir: str, config_file: str | None,
                      '--workdir')
   state = run.fresh_state()
   state = state.replace(params=_placed(params, state.params))
+  if BIAS_COLLECTION in variables:  # DeepSeek-V3's correction biases: the balancing biases
+    fresh = state.balancing_bias_state  # its 'load' beside each bias starts at zero
+    state = state.replace(balancing_bias_state=_placed(
+        _merged(variables[BIAS_COLLECTION], fresh), fresh))
   run.checkpoints.save(state, None, force=True)
   if jax.process_index() == 0:
     config_lib.write_saved_config(config, workdir)
@@ -87,7 +94,8 @@ def export_hf(workdir: str, out: str, config, step: int | None, max_shard_size: 
   if config.data.tokenizer == 'hub':  # a hub directory, or a tokenizer.json among its files
     path = config.data.tokenizer_path
     tokenizer = path if os.path.isdir(path) else os.path.dirname(path)
-  files = to_hf(run.model_config, state.params, out, model_type, max_bytes, tokenizer)
+  files = to_hf(run.model_config, state.params, out, model_type, max_bytes, tokenizer,
+                _exported_state(state.balancing_bias_state))
   return {'workdir': workdir, 'step': int(jax.device_get(state.step)), 'out': out,
           'model_type': model_type, 'files': files, 'tokenizer': tokenizer}
 
@@ -115,10 +123,26 @@ def parse_size(text: str) -> int:
   return size
 
 
+def _exported_state(bias_state) -> dict | None:
+  """The STATE_COLLECTIONS a run exports: its balancing biases, without the load each layer
+  records beside its bias (no checkpoint holds it); None without balancing biases."""
+  if not bias_state:
+    return None
+  biases = lambda tree: ({'bias': tree['bias']} if 'bias' in tree
+                         else {key: biases(value) for key, value in tree.items()})
+  return {BIAS_COLLECTION: biases(bias_state)}
+
+
+def _merged(imported: Mapping, fresh: Mapping) -> dict:
+  """`fresh`'s tree with `imported`'s arrays in their places, its own elsewhere."""
+  return {key: (_merged(imported.get(key, {}), value) if isinstance(value, Mapping)
+                else imported.get(key, value)) for key, value in fresh.items()}
+
+
 def _placed(imported: dict, fresh):
-  """The imported arrays on the fresh params' devices and shardings, in their dtypes (the
-  config's: no cast unless an override changed `param_dtype`); InputError naming the first
-  parameter whose shape the config changed (an override of a model field)."""
+  """The imported arrays on the fresh params' (or biases') devices and shardings, in their
+  dtypes (the config's: no cast unless an override changed `param_dtype`); InputError naming
+  the first parameter whose shape the config changed (an override of a model field)."""
   def place(path, new, like):
     if np.shape(new) != like.shape:
       raise InputError(f'imported parameter {jax.tree_util.keystr(path)} is {list(np.shape(new))}'
