@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import assert_decoding_matches_the_window
 from moejax import ConfigError, ModelConfig, MoeLayer, collect_aux_losses, collect_decisions
 from moejax.models import make_model
 from moejax.models.config import MOE_DEFAULTS, MOE_FIELDS_SET_BY_MODEL
@@ -244,3 +245,16 @@ def test_todays_routing_rules_and_expert_options_reach_the_model():
     _config(unselected_group_fill='-inf')
   with pytest.raises(ConfigError, match=r"^model\.glu_linear_offset=1\.0 is invalid"):
     _config(glu_linear_offset=1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('fields', [
+    dict(score_function='sigmoid', num_expert_groups=2, num_selected_groups=1,
+         group_score='top2_sum', normalize_weights=True, routed_scaling_factor=2.5),
+    dict(softmax_after_top_k=True, router_bias=True, expert_bias=True, glu=True,
+         activation='quick_gelu', activation_limit=7.0, glu_linear_offset=1.0)],
+    ids=['deepseek_v3', 'gpt_oss'])
+def test_decoding_with_todays_routing_rules_matches_the_window(fields):
+  """Cached decoding routes (and drops, at capacity factor 0.5) as the whole window does."""
+  assert_decoding_matches_the_window(_config(num_selected_experts=2, moe_every=1,
+                                             eval_capacity_factor=0.5, group_size=12, **fields))
