@@ -184,7 +184,9 @@ def _yarn_hub(config: ModelConfig) -> dict[str, Any] | None:
 
 def _hub_config(config: ModelConfig, architecture: str) -> dict[str, Any]:
   dense = len(config.dense_layers)
-  return dict(_hub_common(config), architectures=[architecture],
+  extended = ({} if config.yarn_factor is None else  # what transformers expects beside YaRN
+              dict(max_position_embeddings=int(config.yarn_original_length * config.yarn_factor)))
+  return dict(_hub_common(config), **extended, architectures=[architecture],
               q_lora_rank=config.q_lora_rank, kv_lora_rank=config.kv_lora_rank,
               qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
               v_head_dim=config.v_head_dim, rope_scaling=_yarn_hub(config),
