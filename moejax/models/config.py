@@ -418,7 +418,9 @@ def per_token_flops(config: ModelConfig, length: int, target_length: int | None 
   baseline one FFN of width (K + shared) * F. Top-p routing is counted at its cap K. A Soft MoE
   layer (the encoder's, with `soft_moe`) costs its slot logits, dispatch and combine (2 * D * N
   each, N = E * P slots) and N / S expert FFNs per token (S: the group size). Attention
-  scores count all L keys, as XLA does for a masked full product. For the encoder-decoder,
+  scores count all L keys, as XLA does for a masked full product; multi-head latent attention
+  makes each token's keys and values from its latent (`_latent_attention_flops`). For the
+  encoder-decoder,
   `length` is the encoder's and `target_length` the decoder's; encoder FLOPs are spread over the
   target tokens.
   """
@@ -440,6 +442,8 @@ def per_token_flops(config: ModelConfig, length: int, target_length: int | None 
 
   def stack(keys, cross_keys=None, cross_ratio=0.0):
     attention = 2 * 2 * d * (inner + kv_inner) + 2 * 2 * keys * inner
+    if config.attention == 'mla':
+      attention = _latent_attention_flops(config, keys)
     if cross_keys is not None:  # q, out per target token; k, v per encoder token
       attention += 2 * 2 * d * inner * (1 + cross_ratio) + 2 * 2 * cross_keys * inner
     cross = cross_keys is not None
@@ -452,3 +456,16 @@ def per_token_flops(config: ModelConfig, length: int, target_length: int | None 
   target_length = target_length or length
   ratio = length / target_length
   return stack(length) * ratio + stack(target_length, length, ratio) + logits
+
+
+def _latent_attention_flops(config: ModelConfig, keys: int) -> float:
+  """Multi-head latent attention's matmul FLOPs per token over `keys` keys: the query (through
+  its latent with q_lora_rank), the key/value latent and rotated key, their up-projection to H
+  keys and values, the scores and weighted values, the output."""
+  d, h = config.model_dim, config.num_heads
+  qk, v = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
+  query = (d * h * qk if config.q_lora_rank is None
+           else config.q_lora_rank * (d + h * qk))
+  latent = d * (config.kv_lora_rank + config.qk_rope_head_dim)
+  up = config.kv_lora_rank * h * (config.qk_nope_head_dim + v)
+  return 2 * (query + latent + up + h * v * d) + 2 * keys * h * (qk + v)
