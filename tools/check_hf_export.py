@@ -42,11 +42,12 @@ TEXTS = ('The quick brown fox, 42 times.', 'Thé café à Noël: déjà vu.', '�
 INDEX = 'model.safetensors.index.json'
 EXPORT = """
 import json, sys
-from moejax.convert import from_hf, to_hf
+from moejax.convert import from_hf_variables, to_hf
 from moejax.convert.hf import hub_model_type
 source, out, limit, tokenizer = json.loads(sys.argv[1])
-config, params = from_hf(source)
-to_hf(config, params, out, hub_model_type(source), limit, tokenizer)
+config, variables = from_hf_variables(source)  # DeepSeek-V3's correction biases too
+params = variables.pop('params')
+to_hf(config, params, out, hub_model_type(source), limit, tokenizer, variables)
 """
 
 
