@@ -61,6 +61,7 @@ def test_bad_latent_attention_fields_are_named(fields, message):
     ModelConfig(**{**MLA, **fields})
 
 
+@pytest.mark.slow
 def test_flops_by_formula_match_the_compiled_model():
   """per_token_flops counts MLA's matmuls: within 10% of XLA's count of the compiled forward
   pass (which adds the norms, rotary and softmax), dense FFNs so nothing else is routed."""

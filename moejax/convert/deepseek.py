@@ -1,5 +1,5 @@
-"""DeepSeek-V2 and -V3 checkpoints (DeepSeek-V2-Lite, -V2, -V3, -R1, Kimi-K2, Moonlight): multi-head
-latent attention (`moejax.models.mla`) with YaRN positions, and DeepSeekMoE FFNs (many small
+"""DeepSeek-V2 and -V3 checkpoints (DeepSeek-V2-Lite, -V2, -V3, -R1): multi-head latent
+attention (`moejax.models.mla`) with YaRN positions, and DeepSeekMoE FFNs (many small
 routed experts and always-on shared experts) in every block but the first `first_k_dense_replace`.
 
 Routing, as transformers 4.57.6 computes it:
