@@ -1,5 +1,5 @@
-"""DeepSeek-V2 and -V3 against transformers 4.57.6 (tiny random models made by
-tools/make_deepseek_fixtures.py): logits, router probabilities, chosen experts and their weights;
+"""DeepSeek-V2 and -V3, and GLM-4.5 (V3's routing), against transformers 4.57.6 (tiny random
+models made by tools/make_deepseek_fixtures.py): logits, router probabilities, chosen experts and their weights;
 the FP8 weights dequantized as the fixture script did; import -> export -> import bit for bit,
 the correction biases included; an imported correction bias keeps moving when fine-tuned. The
 published configs: tests/test_hub_configs.py."""
@@ -16,12 +16,15 @@ from moejax import collect_decisions, collect_router_probs
 from moejax.balancing import BIAS_COLLECTION, update_balancing_biases
 from moejax.convert import from_hf_variables, to_hf
 from moejax.convert.fp8 import Fp8Checkpoint, dequantize
+from moejax.convert.hf import hub_model_type
 from moejax.convert.safetensors import Checkpoint
 from moejax.models import make_model
 
 FIXTURES = os.path.join(REPO, 'tests', 'fixtures', 'hf')
-FAST = ('deepseek_v3',)  # sigmoid, groups, correction bias, MLA with a query latent, YaRN
-NAMES = ('deepseek_v2', 'deepseek_v2_grouped', 'deepseek_v3', 'deepseek_v3_fp8')
+# deepseek_v3: sigmoid, groups, correction bias, MLA with a query latent, YaRN; glm4_moe: the
+# same routing under grouped-query attention with biases, QK-norm and partial rotary.
+FAST = ('deepseek_v3', 'glm4_moe')
+NAMES = ('deepseek_v2', 'deepseek_v2_grouped', 'deepseek_v3', 'deepseek_v3_fp8', 'glm4_moe')
 
 
 def _leaves(tree, prefix=()):
@@ -83,14 +86,14 @@ def test_fp8_weights_dequantize_as_the_fixture_script_did():
                                 [[0.5, 1], [1.5, 2], [20, 24]])
 
 
-@pytest.mark.parametrize('name', ['deepseek_v2_grouped', 'deepseek_v3'])
+@pytest.mark.parametrize('name', ['deepseek_v2_grouped', 'deepseek_v3', 'glm4_moe'])
 def test_import_export_import_is_bit_exact(name, tmp_path):
   """The export writes every hub tensor back as it was (the rotary rows put back in DeepSeek's
   interleaved order, the correction biases from the state), and re-imports to the same model."""
   source = os.path.join(FIXTURES, name)
   config, variables = from_hf_variables(source)
   params = variables.pop('params')
-  to_hf(config, params, str(tmp_path), config_type(name), state=variables)
+  to_hf(config, params, str(tmp_path), hub_model_type(source), state=variables)
   again_config, again = from_hf_variables(str(tmp_path))
   assert again_config == config
   expected = dict(_leaves({'params': params, **variables}))
@@ -102,10 +105,6 @@ def test_import_export_import_is_bit_exact(name, tmp_path):
   for tensor_name in exported.names():
     np.testing.assert_array_equal(exported.tensor(tensor_name), original.tensor(tensor_name),
                                   err_msg=tensor_name)
-
-
-def config_type(name: str) -> str:
-  return 'deepseek_v3' if name.startswith('deepseek_v3') else 'deepseek_v2'
 
 
 def test_the_multi_token_prediction_layer_is_left_out_in_one_warning():

@@ -35,7 +35,8 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_published_fixtures as published  # noqa: E402
-from make_hf_fixtures import BATCH, COMMON, LENGTH, MIN_MARGIN, VOCAB  # noqa: E402
+from make_hf_fixtures import (BATCH, COMMON, LENGTH, MIN_MARGIN, VOCAB,  # noqa: E402
+                              _draw_norms_and_biases)
 
 MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
 TINY = dict(COMMON, num_hidden_layers=3, num_key_value_heads=4, first_k_dense_replace=1,
@@ -56,6 +57,13 @@ FIXTURES = {
         routed_scaling_factor=2.5, norm_topk_prob=True,
         rope_scaling=dict(type='yarn', factor=4.0, original_max_position_embeddings=16,
                           beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.707))),
+    # GLM-4.5's attention (GQA, q/k/v biases, per-head QK-norm, half of each head's dims
+    # rotary, head_dim 12 not D / H) over V3's routing; its norms and biases drawn too.
+    'glm4_moe': (transformers.Glm4MoeConfig, dict(
+        COMMON, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=48,
+        moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, head_dim=12,
+        partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True, rope_theta=1e6)),
 }
 FP8_BLOCK = (16, 16)  # the tiny FP8 fixture's blocks: several per weight, some partial
 PUBLISHED = {
@@ -67,14 +75,15 @@ PUBLISHED = {
         intermediate_size=48, moe_intermediate_size=8, q_lora_rank=16, **MLA)),
 }
 CLASSES = {'deepseek_v2': transformers.DeepseekV2Config,
-           'deepseek_v3': transformers.DeepseekV3Config}
+           'deepseek_v3': transformers.DeepseekV3Config, 'glm4_moe': transformers.Glm4MoeConfig}
 
 
 def _router_record(model) -> list:
   """Hooks on each MoE gate: it appends (inputs [B * L, D], chosen [B * L, K], weights)."""
   records = []
   for module in model.modules():
-    if type(module).__name__ in ('DeepseekV2MoEGate', 'DeepseekV3TopkRouter'):
+    if type(module).__name__ in ('DeepseekV2MoEGate', 'DeepseekV3TopkRouter',
+                                 'Glm4MoeTopkRouter'):
       module.register_forward_hook(lambda m, args, out: records.append(
           (m, args[0].reshape(-1, args[0].shape[-1]), out[0], out[1])))
   return records
@@ -176,6 +185,8 @@ def _model(config_class, fields: dict, seed: int):
   model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation='eager')
   model = model.to(torch.float32).eval()  # whatever torch_dtype the published file names
   _draw_biases(model)
+  if isinstance(model, transformers.Glm4MoeForCausalLM):
+    _draw_norms_and_biases(model)
   return model
 
 
