@@ -55,6 +55,8 @@ def test_decoding_from_the_latent_cache_equals_the_whole_window(fields):
     (dict(rotary_fraction=0.5), 'model.rotary_fraction'),
     (dict(q_lora_rank=0), 'model.q_lora_rank'),
     (dict(qk_rope_head_dim=3), 'model.rotary_fraction'),  # an odd rotary width
+    (dict(sliding_window=4), 'model.sliding_window'),
+    (dict(attention_sinks=True), 'model.attention_sinks'),
 ])
 def test_bad_latent_attention_fields_are_named(fields, message):
   with pytest.raises(ConfigError, match=message):
