@@ -15,9 +15,10 @@ Routing, as transformers 4.57.6 computes it:
   `unselected_group_fill`).
 
 Rotary layout: DeepSeek's checkpoints pair adjacent dims of each rotary part (V2's complex
-view; V3's `rope_interleave`, the only layout published), moejax pairs dim i with i + P/2. Their models are the same up to a
-permutation of those dims in the query's and the key's projections, which the import applies
-(the evens, then the odds) and the export undoes, bit for bit.
+view; V3's `rope_interleave`, the only layout published), moejax pairs dim i with i + P/2.
+Their models are the same up to a permutation of those dims in the query's and the key's
+projections, which the import applies (the evens, then the odds) and the export undoes, bit for
+bit.
 
 FP8 weights (V3, R1, K2: e4m3 with a scale per 128 x 128 block) are dequantized into float32 on
 import (`moejax.convert.fp8`). V3's multi-token-prediction layer (`num_nextn_predict_layers`, the

@@ -70,7 +70,8 @@ def inverse_frequencies(config, head_dim: int) -> np.ndarray:
   """[R/2] float32: theta^(-2i / R) for i < R/2, with YaRN's interpolation when it is set."""
   dim = rotary_dims(config, head_dim)
   exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)  # Shape: [R/2]
-  # theta ** exponents rounded from float64: torch's float32 pow, but for rare ulps (NumPy's is not).
+  # theta ** exponents rounded from float64: torch's float32 pow but for rare ulps (NumPy's
+  # float32 pow is further off).
   base = (np.float64(config.rope_theta) ** exponents.astype(np.float64)).astype(np.float32)
   original = np.float32(1.0) / base
   if config.yarn_factor is None:
