@@ -130,10 +130,14 @@ def _other_values(value, field):
     return [value + 0.5]
   if isinstance(value, list) and value and isinstance(value[0], str):  # layer kinds
     return [value[::-1]]
+  if isinstance(value, list) and value and isinstance(value[0], int):  # token ids (GLM's eos)
+    return [[v + 1 for v in value]]
   if isinstance(value, list):
     return [[0]]
   if isinstance(value, dict):  # rope_scaling
     return [{**value, 'factor': 2 * value['factor']}]
+  if field == 'rope_scaling':  # None: add YaRN
+    return [{'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 4096}]
   if value is None:
     return [16]
   return [{'float32': 'bfloat16', 'greedy': 'group_limited_greedy'}[value]]

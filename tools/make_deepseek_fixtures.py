@@ -9,7 +9,8 @@ Tiny random models (<out>/<name>/, as tools/make_hf_fixtures.py makes them): dee
 greedy, a query latent, routed scaling), deepseek_v3 (sigmoid scores, a drawn correction bias,
 groups ranked by their two best, shared experts, YaRN with both mscales), deepseek_v3_fp8 (that
 model's weights quantized as DeepSeek publishes them: float8 e4m3 with a float32 scale per 16 x 16
-block, `weight_scale_inv`). And the published DeepSeek-V2-Lite and DeepSeek-V3 config.json files
+block, `weight_scale_inv`); glm4_moe (GLM-4.5's attention over V3's routing). And the published
+DeepSeek-V2-Lite, DeepSeek-V3 and GLM-4.7 (glm4_moe) config.json files
 (tools/published/) with their sizes shrunk, in <out>/published/<org>__<name>/ as
 tools/make_published_fixtures.py writes them (V3's weights FP8 in 128 x 128 blocks, as published,
 and two tensors of a multi-token-prediction layer that the import leaves out).
@@ -73,6 +74,10 @@ PUBLISHED = {
     'deepseek-ai__DeepSeek-V3': ('deepseek_v3', dict(
         hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
         intermediate_size=48, moe_intermediate_size=8, q_lora_rank=16, **MLA)),
+    # Its 3 dense blocks and one sparse; all 160 experts.
+    'zai-org__GLM-4.7': ('glm4_moe', dict(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=48, moe_intermediate_size=8)),
 }
 CLASSES = {'deepseek_v2': transformers.DeepseekV2Config,
            'deepseek_v3': transformers.DeepseekV3Config, 'glm4_moe': transformers.Glm4MoeConfig}
@@ -126,7 +131,7 @@ def _reference(model, input_ids) -> dict:
     experts.append(chosen.gather(1, order))
     weights.append(weight.float().gather(1, order))
     margins.append(_gap(choice, chosen.shape[1]))
-    if group_scores is not None:
+    if group_scores is not None and kept < group_scores.shape[1]:  # some group left out
       margins.append(_gap(group_scores, kept))
   return {'input_ids': input_ids.numpy().astype(np.int32), 'logits': logits.float().numpy(),
           'router_probs': torch.stack(probs).numpy(), 'experts': torch.stack(experts).numpy(),
@@ -237,8 +242,10 @@ def make_published(name: str, out: str) -> None:
   published._byte_level_tokenizer(directory, ['<|endoftext|>', '<|padding|>'], qwen=False)
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
   special = tokenizer.convert_tokens_to_ids('<|endoftext|>')
-  hub = {**published._published(name), **shrink, 'vocab_size': published._vocab_size(tokenizer),
-         'bos_token_id': special, 'eos_token_id': special}
+  hub = {**published._published(name), **shrink, 'vocab_size': published._vocab_size(tokenizer)}
+  for field in ('bos_token_id', 'eos_token_id', 'pad_token_id'):  # the published ones, renumbered
+    if field in hub:
+      hub[field] = [special] if isinstance(hub[field], list) else special
   fields = {k: v for k, v in hub.items() if k != 'quantization_config'}
   ids = torch.randint(3, len(tokenizer), (BATCH, LENGTH),
                       generator=torch.Generator().manual_seed(0))
