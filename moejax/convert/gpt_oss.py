@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from moejax.convert.deepseek import _yarn_fields
 from moejax.convert.hf import (DECODER_IMPLEMENTED, Family, Tensor, _attention, _block,
                                _decoder_fields, _hub_common)
 from moejax.convert.safetensors import Checkpoint
@@ -130,27 +131,6 @@ def _window(hf: dict) -> dict:
   return dict(sliding_window=hf['sliding_window'], full_attention_layers=full)
 
 
-def _yarn(hf: dict) -> dict:
-  """The YaRN fields of rope_scaling (None: plain rotary positions)."""
-  scaling = hf['rope_scaling']
-  if scaling is None:
-    return {}
-  kind = scaling.get('rope_type', scaling.get('type'))
-  unknown = set(scaling) - {'rope_type', 'type', 'factor', 'beta_fast', 'beta_slow',
-                            'original_max_position_embeddings', 'truncate'}
-  if kind != 'yarn' or unknown:
-    raise InputError(f'gpt_oss checkpoint: rope_scaling={scaling!r} is not supported (only '
-                     "rope_type 'yarn' with factor, beta_fast, beta_slow, "
-                     'original_max_position_embeddings, truncate)')
-  return dict(yarn_factor=float(scaling['factor']),
-              # transformers 4.57.6 falls back on max_position_embeddings
-              yarn_original_length=(scaling.get('original_max_position_embeddings')
-                                    or hf['max_position_embeddings']),
-              yarn_beta_fast=float(scaling.get('beta_fast', 32.0)),
-              yarn_beta_slow=float(scaling.get('beta_slow', 1.0)),
-              yarn_truncate=scaling.get('truncate', True))
-
-
 def _gpt_oss_config(hf: dict) -> ModelConfig:
   quantization = hf.get('quantization_config')
   if quantization is not None and quantization.get('quant_method') != 'mxfp4':
@@ -158,7 +138,7 @@ def _gpt_oss_config(hf: dict) -> ModelConfig:
                      "supported (only quant_method 'mxfp4', or none)")
   bias = hf.get('attention_bias', True)
   return ModelConfig(**{
-      **_decoder_fields(hf), **_window(hf), **_yarn(hf), 'ffn_dim': hf['intermediate_size'],
+      **_decoder_fields(hf), **_window(hf), **_yarn_fields(hf), 'ffn_dim': hf['intermediate_size'],
       'moe_every': 1, 'num_experts': hf['num_local_experts'], 'router_bias': True,
       'softmax_after_top_k': True, 'activation': 'quick_gelu', 'activation_limit': SWIGLU_LIMIT,
       'glu_linear_offset': 1.0, 'expert_bias': True, 'attention_bias': bias,
