@@ -1,8 +1,8 @@
 """DeepSeek-V2 and -V3, and GLM-4.5 (V3's routing), against transformers 4.57.6 (tiny random
-models made by tools/make_deepseek_fixtures.py): logits, router probabilities, chosen experts and their weights;
-the FP8 weights dequantized as the fixture script did; import -> export -> import bit for bit,
-the correction biases included; an imported correction bias keeps moving when fine-tuned. The
-published configs: tests/test_hub_configs.py."""
+models made by tools/make_deepseek_fixtures.py): logits, router probabilities, chosen experts
+and their weights; the FP8 weights dequantized as the fixture script did; import -> export ->
+import bit for bit, the correction biases included; an imported correction bias keeps moving
+when fine-tuned. The published configs: tests/test_hub_configs.py."""
 import os
 import warnings
 
