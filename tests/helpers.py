@@ -77,8 +77,9 @@ def smoke_config(data_dir, **train):
 def apply_imported(config, params, reference, state=None):
   """An imported model on a fixture's reference.npz inputs: (logits [B, L, V], then per MoE
   layer in the reference's order (the encoder's, then the decoder's; each stack's in depth
-  order): router probs [B * L, E], chosen experts [B * L, K], dropped choices [B * L, K]).
-  `state`: the collections besides the params an import fills (`from_hf_variables`)."""
+  order): router probs [B * L, E], chosen experts [B * L, K], dropped choices [B * L, K], and
+  their combine weights [B * L, K]). `state`: the collections besides the params an import
+  fills (`from_hf_variables`)."""
   ids = jnp.asarray(reference['input_ids'])
   args = (ids, jnp.ones(ids.shape, bool))
   if config.kind == 'encoder_decoder':
@@ -91,7 +92,8 @@ def apply_imported(config, params, reference, state=None):
   names = sorted(probs, key=_layer_order)
   return (np.asarray(logits), [flat(probs[n]) for n in names],
           [flat(decisions[n].expert_index) for n in names],
-          [~flat(decisions[n].dispatched) for n in names])
+          [~flat(decisions[n].dispatched) for n in names],
+          [flat(decisions[n].weight) for n in names])
 
 
 def _layer_order(name):

@@ -27,13 +27,20 @@ def _reference(family):
 def test_imported_model_gives_the_reference_logits_probabilities_and_experts(family):
   config, params = from_hf(os.path.join(FIXTURES, family))
   reference = _reference(family)
-  logits, probs, chosen, dropped = apply_imported(config, params, reference)
+  logits, probs, chosen, dropped, weights = apply_imported(config, params, reference)
   np.testing.assert_allclose(logits, reference['logits'], atol=1e-4, rtol=0)
   assert len(probs) == len(reference['router_probs'])
   for layer, expected in enumerate(reference['router_probs']):
     np.testing.assert_allclose(probs[layer], expected, atol=1e-5)
     # The same experts, in the same order (by probability, the reference's torch.topk).
     np.testing.assert_array_equal(chosen[layer], reference['experts'][layer])
+    # Their weights: the reference's probabilities of them, renormalized where the family does
+    # (Mixtral, norm_topk_prob, gpt-oss's softmax over the top-K logits).
+    top = np.take_along_axis(expected, reference['experts'][layer], -1)  # Shape: [B * L, K]
+    if config.normalize_weights or config.softmax_after_top_k:
+      top = top / top.sum(-1, keepdims=True)
+    kept = ~dropped[layer]
+    np.testing.assert_allclose(weights[layer][kept], top[kept], atol=1e-5)
     assert not dropped[layer].any() or family == 'switch_transformers'  # the others: dropless
 
 
@@ -43,7 +50,7 @@ def test_switch_drops_exactly_the_tokens_the_reference_drops():
   config, params = from_hf(os.path.join(FIXTURES, 'switch_transformers'))
   reference = _reference('switch_transformers')
   assert config.expert_capacity == 3 and int(reference['dropped'].sum()) == 16
-  _, _, _, dropped = apply_imported(config, params, reference)
+  _, _, _, dropped, _ = apply_imported(config, params, reference)
   np.testing.assert_array_equal(np.stack(dropped)[..., 0], reference['dropped'])
 
 

@@ -49,7 +49,8 @@ def test_imported_published_config_gives_the_reference_outputs(name):
   config, variables = from_hf_variables(os.path.join(PUBLISHED, name))
   reference = _reference(name)
   params = variables.pop('params')
-  logits, probs, chosen, dropped = apply_imported(config, params, reference, variables)
+  logits, probs, chosen, dropped, _ = apply_imported(config, params, reference,
+                                                         variables)
   np.testing.assert_allclose(logits, reference['logits'], atol=1e-4, rtol=0)
   assert len(probs) == len(reference['router_probs'])
   for layer, expected in enumerate(reference['router_probs']):
