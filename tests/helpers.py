@@ -96,6 +96,19 @@ def apply_imported(config, params, reference, state=None):
           [flat(decisions[n].weight) for n in names])
 
 
+def reference_weights(config, reference: dict, layer: int) -> np.ndarray:
+  """The combine weights [B * L, K] a fixture's reference gives MoE layer `layer`: its own
+  `weights` where it has them (the DeepSeek and GLM fixtures), else its probabilities of the
+  chosen experts, renormalized where the family does (Mixtral, norm_topk_prob, gpt-oss's
+  softmax over the top-K logits)."""
+  if 'weights' in reference:
+    return reference['weights'][layer]
+  top = np.take_along_axis(reference['router_probs'][layer], reference['experts'][layer], -1)
+  if config.normalize_weights or config.softmax_after_top_k:
+    top = top / top.sum(-1, keepdims=True)
+  return top * config.routed_scaling_factor
+
+
 def _layer_order(name):
   """'encoder/unit_3/block_1' -> (0, 3, 1): the encoder first, then depth (not text) order."""
   stack, unit, block = name.split('/')[:3]

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO, apply_imported, run_cli
+from helpers import REPO, apply_imported, reference_weights, run_cli
 from moejax.convert import from_hf, to_hf
 from moejax.convert.safetensors import Checkpoint, SafetensorsFile, write_safetensors
 from moejax.errors import InputError
@@ -34,13 +34,9 @@ def test_imported_model_gives_the_reference_logits_probabilities_and_experts(fam
     np.testing.assert_allclose(probs[layer], expected, atol=1e-5)
     # The same experts, in the same order (by probability, the reference's torch.topk).
     np.testing.assert_array_equal(chosen[layer], reference['experts'][layer])
-    # Their weights: the reference's probabilities of them, renormalized where the family does
-    # (Mixtral, norm_topk_prob, gpt-oss's softmax over the top-K logits).
-    top = np.take_along_axis(expected, reference['experts'][layer], -1)  # Shape: [B * L, K]
-    if config.normalize_weights or config.softmax_after_top_k:
-      top = top / top.sum(-1, keepdims=True)
     kept = ~dropped[layer]
-    np.testing.assert_allclose(weights[layer][kept], top[kept], atol=1e-5)
+    np.testing.assert_allclose(weights[layer][kept],
+                               reference_weights(config, reference, layer)[kept], atol=1e-5)
     assert not dropped[layer].any() or family == 'switch_transformers'  # the others: dropless
 
 

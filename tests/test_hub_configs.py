@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import REPO, apply_imported, run_cli
+from helpers import REPO, apply_imported, reference_weights, run_cli
 from moejax.convert import from_hf, from_hf_variables
 from moejax.convert.hf import FAMILIES, HUB_ACCEPTED
 from moejax.data.tokenizers import load_hub_tokenizer
@@ -44,18 +44,20 @@ TIERED = [name if name in FAST else pytest.param(name, marks=pytest.mark.slow)
 
 @pytest.mark.parametrize('name', TIERED)
 def test_imported_published_config_gives_the_reference_outputs(name):
-  """Logits to 1e-4, router probabilities to 1e-5, the same experts in the same order, and for
-  Switch the same choices dropped over capacity."""
+  """Logits to 1e-4, router probabilities and combine weights to 1e-5, the same experts in the
+  same order, and for Switch the same choices dropped over capacity."""
   config, variables = from_hf_variables(os.path.join(PUBLISHED, name))
   reference = _reference(name)
   params = variables.pop('params')
-  logits, probs, chosen, dropped, _ = apply_imported(config, params, reference,
-                                                         variables)
+  logits, probs, chosen, dropped, weights = apply_imported(config, params, reference, variables)
   np.testing.assert_allclose(logits, reference['logits'], atol=1e-4, rtol=0)
   assert len(probs) == len(reference['router_probs'])
   for layer, expected in enumerate(reference['router_probs']):
     np.testing.assert_allclose(probs[layer], expected, atol=1e-5)
     np.testing.assert_array_equal(chosen[layer], reference['experts'][layer])
+    kept = ~dropped[layer]
+    np.testing.assert_allclose(weights[layer][kept],
+                               reference_weights(config, reference, layer)[kept], atol=1e-5)
   if 'dropped' in reference:
     assert reference['dropped'].any()
     np.testing.assert_array_equal(np.stack(dropped)[..., 0], reference['dropped'])
