@@ -103,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                             'hub counts) and model.safetensors.index.json (default: one '
                             'model.safetensors)')
       sub.add_argument('--model-type', metavar='FAMILY',
-                       help='mixtral, olmoe, qwen2_moe or switch_transformers (default: the '
-                            'family the run was imported from)')
+                       help="a hub model_type moejax exports ('mixtral', 'gpt_oss', ...; "
+                            'default: the family the run was imported from)')
     if name == 'sample':
       sub.add_argument('--prompt', help='text to continue (default: config.sample.prompt)')
       sub.add_argument('--num_tokens', type=int, help='tokens to generate')
