@@ -1,5 +1,6 @@
-"""Test set-up: 8 simulated CPU devices and a persistent compilation cache, both set before jax is
-imported anywhere (subprocesses inherit them); session-wide fixtures that tests share read-only.
+"""Test set-up: 8 simulated CPU devices, XLA:CPU's fast compilation (tests/xla_flags.py) and a
+persistent compilation cache, all set before jax is imported anywhere (subprocesses inherit
+them); session-wide fixtures that tests share read-only.
 
 The compilation cache lives in a temporary directory made for this pytest session (and shared by
 its xdist workers and the command lines the tests start), removed when the session ends: the
@@ -10,8 +11,11 @@ import os
 import shutil
 import tempfile
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+from xla_flags import FAST_COMPILE, xla_flags  # tests/xla_flags.py
+
+os.environ['XLA_FLAGS'] = xla_flags(8)
+if FAST_COMPILE not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += f' {FAST_COMPILE}'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if 'MOEJAX_TEST_JAX_CACHE' not in os.environ:  # the session's first process (not an xdist worker)
   os.environ['MOEJAX_TEST_JAX_CACHE'] = tempfile.mkdtemp(prefix='moejax-test-jax-cache-')
@@ -33,10 +37,12 @@ def pytest_unconfigure(config):
 def pytest_collection_modifyitems(config, items):
   """Every test that reads a corpus through the data pipeline (TensorFlow, a TFDS preparation),
   which is every test that trains a run, is slow: those that ask for `tfds_dir` (`smoke_run` and
-  `copy_run` do). `make test-fast` leaves them out."""
+  `copy_run` do). `make test-fast` leaves them out; `make test` runs them first."""
   for item in items:
     if 'tfds_dir' in getattr(item, 'fixturenames', ()):
       item.add_marker(pytest.mark.slow)
+  # The slow tests first: the two xdist workers then end on short tests, together.
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
 
 
 @pytest.fixture(scope='session')

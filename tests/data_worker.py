@@ -25,9 +25,10 @@ def main():
   parser.add_argument('--process-id', type=int, default=0)
   parser.add_argument('--port', type=int, default=0)
   args = parser.parse_args()
-  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
-  os.environ['JAX_PLATFORMS'] = 'cpu'
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from xla_flags import xla_flags
+  os.environ['XLA_FLAGS'] = xla_flags(1)
+  os.environ['JAX_PLATFORMS'] = 'cpu'
 
   from helpers import smoke_config
   from moejax import data, distributed, sharding

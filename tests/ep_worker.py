@@ -19,7 +19,8 @@ def main():
   parser.add_argument('--port', type=int, default=0)
   parser.add_argument('--steps', type=int, default=4)
   args = parser.parse_args()
-  os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices}'
+  from xla_flags import xla_flags  # tests/xla_flags.py, beside this script
+  os.environ['XLA_FLAGS'] = xla_flags(args.devices)
   os.environ['JAX_PLATFORMS'] = 'cpu'
 
   import jax

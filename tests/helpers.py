@@ -12,10 +12,11 @@ import numpy as np
 from moejax import collect_decisions, collect_router_probs
 from moejax.models import make_model
 from moejax.train.config import config_from_file
+from xla_flags import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_CONFIG = os.path.join('experiments', 'configs', 'smoke.py')
-CLI_ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+CLI_ENV = {**os.environ, 'XLA_FLAGS': xla_flags(8),
            'JAX_PLATFORMS': 'cpu'}  # a subprocess's: 8 CPU devices
 
 

@@ -243,10 +243,9 @@ DATA_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_wor
 
 
 def _data_worker(workdir, data_dir, *args):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   return subprocess.Popen([sys.executable, DATA_WORKER, '--workdir', str(workdir), '--data-dir',
                            str(data_dir), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=env)
+                          text=True)
 
 
 def _data_result(process):

@@ -270,9 +270,8 @@ WORKER = Path(__file__).with_name('ep_worker.py')
 
 
 def _worker(*args):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   return subprocess.Popen([sys.executable, str(WORKER), *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=env)
+                          stderr=subprocess.PIPE, text=True)
 
 
 def _result(process, timeout):

@@ -16,6 +16,7 @@ from helpers import REPO, SMOKE_CONFIG, run_cli, smoke_config, train_args
 from moejax.data import documents
 from moejax.train.checkpoint import Checkpoints
 from moejax.train.lock import workdir_lock
+from xla_flags import xla_flags
 
 MESH = ['--config.mesh.data=2', '--config.mesh.expert=4']
 SHAKESPEARE = os.path.join(REPO, 'data', 'tinyshakespeare.txt')
@@ -30,7 +31,7 @@ def _free_port() -> int:
 def _launch(command, workdir, data_dir, *args, processes=1):
   """Start `moejax <command>` as one process of 8 devices or `processes` of 8 / processes."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={8 // processes}'}
+         'XLA_FLAGS': xla_flags(8 // processes)}
   base = [sys.executable, '-m', 'moejax.cli', command, '--workdir', str(workdir)]
   if command == 'train':
     base += ['--config', SMOKE_CONFIG, f'--config.data.data_dir={data_dir}', *MESH]
