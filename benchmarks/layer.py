@@ -11,7 +11,11 @@ alone, balanced", runs the E expert FFNs on exactly T * K / E tokens each (no ro
 padding): the best a per-expert matmul can do on this backend.
 
   python benchmarks/layer.py [--repeats 5] [--experts 8 32 128] [--ks 1 2] [--group_size 512]
-Writes benchmarks/results/layer.json and puts the markdown table into benchmarks/RESULTS.md.
+                             [--flaxformer PATH]
+Writes benchmarks/results/layer.json and puts the markdown table into benchmarks/RESULTS.md. With
+`--flaxformer` (a google/flaxformer checkout), flaxformer's scatter MoeLayer is timed in the same
+turns (`benchmarks/flaxformer_step.py`). Each ratio is also given per round, as the quartiles of
+(step time / the dense time of the same round): on a shared machine they show the spread.
 """
 import argparse
 import json
@@ -26,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from flaxformer_step import flaxformer_step  # noqa: E402
 from moejax import ExpertWeights, MoeLayer, collect_aux_losses, expert_ffn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +40,7 @@ VARIANTS = (('einsum', {'dispatch': 'einsum'}), ('indices', {'dispatch': 'indice
             ('sorted', {'dispatch': 'sorted'}),
             ('sorted dropless', {'dispatch': 'sorted', 'train_capacity_factor': None}))
 BALANCED = 'experts alone, balanced'  # the reference row of `balanced_step`
+FLAXFORMER = 'flaxformer scatter'  # the row of `flaxformer_step.flaxformer_step`
 
 
 def moe_step(num_experts: int, k: int, overrides: dict, group_size: int = GROUP_SIZE):
@@ -144,7 +150,7 @@ def time_in_turn(steps: dict, repeats: int) -> dict[str, float]:
 
 
 def measure(num_experts: int, k: int, repeats: int, matmul_rate: float, bandwidth: float,
-            group_size: int):
+            group_size: int, flaxformer: str | None = None):
   tokens = BATCH * LENGTH
   steps, weight_bytes, peaks = {}, {}, {}
   fn, args, weight_bytes['dense'] = dense_step(k * HIDDEN_DIM)
@@ -154,20 +160,30 @@ def measure(num_experts: int, k: int, repeats: int, matmul_rate: float, bandwidt
     steps[name] = (fn, args)
   fn, args, weight_bytes[BALANCED] = balanced_step(num_experts, k)
   steps[BALANCED] = (fn, args)
+  if flaxformer:
+    x = jax.random.normal(jax.random.key(0), (BATCH, LENGTH, MODEL_DIM))
+    fn, args, weight_bytes[FLAXFORMER] = flaxformer_step(
+        flaxformer, x, num_experts, k, HIDDEN_DIM, group_size, CAPACITY_FACTOR)
+    steps[FLAXFORMER] = (fn, args)
   for name, (fn, args) in steps.items():
     peaks[name] = peak_bytes(fn, args)
-  seconds = time_in_turn(steps, repeats)
+  times = times_in_turn(steps, repeats)
+  seconds = {name: float(np.median(t)) for name, t in times.items()}
   flops = 3 * 2 * 2 * tokens * k * MODEL_DIM * HIDDEN_DIM  # fwd + bwd (2x), two matmuls
   # The dense step itself may beat the separately measured matmul rate: take the faster.
   rate = max(matmul_rate, flops / seconds['dense'])
   floor_s = max(flops / rate, 3 * weight_bytes['sorted'] / bandwidth)
   dense_excl = peaks['dense'] - 2 * weight_bytes['dense']
   rows = []
-  for name in [name for name, _ in VARIANTS] + [BALANCED]:
+  for name in [name for name in steps if name != 'dense']:
     excl = peaks[name] - 2 * weight_bytes[name]  # the weights and their gradients
+    per_round = times[name] / times['dense']  # Shape: [repeats]
     rows.append({'dispatch': name, 'num_experts': num_experts, 'k': k,
                  'moe_ms': 1e3 * seconds[name], 'dense_ms': 1e3 * seconds['dense'],
-                 'ratio': seconds[name] / seconds['dense'], 'peak_bytes': peaks[name],
+                 'ratio': seconds[name] / seconds['dense'],
+                 'round_ratio_quartiles': [float(q) for q in np.percentile(per_round,
+                                                                          [25, 50, 75])],
+                 'peak_bytes': peaks[name],
                  'dense_peak_bytes': peaks['dense'], 'peak_bytes_excl_weights': excl,
                  'dense_peak_bytes_excl_weights': dense_excl,
                  'memory_ratio_excl_weights': excl / dense_excl,
@@ -177,12 +193,13 @@ def measure(num_experts: int, k: int, repeats: int, matmul_rate: float, bandwidt
 
 def markdown(rows: list[dict], header: str) -> str:
   lines = [header, '',
-           '| dispatch | E | k | MoE ms | dense ms | ratio | floor ratio | peak MiB (excl. '
-           'weights) | dense peak MiB (excl.) | memory ratio |',
+           '| dispatch | E | k | MoE ms | dense ms | ratio (per round: quartiles) | floor ratio | '
+           'peak MiB (excl. weights) | dense peak MiB (excl.) | memory ratio |',
            '|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     lines.append(f'| {r["dispatch"]} | {r["num_experts"]} | {r["k"]} | {r["moe_ms"]:.1f} | '
-                 f'{r["dense_ms"]:.1f} | **{r["ratio"]:.2f}** | {r["floor_ratio"]:.2f} | '
+                 f'{r["dense_ms"]:.1f} | **{r["ratio"]:.2f}** ({quartiles(r)}) | '
+                 f'{r["floor_ratio"]:.2f} | '
                  f'{r["peak_bytes"] / 2**20:.0f} ({r["peak_bytes_excl_weights"] / 2**20:.0f}) | '
                  f'{r["dense_peak_bytes"] / 2**20:.0f} ({r["dense_peak_bytes_excl_weights"] / 2**20:.0f}) | '
                  f'{r["memory_ratio_excl_weights"]:.2f} |')
@@ -196,6 +213,8 @@ def main():
   parser.add_argument('--ks', type=int, nargs='+', default=[1, 2])
   parser.add_argument('--group_size', type=int, default=GROUP_SIZE,
                       help='tokens per routing group (the einsum path costs O(S) per token)')
+  parser.add_argument('--flaxformer', default=None,
+                      help="a google/flaxformer checkout: time its scatter MoeLayer too")
   parser.add_argument('--out', default=str(ROOT / 'benchmarks/results/layer.json'))
   parser.add_argument('--results', default=str(ROOT / 'benchmarks/RESULTS.md'),
                       help="markdown file whose layer table is replaced ('' for none)")
@@ -213,10 +232,12 @@ def main():
   rows = []
   for num_experts in args.experts:
     for k in args.ks:
-      new = measure(num_experts, k, args.repeats, matmul_rate, bandwidth, args.group_size)
+      new = measure(num_experts, k, args.repeats, matmul_rate, bandwidth, args.group_size,
+                    args.flaxformer)
       for r in new:
         print(f'E={num_experts:<4} k={k} {r["dispatch"]:<16} {r["moe_ms"]:8.1f} ms  dense '
-              f'{r["dense_ms"]:7.1f} ms  ratio {r["ratio"]:.3f}  floor {r["floor_ratio"]:.2f}  '
+              f'{r["dense_ms"]:7.1f} ms  ratio {r["ratio"]:.3f} (per round {quartiles(r)})  '
+              f'floor {r["floor_ratio"]:.2f}  '
               f'memory {r["memory_ratio_excl_weights"]:.2f}', flush=True)
       rows.extend(new)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -227,6 +248,11 @@ def main():
   print(table)
   if args.results:
     write_table(Path(args.results), table)
+
+
+def quartiles(row: dict) -> str:
+  q1, median, q3 = row['round_ratio_quartiles']
+  return f'{median:.2f} [{q1:.2f}, {q3:.2f}]'
 
 
 def write_table(results: Path, table: str):

@@ -146,7 +146,8 @@ def _plus(x: jax.Array, bias: jax.Array | None) -> jax.Array:
 def block_expert_ffn(rows: jax.Array, first_row: jax.Array, row_count: jax.Array,
                      weights: dict[str, jax.Array], *, block_size: int, tile: int,
                      activation: str | Activation, dtype: Any, dropout_rate: float = 0.0,
-                     dropout_rng: jax.Array | None = None) -> jax.Array:
+                     dropout_rng: jax.Array | None = None,
+                     max_expert_rows: int | None = None) -> jax.Array:
   """The E FFNs on rows sorted by expert: rows [R, D] -> [R, D].
 
   Expert e owns rows first_row[e] .. first_row[e] + row_count[e] - 1 ([E] int32 each; row_count
@@ -159,6 +160,8 @@ def block_expert_ffn(rows: jax.Array, first_row: jax.Array, row_count: jax.Array
   place, to its expert's slice of stacked float32 gradients (no per-expert buffers to copy).
   Expert biases ('bi', 'bi_gate', 'bo': see `expert_ffn`) are added to an expert's rows; the
   padding rows of its tiles get them too, and the combine reads no padding row.
+  max_expert_rows: the most rows one expert can own (None: all of them); with a capacity,
+  G * C rounded up to a tile. Block shapes above it are not compiled.
   """
   if block_size % tile:
     raise ValueError(f'block_size={block_size} must be a multiple of tile={tile}')
@@ -166,8 +169,9 @@ def block_expert_ffn(rows: jax.Array, first_row: jax.Array, row_count: jax.Array
                          dtype)
   cast = {name: w.astype(dtype) for name, w in weights.items()}
   params = tuple(cast.get(name) for name in BLOCK_PARAMS)
-  return _block_ffn(as_activation(activation), block_size, tile, rows.astype(dtype), first_row,
-                    row_count, params, scale)
+  max_rows = min(rows.shape[0], max_expert_rows or rows.shape[0])
+  return _block_ffn(as_activation(activation), block_size, tile, max_rows, rows.astype(dtype),
+                    first_row, row_count, params, scale)
 
 
 def grouped_expert_ffn(rows: jax.Array, group_sizes: jax.Array, weights: dict[str, jax.Array], *,
@@ -213,8 +217,8 @@ def _dropout_scale(rng: jax.Array | None, rate: float, shape: tuple[int, ...],
 
 def _for_each_block(carry, first_row, row_count, block_size, tile, max_rows, run_block):
   """carry = run_block(start, size, carry) over one expert's rows, in blocks of `block_size`,
-  then one block of the rest, whose size is one of block_size - tile, ..., tile (sizes above the
-  buffer's `max_rows` are skipped: no expert has that many rows)."""
+  then one block of the rest, whose size is one of block_size - tile, ..., tile (sizes above
+  `max_rows` are skipped: no expert has that many rows)."""
   done = 0
   for size in range(block_size, 0, -tile):
     if size > max_rows:
@@ -240,13 +244,14 @@ def _set_rows(x: jax.Array | None, update: jax.Array | None, start: jax.Array):
 BLOCK_PARAMS = ('wi', 'wo', 'wi_gate', 'bi', 'bo', 'bi_gate')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _block_ffn(activation, block_size, tile, rows, first_row, row_count, params, scale):
-  return _block_ffn_fwd(activation, block_size, tile, rows, first_row, row_count, params,
-                        scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _block_ffn(activation, block_size, tile, max_rows, rows, first_row, row_count, params, scale):
+  return _block_ffn_fwd(activation, block_size, tile, max_rows, rows, first_row, row_count,
+                        params, scale)[0]
 
 
-def _block_ffn_fwd(activation, block_size, tile, rows, first_row, row_count, params, scale):
+def _block_ffn_fwd(activation, block_size, tile, max_rows, rows, first_row, row_count, params,
+                   scale):
   def expert(carry, per_expert):
     (w_in, w_out, w_gate, b_in, b_out, b_gate), first, count = per_expert
     # Shapes: [D, F], [F, D], [D, F], [F], [D], [F], [], []
@@ -259,7 +264,7 @@ def _block_ffn_fwd(activation, block_size, tile, rows, first_row, row_count, par
       y = _plus(_hidden(activation, p, g, _rows_at(scale, start, size)) @ w_out, b_out)
       # Shape: [size, D]
       return _set_rows(out, y, start), _set_rows(pre, p, start), _set_rows(gate_pre, g, start)
-    return _for_each_block(carry, first, count, block_size, tile, rows.shape[0], block), None
+    return _for_each_block(carry, first, count, block_size, tile, max_rows, block), None
 
   wi, wi_gate = params[0], params[2]
   hidden_shape = (rows.shape[0], wi.shape[-1])  # Shape: [R, F]
@@ -270,7 +275,7 @@ def _block_ffn_fwd(activation, block_size, tile, rows, first_row, row_count, par
   return out, residuals
 
 
-def _block_ffn_bwd(activation, block_size, tile, residuals, grad):
+def _block_ffn_bwd(activation, block_size, tile, max_rows, residuals, grad):
   rows, first_row, row_count, params, scale, pre, gate_pre = residuals
   wi, wo, wi_gate = params[:3]
   f32 = jnp.float32
@@ -300,7 +305,7 @@ def _block_ffn_bwd(activation, block_size, tile, residuals, grad):
         db_gate = db_gate.at[e].add(jnp.sum(d_gate_pre, axis=0, dtype=f32))
       grads = (dw_in, dw_out, dw_gate, db_in, db_out, db_gate)
       return _set_rows(dx, dx_rows, start), grads
-    return _for_each_block(carry, first_row[e], row_count[e], block_size, tile, rows.shape[0],
+    return _for_each_block(carry, first_row[e], row_count[e], block_size, tile, max_rows,
                            block)
 
   # Each expert's param gradients accumulate in place in stacked float32 buffers.

@@ -439,7 +439,8 @@ class MoeLayer(nn.Module):
     rows = block_expert_ffn(rows, dispatcher.first_row, dispatcher.row_count, weights,
                             block_size=block_size, tile=dispatcher.tile,
                             activation=self.expert_activation, dtype=self.dtype,
-                            dropout_rate=self.expert_dropout, dropout_rng=dropout_rng)
+                            dropout_rate=self.expert_dropout, dropout_rng=dropout_rng,
+                            max_expert_rows=dispatcher.max_group)
     return dispatcher.combine_rows(rows)
 
   def _run_grouped(self, tokens: jax.Array, dispatcher: GroupedDispatcher,

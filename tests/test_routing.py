@@ -89,6 +89,7 @@ def test_sorted_dispatch_hand_case():
   dispatcher = SortedDispatcher.from_decision(decision, jnp.float32, tile=2)
   np.testing.assert_array_equal(dispatcher.first_row, [0, 2, 4])
   np.testing.assert_array_equal(dispatcher.row_count, [2, 2, 2])
+  assert dispatcher.max_group == 2  # G * C = 1 * 2 rows, a whole tile
   tokens = jnp.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])  # [G=1, S=3, D=2]
   rows = dispatcher.dispatch_rows(tokens)  # [R, D]
   assert rows.shape == (10, 2)  # (ceil(6 choices / 2) + 3 experts - 1) tiles of 2
@@ -107,11 +108,13 @@ def _clamped_swiglu(pre, gate_pre):
   return gate * jax.nn.sigmoid(1.702 * gate) * (jnp.clip(gate_pre, -0.5, 0.5) + 1)
 
 
+@pytest.mark.parametrize('block_size,max_expert_rows', [(4, None), (8, 7)])
 @pytest.mark.parametrize('glu,bias', [(False, False), (True, False), (True, True)])
-def test_block_expert_ffn_equals_each_rows_own_expert(glu, bias):
+def test_block_expert_ffn_equals_each_rows_own_expert(glu, bias, block_size, max_expert_rows):
   """Blocks of 4 rows, then one of the rest (expert 0: 5 rows = 4 + 1, expert 1: none, expert 2:
-  7 = 4 + 3): every row gets its own expert's FFN, rows of no expert get zeros; gradients equal
-  plain autodiff's. With `bias`: expert biases and gpt-oss's clamped SwiGLU."""
+  7 = 4 + 3), or, with at most 7 rows an expert, one block each (no 8-row block compiled): every
+  row gets its own expert's FFN, rows of no expert get zeros; gradients equal plain autodiff's.
+  With `bias`: expert biases and gpt-oss's clamped SwiGLU."""
   num_experts, model_dim, ffn_dim, num_rows = 3, 4, 6, 16
   keys = jax.random.split(jax.random.key(0), 7)
   rows = jax.random.normal(keys[0], (num_rows, model_dim))
@@ -127,8 +130,9 @@ def test_block_expert_ffn_equals_each_rows_own_expert(glu, bias):
   activation = Activation('quick_gelu', limit=0.5, glu_offset=1.0) if bias else 'gelu'
 
   def blocks(weights, rows):
-    return block_expert_ffn(rows, first_row, row_count, weights, block_size=4, tile=1,
-                            activation=activation, dtype=jnp.float32)
+    return block_expert_ffn(rows, first_row, row_count, weights, block_size=block_size, tile=1,
+                            activation=activation, dtype=jnp.float32,
+                            max_expert_rows=max_expert_rows)
 
   def reference(weights, rows):
     w = {name: value[row_expert] for name, value in weights.items()}  # per row: [R, ...]
