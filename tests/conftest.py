@@ -1,6 +1,5 @@
-"""Test set-up: 8 simulated CPU devices, XLA:CPU's fast compilation (tests/xla_flags.py) and a
-persistent compilation cache, all set before jax is imported anywhere (subprocesses inherit
-them); session-wide fixtures that tests share read-only.
+"""Test set-up: 8 simulated CPU devices and a persistent compilation cache, both set before jax is
+imported anywhere (subprocesses inherit them); session-wide fixtures that tests share read-only.
 
 The compilation cache lives in a temporary directory made for this pytest session (and shared by
 its xdist workers and the command lines the tests start), removed when the session ends: the
@@ -11,11 +10,9 @@ import os
 import shutil
 import tempfile
 
-from xla_flags import FAST_COMPILE, xla_flags  # tests/xla_flags.py
+from xla_flags import xla_flags  # tests/xla_flags.py
 
 os.environ['XLA_FLAGS'] = xla_flags(8)
-if FAST_COMPILE not in os.environ['XLA_FLAGS']:
-  os.environ['XLA_FLAGS'] += f' {FAST_COMPILE}'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if 'MOEJAX_TEST_JAX_CACHE' not in os.environ:  # the session's first process (not an xdist worker)
   os.environ['MOEJAX_TEST_JAX_CACHE'] = tempfile.mkdtemp(prefix='moejax-test-jax-cache-')

@@ -4,9 +4,6 @@ import os
 import re
 
 DEVICE_COUNT = '--xla_force_host_platform_device_count'
-# The tests compile hundreds of tiny programs and run each a few times: compiling dominates, so
-# XLA:CPU's backend leaves out LLVM's optimizations (about a quarter of the suite's CPU time).
-FAST_COMPILE = '--xla_backend_optimization_level=0'
 
 
 def xla_flags(devices: int) -> str:
