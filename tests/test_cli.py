@@ -42,8 +42,8 @@ def test_a_config_error_is_one_line_naming_the_field(tmp_path, tfds_dir, capsys)
   assert status == 2
   assert err.strip().splitlines() == [
       "moejax train: model.top_p=2.0 is invalid: it must be in (0, 1], with routing="
-      "'tokens_choose', num_selected_experts >= 2 (the cap), and neither random_routing nor "
-      "balancing_bias."]
+      "'tokens_choose', num_selected_experts >= 2 (the cap), score_function='softmax', and none "
+      "of random_routing, balancing_bias, softmax_after_top_k, num_selected_groups."]
   assert not (tmp_path / 'run').exists()
   with pytest.raises(ValueError, match='model.top_p'):  # --debug: the exception, traceback and all
     cli.main(['moejax', *args, '--debug'])
