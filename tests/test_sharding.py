@@ -218,16 +218,17 @@ def test_all_to_all_bytes_equal_theory(data, expert, k):
 @pytest.mark.slow
 def test_sharding_errors():
   mesh = sharding.make_mesh(data=2, expert=4)
+  # The errors come while tracing: shapes alone (jax.eval_shape) raise them, nothing runs.
   layer = MoeLayer(num_experts=6, ffn_dim=F)
   x = jnp.zeros((8, 4, D))
-  variables = layer.init(jax.random.key(0), x, True)
+  variables = jax.eval_shape(lambda x: layer.init(jax.random.key(0), x, True), x)
   with jax.set_mesh(mesh), pytest.raises(ValueError, match='num_experts=6 must be a multiple'):
-    layer.apply(variables, x, True)
+    jax.eval_shape(lambda v, x: layer.apply(v, x, True), variables, x)
   layer = MoeLayer(num_experts=8, ffn_dim=F)
   x = jnp.zeros((4, 4, D))
-  variables = layer.init(jax.random.key(0), x, True)
+  variables = jax.eval_shape(lambda x: layer.init(jax.random.key(0), x, True), x)
   with jax.set_mesh(mesh), pytest.raises(ValueError, match='do not divide over the 8 devices'):
-    layer.apply(variables, x, True)
+    jax.eval_shape(lambda v, x: layer.apply(v, x, True), variables, x)
   with pytest.raises(ValueError, match='multiply to 6'):
     sharding.make_mesh(data=3, expert=2)
   with pytest.raises(ValueError, match='at most one may be -1'):
