@@ -10,7 +10,9 @@ sweep's dense and E8, trained once. The papers' losses are not comparable with o
 carries the claim as a note.
 
 Measured on the 2-core CPU: 32 min for E32's 8 seeds at 2,000 steps (2026-12-06, 3.9 min a run;
-dense and E8 are speed_quality's runs). Not yet run: E2, E4, E16 (24 runs, about 1 h 30 min).
+dense and E8 are speed_quality's runs); E2, E4 and E16 (24 runs) in three sittings on 2026-12-06
+and -07, beside other work (8 min a run for the last E16 seeds with one test job beside them;
+about 3.5 min alone).
 """
 from moejax.ablate import Claim, Panel, Scale
 
