@@ -21,8 +21,10 @@ from moejax.ablate import Claim, Panel
 
 BASE = 'experiments/configs/switch_tiny.py'
 TOP2 = {'model.num_selected_experts': 2}
-# fine_grained(8, 256, 2, 4) at the CPU scale's F = 256: 32 experts of width 64, 8 chosen.
-FINE = {'model.num_experts': 32, 'model.ffn_dim': 64, 'model.num_selected_experts': 8}
+# fine_grained(8, 256, 2, 4) at the CPU scale's F = 256: 32 experts of width 64, 8 chosen;
+# model.ffn_dim also sets the dense FFNs' width unless dense_ffn_dim does.
+FINE = {'model.num_experts': 32, 'model.ffn_dim': 64, 'model.num_selected_experts': 8,
+        'model.dense_ffn_dim': 256}  # the dense blocks' FFNs keep their width
 BALANCING = {
     'aux1e-2': {'train.load_balancing_loss_coef': 1e-2},
     'aux1e-3': {'train.load_balancing_loss_coef': 1e-3},

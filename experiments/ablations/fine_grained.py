@@ -24,7 +24,8 @@ BASE = 'experiments/configs/switch_tiny.py'
 def segmented(m: int, shared: int = 0) -> dict:
   """fine_grained(8, 256, 2, m) as config overrides, `shared` of its experts isolated."""
   return {'model.num_experts': 8 * m - shared, 'model.ffn_dim': 256 // m,
-          'model.num_selected_experts': 2 * m - shared, 'model.num_shared_experts': shared}
+          'model.num_selected_experts': 2 * m - shared, 'model.num_shared_experts': shared,
+          'model.dense_ffn_dim': 256}  # the dense blocks' FFNs keep their width
 
 
 RUNS = {'m1': segmented(1), 'm2': segmented(2), 'm4': segmented(4),

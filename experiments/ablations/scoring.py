@@ -18,8 +18,10 @@ BASE = 'experiments/configs/switch_tiny.py'
 RECIPE = {'train.load_balancing_loss_coef': 0.0, 'model.balancing_bias_rate': 1e-3,
           'model.normalize_weights': True}
 TOP2 = {'model.num_selected_experts': 2}
-# fine_grained(8, 256, 2, 4) at the CPU scale's F = 256: 32 experts of width 64, 8 chosen.
-FINE = {'model.num_experts': 32, 'model.ffn_dim': 64, 'model.num_selected_experts': 8}
+# fine_grained(8, 256, 2, 4) at the CPU scale's F = 256: 32 experts of width 64, 8 chosen;
+# model.ffn_dim also sets the dense FFNs' width unless dense_ffn_dim does.
+FINE = {'model.num_experts': 32, 'model.ffn_dim': 64, 'model.num_selected_experts': 8,
+        'model.dense_ffn_dim': 256}  # the dense blocks' FFNs keep their width
 RUNS = {f'{k}_{score}': {**routing, **RECIPE, 'model.score_function': score}
         for k, routing in (('top2', TOP2), ('fine8of32', FINE))
         for score in ('softmax', 'sigmoid')}
