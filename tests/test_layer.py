@@ -73,13 +73,14 @@ def test_dispatch_methods_agree(k, num_experts, capacity_factor):
   outputs and gradients; None is dropless."""
   x = _inputs(batch=2, length=32, seed=k * num_experts)
   padding_mask = jnp.ones((2, 32), bool).at[1, -5:].set(False)
+  layer = MoeLayer(num_experts=num_experts, ffn_dim=F, num_selected_experts=k,
+                   eval_capacity_factor=capacity_factor, min_expert_capacity=1,
+                   router_init_scale=10.0)
+  variables = init_layer(layer, x)  # the paths share the params: they differ only in dispatch
   results = []
   for dispatch, block_size in (('einsum', None), ('indices', None), ('sorted', 4),
                                ('sorted', None), ('grouped', None)):
-    layer = MoeLayer(num_experts=num_experts, ffn_dim=F, num_selected_experts=k,
-                     eval_capacity_factor=capacity_factor, min_expert_capacity=1,
-                     dispatch=dispatch, block_size=block_size, router_init_scale=10.0)
-    variables = init_layer(layer, x)
+    layer = layer.clone(dispatch=dispatch, block_size=block_size)
     tol = 1e-5 if dispatch == 'grouped' else 1e-6  # XLA:CPU's ragged_dot sums in another order
     results.append((tol, *_loss_and_grads(layer, variables, x, padding_mask)))
   _, out_a, grads_a = results[0]
@@ -102,16 +103,16 @@ def test_routing_options_dispatch_methods_agree(options):
   grouped dispatch give the same outputs and gradients (params and input) to 1e-5."""
   x = _inputs(batch=2, length=16, seed=3)
   padding_mask = jnp.ones((2, 16), bool).at[1, -3:].set(False)
+  layer = MoeLayer(num_experts=8, ffn_dim=F, num_selected_experts=2, eval_capacity_factor=0.5,
+                   min_expert_capacity=1, **ROUTING_OPTIONS[options])
+  variables = perturbed(init_layer(layer, x))  # shared: the paths differ only in dispatch
+  state = {k: v for k, v in variables.items() if k != 'params'}
   results = []
   for dispatch, block_size in (('einsum', None), ('indices', None), ('sorted', 4),
                                ('grouped', None)):
-    layer = MoeLayer(num_experts=8, ffn_dim=F, num_selected_experts=2,
-                     eval_capacity_factor=0.5, min_expert_capacity=1, dispatch=dispatch,
-                     block_size=block_size, **ROUTING_OPTIONS[options])
-    variables = perturbed(init_layer(layer, x))
-    state = {k: v for k, v in variables.items() if k != 'params'}
+    layer = layer.clone(dispatch=dispatch, block_size=block_size)
 
-    def loss_fn(params, x, layer=layer, state=state):
+    def loss_fn(params, x, layer=layer):
       out, aux = layer.apply({'params': params, **state}, x, True, padding_mask=padding_mask,
                              mutable=['intermediates'])
       aux = collect_aux_losses(aux)
