@@ -35,7 +35,7 @@ def outputs(notebook: nbformat.NotebookNode) -> tuple[str, int]:
 
 @pytest.mark.slow
 def test_quickstart_runs_in_a_kernel(tmp_path):
-  notebook = execute('quickstart.ipynb', TRAIN_STEPS=8,
+  notebook = execute('quickstart.ipynb', TRAIN_STEPS=8, EVAL_BATCHES=1,
                      WORKDIR=str(tmp_path / 'quickstart'))
   text, images = outputs(notebook)
   assert 'moejax' in text and 'max difference' in text
