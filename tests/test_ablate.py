@@ -141,8 +141,9 @@ def test_expert_dropout_pretrains_once_and_fine_tunes_on_a_few_passages(tmp_path
   tiny = {'STEPS': 4, 'EVAL_EVERY': 2, 'TRAIN_PASSAGES': 8, 'BATCH': 8}
   for name, value in tiny.items():
     monkeypatch.setitem(sweep.train.__globals__, name, value)
-  overrides = [('model.model_dim', '32'), ('model.ffn_dim', '64'), ('train.batch_size', '8'),
-               ('train.num_steps', '3'), ('train.warmup_steps', '1'), ('eval.every_steps', '3'),
+  overrides = [('model.num_layers', '2'), ('model.model_dim', '32'), ('model.ffn_dim', '64'),
+               ('train.batch_size', '8'), ('train.num_steps', '3'), ('train.warmup_steps', '1'),
+               ('eval.every_steps', '3'), ('eval.max_batches', '1'),
                ('data.data_dir', repr(str(tfds_dir)))]
   specs = [spec for spec in run_specs(sweep, overrides=overrides) if spec.seed == 0]
   sweep_dir = str(tmp_path / 'expert_dropout')
