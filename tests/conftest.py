@@ -4,7 +4,10 @@ imported anywhere (subprocesses inherit them); session-wide fixtures that tests 
 The compilation cache lives in a temporary directory made for this pytest session (and shared by
 its xdist workers and the command lines the tests start), removed when the session ends: the
 same programs, compiled by many tests, are compiled once, and nothing leaks between clones or
-sessions.
+sessions. It keeps every program, however quick to compile: eager code compiles each op alone
+(131 programs for one MoeLayer.init), and a process that finds them in the cache initialises the
+layer 2.7 times faster (test_layer + test_variants, fast tier, 2 workers: 350 s with every
+program kept, 417 s with those over 0.2 s only, under load).
 """
 import os
 import shutil
@@ -20,7 +23,7 @@ if 'MOEJAX_TEST_JAX_CACHE' not in os.environ:  # the session's first process (no
 else:
   _CACHE_OWNER = False
 os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ['MOEJAX_TEST_JAX_CACHE']
-os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.2'
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 import pytest  # noqa: E402
