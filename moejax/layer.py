@@ -484,27 +484,31 @@ class MoeLayer(nn.Module):
 
   def _sow(self, logits: jax.Array, probs: jax.Array, decision: routing.RoutingDecision,
            valid: jax.Array) -> jax.Array:
-    """Sow the aux losses, the metrics and the decision; returns the layer's expert usage [E]."""
+    """Sow the aux losses, the metrics and the decision; returns the layer's expert usage [E].
+    The metrics are computed only where 'intermediates' is collected: under jit XLA would drop
+    them anyway, but eagerly (an init, a plain apply) they cost dozens of small compiles."""
     token_weight = valid.sum(axis=1, dtype=jnp.float32)  # Shape: [G]
     usage = routing.expert_usage(decision)  # Shape: [G, E]
-    metrics = {
-        'load_balancing_loss': routing.load_balancing_loss(probs, decision, valid,
-                                                           self.load_balancing_loss_scale),
-        'router_z_loss': routing.router_z_loss(logits, valid),
-        'fraction_dropped': routing.fraction_dropped(decision),
-        'expert_usage': token_weight @ usage / jnp.maximum(token_weight.sum(), 1.0),
-        'router_confidence': routing.router_confidence(probs, decision, valid),
-        # Largest |logit| of a real token: what the z-loss keeps small (ST-MoE). The hash
-        # router has no logits (its -1e9 only make the softmax one-hot): 0.
-        'router_max_logit': (jnp.zeros((), jnp.float32) if self.router == 'hash' else
-                             jnp.max(jnp.where(valid[..., None], jnp.abs(logits), 0.0))),
-    }
-    for name, value in metrics.items():
-      self.sow('intermediates', name, value)
+    expert_usage = token_weight @ usage / jnp.maximum(token_weight.sum(), 1.0)  # Shape: [E]
+    if self.is_mutable_collection('intermediates'):
+      metrics = {
+          'load_balancing_loss': routing.load_balancing_loss(probs, decision, valid,
+                                                             self.load_balancing_loss_scale),
+          'router_z_loss': routing.router_z_loss(logits, valid),
+          'fraction_dropped': routing.fraction_dropped(decision),
+          'expert_usage': expert_usage,
+          'router_confidence': routing.router_confidence(probs, decision, valid),
+          # Largest |logit| of a real token: what the z-loss keeps small (ST-MoE). The hash
+          # router has no logits (its -1e9 only make the softmax one-hot): 0.
+          'router_max_logit': (jnp.zeros((), jnp.float32) if self.router == 'hash' else
+                               jnp.max(jnp.where(valid[..., None], jnp.abs(logits), 0.0))),
+      }
+      for name, value in metrics.items():
+        self.sow('intermediates', name, value)
     if not self.is_initializing():  # (init keeps 'intermediates' out of its variables, not this)
       self.sow(DECISIONS, 'decision', decision)
       self.sow(DECISIONS, 'router_probs', probs)
-    return metrics['expert_usage']
+    return expert_usage
 
   def _record_load(self, usage: jax.Array):
     """With `balancing_bias`, keep this call's expert usage [E] for the bias update, when the
