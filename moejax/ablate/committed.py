@@ -15,9 +15,11 @@ field added to the defaults later leaves the committed runs' hashes as they were
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
+import types
 from collections.abc import Iterable, Mapping
 
 import ml_collections
@@ -34,12 +36,19 @@ TEXT = ('run', 'eval', 'config_hash')  # never read as numbers
 def config_hash(config: ml_collections.ConfigDict) -> str:
   """'c' and 12 hex digits of the fields where `config` differs from the defaults."""
   from moejax.ablate.records import flatten
-  from moejax.train import default_config
-  defaults = flatten(json.loads(default_config().to_json()))
+  defaults = _default_fields()
   fields = flatten(json.loads(config.copy_and_resolve_references().to_json()))
   changed = {k: v for k, v in fields.items() if k not in defaults or defaults[k] != v}
   text = json.dumps(changed, sort_keys=True)
   return 'c' + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@functools.cache
+def _default_fields() -> Mapping[str, object]:
+  """{'section.field': value} of `moejax.train.default_config()` (read-only: it is shared)."""
+  from moejax.ablate.records import flatten
+  from moejax.train import default_config
+  return types.MappingProxyType(flatten(json.loads(default_config().to_json())))
 
 
 def paths(results_dir: str, name: str) -> dict[str, str]:

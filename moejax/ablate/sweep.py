@@ -24,6 +24,7 @@ seed, then the command line's --config.* overrides.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
@@ -216,10 +217,10 @@ def run_specs(sweep: Sweep, scale: str = 'small',
   overrides: (field, value text) pairs from the command line, applied to every run last."""
   if scale not in SCALES:
     raise SweepError(f'scale={scale!r} is invalid: it must be one of {tuple(SCALES)}')
-  specs = []
+  specs, base = [], base_config(sweep)
   for name, run_overrides in sweep.runs.items():
     for seed in sweep.seeds[name]:
-      config = base_config(sweep)
+      config = copy.deepcopy(base)  # overrides set fields in place
       for step in (SCALES[scale], sweep.scale.get(scale, {}), run_overrides, {'seed': seed}):
         config = with_overrides(config, step)
       config = apply_overrides(config, list(overrides))
