@@ -11,6 +11,7 @@ of each stack is constructed), and an error names the field as the user wrote it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -144,8 +145,10 @@ def _moe_fields() -> list[tuple[str, Any, dataclasses.Field]]:
   return fields
 
 
-def _field_type(annotation: Any, namespace: dict) -> tuple[type, ...]:
+@functools.cache  # every ModelConfig checks every field: evaluate each annotation once
+def _field_type(annotation: Any) -> tuple[type, ...]:
   """The types a field of this annotation accepts: ('int | None' -> (int, NoneType))."""
+  namespace = {**vars(layer_lib), **globals()}
   hint = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
   if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
     return typing.get_args(hint)
@@ -163,7 +166,7 @@ class _ModelConfigChecks:
   def _check_types(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      allowed = _field_type(field.type, {**vars(layer_lib), **globals()})
+      allowed = _field_type(field.type)
       if Any in allowed:
         continue
       if typing.get_origin(allowed[0]) is tuple:  # a tuple of ints (a JSON list when loaded)
