@@ -1,12 +1,18 @@
 """The command line as 2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) trains,
 resumes and evaluates exactly as 1 process x 8 devices; a SIGTERM to one process stops both at
-the same step."""
+the same step (also inside an evaluation); a locked work directory and a failed metrics write
+stop both alike.
+
+Each 2-process launch costs about 25 CPU seconds (imports, and compiling: the persistent cache
+serves process 0 only, its keys differ between processes), so one launch serves several checks:
+the SIGTERM run is the first half of the run that is resumed and compared with 1 process."""
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -18,7 +24,9 @@ from moejax.train.checkpoint import Checkpoints
 from moejax.train.lock import workdir_lock
 from xla_flags import xla_flags
 
-MESH = ['--config.mesh.data=2', '--config.mesh.expert=4']
+# Every run's: the 2 x 4 mesh, and 1 sampled token, not 40, after a finished run (no check reads
+# the sample; 40 overflow the 32-token window: one more program to compile on each process).
+TRAIN = ['--config.mesh.data=2', '--config.mesh.expert=4', '--config.sample.num_tokens=1']
 SHAKESPEARE = os.path.join(REPO, 'data', 'tinyshakespeare.txt')
 
 
@@ -34,7 +42,7 @@ def _launch(command, workdir, data_dir, *args, processes=1):
          'XLA_FLAGS': xla_flags(8 // processes)}
   base = [sys.executable, '-m', 'moejax.cli', command, '--workdir', str(workdir)]
   if command == 'train':
-    base += ['--config', SMOKE_CONFIG, f'--config.data.data_dir={data_dir}', *MESH]
+    base += ['--config', SMOKE_CONFIG, f'--config.data.data_dir={data_dir}', *TRAIN]
   port = str(_free_port())
   many = (lambda i: ['--coordinator', f'127.0.0.1:{port}', '--num_processes', str(processes),
                      '--process_id', str(i)]) if processes > 1 else (lambda i: [])
@@ -80,50 +88,68 @@ def data_dir(tmp_path):
 
 def _train_here(capsys, workdir, data_dir, *args):
   """`moejax train` (the smoke config on the 2 x 4 mesh) as 1 process x 8 devices: this one."""
-  status, _, err = run_cli(capsys, *train_args(workdir, data_dir, *MESH, *args), cwd=REPO)
+  status, _, err = run_cli(capsys, *train_args(workdir, data_dir, *TRAIN, *args), cwd=REPO)
   assert status == 0, err[-3000:]
 
 
+def _sigterm_second(processes, workdir, ready, timeout=300) -> threading.Thread:
+  """SIGTERM the second process only (a preempted "host") once the text of `workdir`'s
+  metrics.jsonl satisfies `ready` (or after `timeout` seconds), polling every 50 ms in a thread,
+  so that this process can train meanwhile. Join the thread returned."""
+  def watch():
+    metrics, deadline = workdir / 'metrics.jsonl', time.time() + timeout
+    while time.time() < deadline and processes[1].poll() is None:
+      if metrics.exists() and ready(metrics.read_text()):
+        break
+      time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)
+  watcher = threading.Thread(target=watch, daemon=True)
+  watcher.start()
+  return watcher
+
+
+def _stopped_line(out: str) -> str:
+  (stopped,) = [line for line in out.splitlines() if line.startswith('stopped by')]
+  return stopped
+
+
 @pytest.mark.slow
-def test_two_processes_train_resume_and_evaluate_like_one(tmp_path, data_dir, capsys):
+def test_two_processes_stopped_by_sigterm_resume_and_evaluate_like_one(tmp_path, data_dir, capsys):
+  """2 processes train until a SIGTERM to the second one, sent once 3 steps are logged, stops
+  both at the same step k: process 0 says so, and the checkpoint saved at k (no periodic one
+  before) is the newest and complete. Resumed to last = max(k, 5) + 2 steps, evaluating at
+  last - 1 (mid-run) and last, every logged train loss (steps 1..last) and evaluation
+  equals 1 process x 8 devices' (trained here, 5 steps then resumed to `last`, meanwhile) to 1e-5;
+  so does `moejax eval` on 2 processes, whose report only process 0 prints."""
   one, two = tmp_path / 'one', tmp_path / 'two'
-  # The reference, 1 process x 8 devices, runs in this process while the 2 processes run.
-  processes = _launch('train', two, data_dir, processes=2)
-  _train_here(capsys, one, data_dir)
-  _wait(processes)
-  processes = _launch('train', two, data_dir, '--config.train.num_steps=7', processes=2)
-  _train_here(capsys, one, data_dir, '--config.train.num_steps=7')
+  processes = _launch('train', two, data_dir, '--config.train.num_steps=100000',
+                      '--config.checkpoint.every_steps=50000', processes=2)
+  watcher = _sigterm_second(processes, two, lambda text: len(text.splitlines()) >= 3)
+  _train_here(capsys, one, data_dir)  # the reference's first 5 steps, while the 2 processes run
+  outputs = _wait(processes)
+  watcher.join()
+  stopped = _stopped_line(outputs[0])
+  stopped_at = int(stopped.split('checkpoint saved at step ')[1].split('.')[0])
+  assert 'SIGTERM (on another process)' in stopped and 3 <= stopped_at < 100000
+  checkpoints = Checkpoints(str(two / 'checkpoints'), 50000, 3)
+  assert checkpoints.latest_step() == stopped_at and checkpoints.problem(stopped_at) is None
+
+  last = max(stopped_at, 5) + 2
+  resumed = [f'--config.train.num_steps={last}', f'--config.eval.every_steps={last - 1}']
+  processes = _launch('train', two, data_dir, *resumed, processes=2)
+  _train_here(capsys, one, data_dir, *resumed)
   _wait(processes)
   (train_one, eval_one), (train_two, eval_two) = _metrics(one), _metrics(two)
-  assert sorted(train_two) == list(range(1, 8)) and sorted(eval_two) == [5, 7]
-  for step in train_one:
+  assert sorted(train_two) == list(range(1, last + 1)) and sorted(eval_two) == [last - 1, last]
+  assert sorted(train_one) == list(range(1, last + 1)) and sorted(eval_one) == [5, last - 1, last]
+  for step in train_two:
     np.testing.assert_allclose(train_two[step], train_one[step], rtol=1e-5, err_msg=str(step))
-  for step in eval_one:
+  for step in eval_two:
     np.testing.assert_allclose(eval_two[step], eval_one[step], rtol=1e-5, err_msg=str(step))
   outputs = _wait(_launch('eval', two, data_dir, processes=2))
   assert '"nll"' not in outputs[1]  # one report per job, from process 0 (gloo logs aside)
   report = outputs[0][outputs[0].index('{'):outputs[0].rindex('}') + 1]
-  np.testing.assert_allclose(json.loads(report)['nll'], eval_one[7], rtol=1e-5)
-
-
-@pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, data_dir):
-  workdir = tmp_path / 'run'
-  processes = _launch('train', workdir, data_dir, '--config.train.num_steps=100000',
-                      '--config.checkpoint.every_steps=50000', processes=2)
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    if (workdir / 'metrics.jsonl').exists() and len(
-        (workdir / 'metrics.jsonl').read_text().splitlines()) >= 3:
-      break
-    time.sleep(0.5)
-  processes[1].send_signal(signal.SIGTERM)  # only the second "host" is preempted
-  outputs = _wait(processes)
-  (stopped,) = [line for line in outputs[0].splitlines() if line.startswith('stopped by')]
-  step = int(stopped.split('checkpoint saved at step ')[1].split('.')[0])
-  assert 'SIGTERM (on another process)' in stopped and 3 <= step < 100000
-  checkpoints = Checkpoints(str(workdir / 'checkpoints'), 50000, 3)
-  assert checkpoints.latest_step() == step and checkpoints.problem(step) is None
+  np.testing.assert_allclose(json.loads(report)['nll'], eval_one[last], rtol=1e-5)
 
 
 def _moejax_lines(err: str) -> list[str]:
@@ -171,15 +197,10 @@ def test_sigterm_during_a_mid_run_evaluation_stops_both_processes_between_batche
                       '--config.eval.every_steps=2', '--config.eval.max_batches=None',
                       '--config.eval.batch_size=8', f'--config.data.source={SHAKESPEARE}',
                       processes=2)
-  deadline = time.time() + 300
-  while time.time() < deadline and not (workdir / 'metrics.jsonl').exists():
-    time.sleep(0.05)
-  while time.time() < deadline and '"step": 2' not in (workdir / 'metrics.jsonl').read_text():
-    time.sleep(0.05)
-  processes[1].send_signal(signal.SIGTERM)
+  _sigterm_second(processes, workdir, lambda text: '"step": 2' in text).join()
   results = _results(processes)
   assert [rc for rc, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
-  (stopped,) = [l for l in results[0][1].splitlines() if l.startswith('stopped by')]
+  stopped = _stopped_line(results[0][1])
   assert 'SIGTERM (on another process)' in stopped and 'checkpoint saved at step 2' in stopped
   rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   assert [r['split'] for r in rows] == ['train', 'train']  # the evaluation was not finished
