@@ -74,19 +74,25 @@ def committed_keys(sweep, specs: list, results_dir: str, stem: str) -> set[str]:
   return done
 
 
-def ablate(name: str, args: argparse.Namespace,
-           overrides: list[tuple[str, str]]) -> int | None:
-  """Run one sweep (or rebuild its report) as `args` say; the exit status (None: stopped)."""
+def _suffix(scale: str) -> str:
+  """The file stems' suffix at this scale: '' at the CPU scale, '_base' at the base one."""
+  return '' if scale == 'small' else f'_{scale}'
+
+
+def ablate(name: str, args: argparse.Namespace, overrides: list[tuple[str, str]],
+           page_too: bool = True) -> int | None:
+  """Run one sweep (or rebuild its report) as `args` say; the exit status (None: stopped).
+  Without `page_too` its last report leaves the page of verdicts to the caller ('all')."""
   from moejax.ablate import report, runner
   check_directory(args.runs_dir, '--runs_dir')
   check_directory(args.results_dir, '--results_dir')
   sweep = load_sweep(name)
   specs = run_specs(sweep, args.scale, overrides)
-  suffix = '' if args.scale == 'small' else f'_{args.scale}'
+  suffix = _suffix(args.scale)
   sweep_dir = os.path.join(args.runs_dir, sweep.name + suffix)
   done = committed_keys(sweep, specs, args.results_dir, sweep.name + suffix)
-  write = lambda results: report.write_reports(sweep, specs, results, args.results_dir,
-                                               args.scale, suffix)
+  write = lambda results, page_too=True: report.write_reports(
+      sweep, specs, results, args.results_dir, args.scale, suffix, page_too)
   if not args.report:
     _compilation_cache(args.runs_dir)
     if not runner.run_sweep(sweep, specs, sweep_dir, args.quiet, done,
@@ -99,7 +105,7 @@ def ablate(name: str, args: argparse.Namespace,
     print(f'moejax ablate: no finished run of {sweep.name} in {sweep_dir} or '
           f'{args.results_dir}', file=sys.stderr)
     return 0 if args.sweep == 'all' else 1
-  paths = write(results)
+  paths = write(results, page_too)
   finished = len(done | {f'{r["name"]}/seed{r["seed"]}' for r in results})
   print(f'{finished} of {len(specs)} runs of {sweep.name} finished; wrote ' + ', '.join(paths))
   return 0
@@ -109,12 +115,16 @@ def main(argv: list[str]) -> int:
   """`moejax ablate` with `argv` the arguments after 'ablate'; returns the exit status."""
   rest, overrides = split_overrides(argv)
   args = _parser().parse_args(rest)
-  status = 0
-  for name in sweep_names() if args.sweep == 'all' else [args.sweep]:
-    status = reporting_errors('ablate', lambda: ablate(name, args, overrides),
+  every = args.sweep == 'all'
+  for name in sweep_names() if every else [args.sweep]:
+    status = reporting_errors('ablate', lambda: ablate(name, args, overrides, not every),
                               debug_requested(args), usage_errors=(SweepError,))
     if status is None:  # stopped by a signal: the next command resumes
       return 0
     if status:
       return status
-  return status
+  if every:  # the page once, from every sweep's committed files
+    from moejax.ablate import report
+    paths = report.write_page(args.results_dir, _suffix(args.scale))
+    print('wrote ' + ', '.join(paths))
+  return 0

@@ -272,11 +272,11 @@ def write_png(path: str, sweep: Sweep, rows: list[dict], numbers: SweepNumbers):
 
 
 def write_reports(sweep: Sweep, specs: list[RunSpec], results: list[dict], results_dir: str,
-                  scale: str, suffix: str = '') -> list[str]:
+                  scale: str, suffix: str = '', page_too: bool = True) -> list[str]:
   """Merge the finished runs' `results` into the sweep's committed files in `results_dir`
   (stem: the sweep's name + `suffix`, '_base' at the base scale), then rebuild from those files
   alone its .png, the .md of every sweep with committed runs (each carries the page's Holm p)
-  and the page of verdicts (`moejax.ablate.page`); the paths written."""
+  and, with `page_too`, the page of verdicts (`moejax.ablate.page`); the paths written."""
   os.makedirs(results_dir, exist_ok=True)
   stem = sweep.name + suffix
   update_committed(sweep, specs, results, os.path.join(results_dir, stem))
@@ -298,4 +298,10 @@ def write_reports(sweep: Sweep, specs: list[RunSpec], results: list[dict], resul
     if other is sweep:
       write_png(base + '.png', sweep, rows, numbers)
       written.append(base + '.png')
-  return written + page.write_page(decided, results_dir, suffix)
+  return written + (page.write_page(decided, results_dir, suffix) if page_too else [])
+
+
+def write_page(results_dir: str, suffix: str = '') -> list[str]:
+  """The page of verdicts of every sweep, from the committed files in `results_dir`."""
+  return page.write_page(page.named(page.page_sweeps(None, suffix), results_dir), results_dir,
+                         suffix)
