@@ -85,7 +85,7 @@ def restore_or_init(run: Run, step: int | None = None):
   else, when `config.upcycle.from_workdir` is set, the upcycled dense checkpoint's; else a fresh
   state and None, the first batch (refused while set-aside steps wait: `check_not_orphaned`)."""
   if run.checkpoints.step_dirs() or step is not None:
-    return run.checkpoints.restore(run.fresh_state(), step, quarantine=True)
+    return run.checkpoints.restore(run.abstract_state(), step, quarantine=True)
   check_not_orphaned(run)
   if run.config.get('upcycle') and run.config.upcycle.from_workdir:
     return upcycled_state(run)
