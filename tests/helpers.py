@@ -86,8 +86,9 @@ def apply_imported(config, params, reference, state=None):
   if config.kind == 'encoder_decoder':
     decoder_ids = jnp.asarray(reference['decoder_input_ids'])
     args += (decoder_ids, jnp.ones(decoder_ids.shape, bool))
-  logits, state = make_model(config).apply({'params': params, **(state or {})}, *args, True,
-                                           mutable=['decisions'])
+  model = make_model(config)  # compiled whole: op by op, each op of each shape compiles alone
+  logits, state = jax.jit(lambda variables, *args: model.apply(
+      variables, *args, True, mutable=['decisions']))({'params': params, **(state or {})}, *args)
   flat = lambda x: np.asarray(x).reshape(-1, x.shape[-1])
   probs, decisions = collect_router_probs(state), collect_decisions(state)
   names = sorted(probs, key=_layer_order)
