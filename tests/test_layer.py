@@ -1,4 +1,5 @@
 """MoeLayer end to end: overflow, equivalences, padding, dtypes, transforms, metrics."""
+import functools
 import subprocess
 import sys
 
@@ -48,15 +49,19 @@ def test_adversarial_overflow_keeps_exactly_capacity_tokens(dispatch):
   np.testing.assert_allclose(metrics['expert_usage'], [1, 0, 0, 0], atol=1e-7)
 
 
-def _loss_and_grads(layer, variables, x, padding_mask=None):
-  def loss_fn(params, x):
-    out, state = layer.apply({'params': params}, x, True, padding_mask=padding_mask,
-                             mutable=['intermediates'])
+def _losses_outputs_grads(layers, variables, x, padding_mask=None):
+  """[(loss, output, (param grads, input grads))] of each layer on the same variables, compiled
+  as one program: one compile rather than one per layer."""
+  def loss_fn(layer, params, x):
+    out, state = layer.apply({**variables, 'params': params}, x, True,
+                             padding_mask=padding_mask, mutable=['intermediates'])
     aux = collect_aux_losses(state)
     return jnp.sum(out * jnp.cos(out)) + aux['load_balancing_loss'] + aux['router_z_loss'], out
-  (loss, out), grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(
-      variables['params'], x)
-  return out, grads
+
+  def each(params, x):
+    return [jax.value_and_grad(functools.partial(loss_fn, layer), argnums=(0, 1),
+                               has_aux=True)(params, x) for layer in layers]
+  return [(loss, out, grads) for (loss, out), grads in jax.jit(each)(variables['params'], x)]
 
 
 EQUIVALENCE_CASES = [(1, 1), (1, 4), (2, 4), (1, 16), (2, 16)]
@@ -77,14 +82,13 @@ def test_dispatch_methods_agree(k, num_experts, capacity_factor):
                    eval_capacity_factor=capacity_factor, min_expert_capacity=1,
                    router_init_scale=10.0)
   variables = init_layer(layer, x)  # the paths share the params: they differ only in dispatch
-  results = []
-  for dispatch, block_size in (('einsum', None), ('indices', None), ('sorted', 4),
-                               ('sorted', None), ('grouped', None)):
-    layer = layer.clone(dispatch=dispatch, block_size=block_size)
-    tol = 1e-5 if dispatch == 'grouped' else 1e-6  # XLA:CPU's ragged_dot sums in another order
-    results.append((tol, *_loss_and_grads(layer, variables, x, padding_mask)))
+  paths = (('einsum', None), ('indices', None), ('sorted', 4), ('sorted', None), ('grouped', None))
+  results = _losses_outputs_grads([layer.clone(dispatch=dispatch, block_size=block_size)
+                                   for dispatch, block_size in paths], variables, x, padding_mask)
+  # 1e-6; 1e-5 for grouped: XLA:CPU's ragged_dot sums in another order.
+  tols = [1e-5 if dispatch == 'grouped' else 1e-6 for dispatch, _ in paths[1:]]
   _, out_a, grads_a = results[0]
-  for tol, out_b, grads_b in results[1:]:
+  for tol, (_, out_b, grads_b) in zip(tols, results[1:]):
     np.testing.assert_allclose(out_a, out_b, atol=tol, rtol=tol)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=tol, rtol=tol),
                  grads_a, grads_b)
@@ -106,19 +110,10 @@ def test_routing_options_dispatch_methods_agree(options):
   layer = MoeLayer(num_experts=8, ffn_dim=F, num_selected_experts=2, eval_capacity_factor=0.5,
                    min_expert_capacity=1, **ROUTING_OPTIONS[options])
   variables = perturbed(init_layer(layer, x))  # shared: the paths differ only in dispatch
-  state = {k: v for k, v in variables.items() if k != 'params'}
-  results = []
-  for dispatch, block_size in (('einsum', None), ('indices', None), ('sorted', 4),
-                               ('grouped', None)):
-    layer = layer.clone(dispatch=dispatch, block_size=block_size)
-
-    def loss_fn(params, x, layer=layer):
-      out, aux = layer.apply({'params': params, **state}, x, True, padding_mask=padding_mask,
-                             mutable=['intermediates'])
-      aux = collect_aux_losses(aux)
-      return jnp.sum(out * jnp.cos(out)) + aux['load_balancing_loss'] + aux['router_z_loss']
-    results.append(jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(variables['params'], x))
-  assert jax.tree.leaves(results[0][1][0]['experts']['bo'])[0].std() > 0  # the biases count
+  paths = (('einsum', None), ('indices', None), ('sorted', 4), ('grouped', None))
+  results = _losses_outputs_grads([layer.clone(dispatch=dispatch, block_size=block_size)
+                                   for dispatch, block_size in paths], variables, x, padding_mask)
+  assert results[0][2][0]['experts']['bo'].std() > 0  # the biases count
   for result in results[1:]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                  results[0], result)
