@@ -201,7 +201,8 @@ def test_every_sweep_builds_checked_configs_without_training(scale):
     assert re.search(r'Measured on the 2-core CPU: \d+ min|Not yet run \(\d+ runs', sweep.doc), name
 
 
-@pytest.mark.parametrize('scale', ['small', pytest.param('base', marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('scale', ['small', 'base'])
 def test_every_scale_preset_initialises_every_run_with_abstract_shapes(scale):
   """Each run of each sweep at each --scale builds its model and initialises it with
   `jax.eval_shape` (no training, no vocabulary). At the small scale its parameters are those

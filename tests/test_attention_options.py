@@ -55,6 +55,7 @@ def _decode(config, params, ids, pieces):
   return jnp.concatenate(logits, axis=1), cache
 
 
+@pytest.mark.slow
 def test_cached_decoding_with_every_option_gives_the_whole_windows_logits():
   config = ModelConfig(**EVERY_OPTION)
   ids = jax.random.randint(jax.random.key(1), (2, L), 3, 50)

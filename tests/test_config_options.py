@@ -115,6 +115,7 @@ def test_random_routing_drops_second_choices_in_training_only():
   assert np.asarray(evaluation['decoder/unit_0/block_1'].chosen).all()
 
 
+@pytest.mark.slow
 def test_router_bias_and_router_dim_shape_the_router():
   _, params, _, _ = _run(_config(router_bias=True))
   router = params['decoder']['unit_0']['block_1']['moe']['router']

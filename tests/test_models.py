@@ -53,7 +53,7 @@ def _forward_flops(config, batch=4, length=32):
   return (cost[0] if isinstance(cost, list) else cost)['flops'] / (4 * 32)
 
 
-@pytest.mark.parametrize('k', [1, 2])
+@pytest.mark.parametrize('k', [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_dense_twin_has_the_same_per_token_flops(k):
   # Capacity factor 1 makes the experts' buffers hold exactly the S * K routed tokens.
   moe = ModelConfig(**{**TINY, 'num_layers': 2}, num_selected_experts=k, dispatch='indices',

@@ -111,6 +111,7 @@ def test_sharded_dispatch_methods_and_routings(dispatch, routing):
   _assert_close((out_s, metrics_s, grads_s), (out, metrics, grads))
 
 
+@pytest.mark.slow
 def test_sharded_dropless_equals_single_device():
   """Dropless (C = S) under a 2 x 4 mesh exchanges [E, G, S, D] buffers; same numbers as the
   one-device sorted path, and nothing is dropped."""
