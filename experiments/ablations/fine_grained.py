@@ -14,8 +14,8 @@ parameters and 8 experts' FLOPs per token). 8 seeds at the CPU scale (200 steps)
 the widths from the CPU scale's F = 256 at every scale (`--scale base` keeps them; give
 --config.model.ffn_dim per run for T5-Base widths).
 
-Measured on the 2-core CPU: 8 min for the first 18 of its 32 runs (2026-12-07, about 30 s a
-run; m4 has 2 seeds so far, m4_shared1 none: about 7 min left).
+Measured on the 2-core CPU: 8 min for the first 18 of its 32 runs, alone (2026-12-07, about
+30 s a run, so about 16 min for all 32); the other 14 took 70 min beside test suites.
 """
 from moejax.ablate import Claim, Panel
 

@@ -10,7 +10,8 @@ with softmax and with sigmoid scores, all with DeepSeek-V3's recipe around them:
 bias at u = 1e-3 and no auxiliary loss (the router z-loss 1e-3 stays on), the chosen weights
 normalized to sum to 1 (`normalize_weights`). 8 seeds at the CPU scale (200 steps).
 
-Not yet run (32 runs; about 15 min when the machine is idle).
+Measured on the 2-core CPU: 60 min for the first 23 of its 32 runs, all beside test suites
+(2026-12-07; about 30 s a run alone, so about 15 min for all 32): 9 runs of fine8of32 are left.
 """
 from moejax.ablate import Claim, Panel
 
