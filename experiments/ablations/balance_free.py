@@ -15,7 +15,8 @@ with the bias (u = 1e-3) and no auxiliary loss, and with neither; the router z-l
 on in every run. 8 seeds at the CPU scale (200 steps). MaxVio (`records.max_vio`) is taken over
 the last 50 train steps, the fraction dropped at the training capacity factor 1.25.
 
-Not yet run (64 runs; about 27 min at 25 s a run when the machine is idle).
+Measured on the 2-core CPU: 13 min for the first 24 of its 64 runs, alone (2026-12-07, about
+33 s a run, so about 35 min for all 64): top2's three balanced runs, 8 seeds each.
 """
 from moejax.ablate import Claim, Panel
 

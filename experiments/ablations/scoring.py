@@ -10,8 +10,8 @@ with softmax and with sigmoid scores, all with DeepSeek-V3's recipe around them:
 bias at u = 1e-3 and no auxiliary loss (the router z-loss 1e-3 stays on), the chosen weights
 normalized to sum to 1 (`normalize_weights`). 8 seeds at the CPU scale (200 steps).
 
-Measured on the 2-core CPU: 60 min for the first 23 of its 32 runs, all beside test suites
-(2026-12-07; about 30 s a run alone, so about 15 min for all 32): 9 runs of fine8of32 are left.
+Measured on the 2-core CPU: 67 min (2026-12-07): 60 min for the first 23 runs beside test
+suites, 7 min for the last 9 alone (about 45 s a run, so about 25 min for all 32 alone).
 """
 from moejax.ablate import Claim, Panel
 
