@@ -303,5 +303,5 @@ def write_reports(sweep: Sweep, specs: list[RunSpec], results: list[dict], resul
 
 def write_page(results_dir: str, suffix: str = '') -> list[str]:
   """The page of verdicts of every sweep, from the committed files in `results_dir`."""
-  return page.write_page(page.named(page.page_sweeps(None, suffix), results_dir), results_dir,
+  return page.write_page(page.named(page.page_sweeps(suffix=suffix), results_dir), results_dir,
                          suffix)
