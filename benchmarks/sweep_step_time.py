@@ -10,7 +10,7 @@ of the per-round ratio (a round's steps share the machine's state).
   python benchmarks/sweep_step_time.py capacity routing speed_quality [--rounds 30]
 Writes experiments/results/<sweep>_step_times.csv (run, round, step_time: every round's time, what
 the sweeps' step-time and time-to-quality verdicts rest on; `moejax.ablate.committed`) and
-benchmarks/results/sweep_step_time.json: one row per run.
+benchmarks/results/sweep_step_time.json: one row per run (the rows of sweeps not named are kept).
 """
 import argparse
 import json
@@ -27,7 +27,8 @@ from moejax.ablate import committed, load_sweep, run_specs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = {'capacity': 'top1_cf1.0', 'routing': 'top1', 'precision': 'float32',
-             'speed_quality': 'dense'}
+             'speed_quality': 'dense', 'experts': 'dense', 'balance_free': 'top2_aux1e-2',
+             'fine_grained': 'm1', 'scoring': 'top2_softmax'}
 
 
 def main():
@@ -59,9 +60,13 @@ def main():
                    'step_ms': 1e3 * float(np.median(times)), 'ratio': float(median),
                    'ratio_q1': float(q1), 'ratio_q3': float(q3)})
       print(f'  {run:24s} {1e3 * np.median(times):7.1f} ms  {median:.3f} [{q1:.3f}, {q3:.3f}]')
+  kept = []
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      kept = [row for row in json.load(f) if row['sweep'] not in args.sweeps]
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, 'w') as f:
-    json.dump(rows, f, indent=1)
+    json.dump(kept + rows, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -15,8 +15,9 @@ with the bias (u = 1e-3) and no auxiliary loss, and with neither; the router z-l
 on in every run. 8 seeds at the CPU scale (200 steps). MaxVio (`records.max_vio`) is taken over
 the last 50 train steps, the fraction dropped at the training capacity factor 1.25.
 
-Measured on the 2-core CPU: 13 min for the first 24 of its 64 runs, alone (2026-12-07, about
-33 s a run, so about 35 min for all 64): top2's three balanced runs, 8 seeds each.
+Measured on the 2-core CPU: 47 min for the 56 runs it trains (2026-12-07; fine8of32_aux1e-2 is
+fine_grained's m4, copied): 13 min for top2's three balanced runs alone (about 33 s a run), then
+34 min for top2_none and three fine8of32 runs, partly beside a test suite.
 """
 from moejax.ablate import Claim, Panel
 

@@ -5,7 +5,7 @@ rebuilt from those files alone."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -132,9 +132,10 @@ def _cell(name: str, values: list) -> str:
 
 
 def markdown(sweep: Sweep, rows: list[dict], decided: list[Judgement], scale: str, total: int,
-             stem: str) -> str:
+             stem: str, step_times: Mapping[str, Mapping[int, float]]) -> str:
   """The md report: what was run, one table row per run (and EVALS variant), then the verdict
-  of each of the sweep's CLAIMS (`decided`: judged with the whole page)."""
+  of each of the sweep's CLAIMS (`decided`: judged with the whole page). A run's step_time cell
+  is its round-robin median where `step_times` (run -> round -> seconds) has it."""
   finished = len({(row['run'], row['seed']) for row in rows})
   seeds = sorted({seed for run_seeds in sweep.seeds.values() for seed in run_seeds})
   claim = sweep.doc.strip().split('\n\n')[0]
@@ -148,14 +149,20 @@ def markdown(sweep: Sweep, rows: list[dict], decided: list[Judgement], scale: st
            f'`moejax ablate {sweep.name} --report` rebuilds this from `{stem}.csv` and '
            f'`{stem}_curves.csv` (and `{stem}_step_times.csv`). Mean ± sample std over seeds; '
            'NLL in validation nats/token (a byte here); definitions in '
-           '`moejax/ablate/records.py`. The step_time column is each run\'s own median '
-           '(runs trained one after another: it carries the machine\'s drift); step-time '
-           'verdicts rest on the round-robin times.', '', f'![{sweep.name}]({stem}.png)',
+           '`moejax/ablate/records.py`. The step_time column is the median over the '
+           'rounds of the round-robin timing (`benchmarks/sweep_step_time.py`) for the runs '
+           'so timed, else each run\'s own median (runs trained one after another: it '
+           'carries the machine\'s drift); step-time verdicts rest on the round-robin times.',
+           '', f'![{sweep.name}]({stem}.png)',
            '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for (run, variant), group in _groups(rows, lambda r: (r['run'], r.get('eval'))).items():
     cells = [run, *([variant] if sweep.evals else []),
              *(str(group[0].get(f)) for f in sweep.fields), str(len(group)),
              *(_cell(c, [r.get(c) for r in group]) for c in columns)]
+    if 'step_time' in columns and step_times.get(run):
+      rounds = list(step_times[run].values())
+      cells[header.index('step_time')] = (
+          f'{page.fmt("step_time", float(np.median(rounds)))} ({len(rounds)} rounds)')
     lines.append('| ' + ' | '.join(cells) + ' |')
   if decided:
     lines += ['', '## Verdicts', '',
@@ -293,7 +300,7 @@ def write_reports(sweep: Sweep, specs: list[RunSpec], results: list[dict], resul
     total = sum(len(seeds) for seeds in other.seeds.values())
     with open(base + '.md', 'w') as f:
       f.write(markdown(other, rows, [j for name, j in decided if name == other_stem], scale,
-                       total, other_stem))
+                       total, other_stem, numbers.step_times))
     written.append(base + '.md')
     if other is sweep:
       write_png(base + '.png', sweep, rows, numbers)
