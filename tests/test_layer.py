@@ -245,7 +245,9 @@ def test_padding_gets_zero_and_does_not_change_other_tokens(routing, dispatch):
                                        **collect_aux_losses(state2)}[name], rtol=1e-6)
 
 
-@pytest.mark.parametrize('dispatch', DISPATCHES)
+@pytest.mark.parametrize('dispatch', [  # make test-fast keeps indices and grouped
+    pytest.param(d, marks=() if d in ('indices', 'grouped') else pytest.mark.slow)
+    for d in DISPATCHES])
 def test_causal_routing_never_looks_at_later_tokens(dispatch):
   """Under heavy overflow with top-2, changing token t+1.. leaves outputs 0..t unchanged."""
   layer = MoeLayer(num_experts=4, ffn_dim=F, num_selected_experts=2, dispatch=dispatch,

@@ -75,7 +75,7 @@ def test_every_param_is_stored_in_param_dtype_but_the_routers(kind):
     ModelConfig(**TINY, param_dtype='float16')
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('dtype', [pytest.param('float32', marks=pytest.mark.slow), 'bfloat16'])
 def test_bfloat16_params_compute_as_the_same_values_in_float32(dtype):
   """param_dtype changes storage only: the model on bfloat16 params gives exactly what the
   float32 model gives on the same values upcast, in either compute dtype."""

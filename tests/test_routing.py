@@ -108,8 +108,15 @@ def _clamped_swiglu(pre, gate_pre):
   return gate * jax.nn.sigmoid(1.702 * gate) * (jnp.clip(gate_pre, -0.5, 0.5) + 1)
 
 
-@pytest.mark.parametrize('block_size,max_expert_rows', [(4, None), (8, 7)])
-@pytest.mark.parametrize('glu,bias', [(False, False), (True, False), (True, True)])
+# make test-fast keeps 3 of the 6: each (glu, bias) once, both block layouts.
+FAST_BLOCK_CASES = {(False, False, 4), (True, False, 8), (True, True, 4)}
+
+
+@pytest.mark.parametrize('glu,bias,block_size,max_expert_rows', [
+    pytest.param(glu, bias, size, rows,
+                 marks=() if (glu, bias, size) in FAST_BLOCK_CASES else pytest.mark.slow)
+    for glu, bias in [(False, False), (True, False), (True, True)]
+    for size, rows in [(4, None), (8, 7)]])
 def test_block_expert_ffn_equals_each_rows_own_expert(glu, bias, block_size, max_expert_rows):
   """Blocks of 4 rows, then one of the rest (expert 0: 5 rows = 4 + 1, expert 1: none, expert 2:
   7 = 4 + 3), or, with at most 7 rows an expert, one block each (no 8-row block compiled): every
