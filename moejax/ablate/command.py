@@ -91,8 +91,8 @@ def ablate(name: str, args: argparse.Namespace, overrides: list[tuple[str, str]]
   suffix = _suffix(args.scale)
   sweep_dir = os.path.join(args.runs_dir, sweep.name + suffix)
   done = committed_keys(sweep, specs, args.results_dir, sweep.name + suffix)
-  write = lambda results, page_too=True: report.write_reports(
-      sweep, specs, results, args.results_dir, args.scale, suffix, page_too)
+  write = lambda results, with_page=True: report.write_reports(  # each finished run: the page too
+      sweep, specs, results, args.results_dir, args.scale, suffix, with_page)
   if not args.report:
     _compilation_cache(args.runs_dir)
     if not runner.run_sweep(sweep, specs, sweep_dir, args.quiet, done,

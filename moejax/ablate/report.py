@@ -156,13 +156,12 @@ def markdown(sweep: Sweep, rows: list[dict], decided: list[Judgement], scale: st
            '', f'![{sweep.name}]({stem}.png)',
            '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for (run, variant), group in _groups(rows, lambda r: (r['run'], r.get('eval'))).items():
+    rounds = list(step_times.get(run, {}).values())
     cells = [run, *([variant] if sweep.evals else []),
              *(str(group[0].get(f)) for f in sweep.fields), str(len(group)),
-             *(_cell(c, [r.get(c) for r in group]) for c in columns)]
-    if 'step_time' in columns and step_times.get(run):
-      rounds = list(step_times[run].values())
-      cells[header.index('step_time')] = (
-          f'{page.fmt("step_time", float(np.median(rounds)))} ({len(rounds)} rounds)')
+             *(f'{page.fmt(c, float(np.median(rounds)))} ({len(rounds)} rounds)'
+               if c == 'step_time' and rounds else _cell(c, [r.get(c) for r in group])
+               for c in columns)]
     lines.append('| ' + ' | '.join(cells) + ' |')
   if decided:
     lines += ['', '## Verdicts', '',
